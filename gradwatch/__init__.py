@@ -1,0 +1,1 @@
+"""gradwatch: watch gradient flow while a network trains."""

@@ -1,0 +1,137 @@
+"""Every tag gradwatch writes is named here, and only here.
+
+TensorBoard groups charts by the part of a tag before the first ``/``, so each statistic is
+a prefix (``grad_norm``) and each group a suffix (``grad_norm/blocks.0.attn``). Tags never
+contain floats (Lightning's own ``grad_2.0_norm`` keys cannot collide with ours) and never
+characters TensorBoard would mangle.
+
+The table of tags in the README is generated from :data:`TAGS` (``python -m gradwatch.keys``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, NamedTuple
+
+__all__ = [
+    "GLOBAL",
+    "TAGS",
+    "TagSpec",
+    "group_tag",
+    "markdown_table",
+    "sanitize",
+    "total_tag",
+]
+
+Kind = Literal["scalar", "histogram", "text"]
+
+
+class TagSpec(NamedTuple):
+    """One family of tags: its pattern, what kind of summary it is, and what it means."""
+
+    pattern: str
+    kind: Kind
+    cadence: str
+    meaning: str
+
+
+# Per-group statistics (a group is a module, a parameter, or what `group_by` returns).
+GRAD_NORM = "grad_norm"
+GRAD_MAX_ABS = "grad_max_abs"
+GRAD_NONFINITE = "grad_nonfinite"
+PARAM_NORM = "param_norm"
+GRAD_TO_PARAM = "grad_to_param"
+UPDATE_TO_PARAM = "update_to_param"
+GRAD_HISTOGRAM = "grad_hist"
+# Whole-model statistics.
+TOTAL = "grad_norm_total"
+GLOBAL = "global"
+MAX_SINCE_LAST_LOG = "max_since_last_log"
+NONFINITE_STEPS = "nonfinite_steps"
+# Text events.
+EVENTS = "gradwatch/events"
+
+TAGS: tuple[TagSpec, ...] = (
+    TagSpec(f"{GRAD_NORM}/<group>", "scalar", "logging", "L2 norm of the group's gradient"),
+    TagSpec(f"{GRAD_MAX_ABS}/<group>", "scalar", "logging", "largest absolute gradient value"),
+    TagSpec(f"{GRAD_NONFINITE}/<group>", "scalar", "logging", "count of NaN/Inf gradient values"),
+    TagSpec(f"{PARAM_NORM}/<group>", "scalar", "logging", "L2 norm of the group's parameters"),
+    TagSpec(f"{GRAD_TO_PARAM}/<group>", "scalar", "logging", "gradient norm / parameter norm"),
+    TagSpec(
+        f"{UPDATE_TO_PARAM}/<group>",
+        "scalar",
+        "logging, with `track_update_ratio=True`",
+        "norm of the optimizer's update / parameter norm",
+    ),
+    TagSpec(
+        f"{TOTAL}/{GLOBAL}<optimizer>",
+        "scalar",
+        "logging",
+        "global gradient L2 norm over all groups of the optimizer",
+    ),
+    TagSpec(
+        f"{TOTAL}/{MAX_SINCE_LAST_LOG}<optimizer>",
+        "scalar",
+        "logging",
+        "largest finite global norm of any step since the previous logging step",
+    ),
+    TagSpec(
+        f"{TOTAL}/{NONFINITE_STEPS}<optimizer>",
+        "scalar",
+        "logging",
+        "steps since the previous logging step whose gradients were not finite",
+    ),
+    TagSpec(
+        f"{GRAD_HISTOGRAM}/<group>",
+        "histogram",
+        "`histogram_every_n_steps`",
+        "distribution of the group's finite gradient values",
+    ),
+    TagSpec(EVENTS, "text", "when something is detected", "what was detected and done"),
+)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def sanitize(name: str) -> str:
+    """Make ``name`` safe inside a tag: anything but letters, digits, ``_.-/`` becomes ``_``.
+
+    Example:
+        >>> sanitize("blocks.0.attn[q]")
+        'blocks.0.attn_q_'
+    """
+    return _UNSAFE.sub("_", name) or "_"
+
+
+def group_tag(statistic: str, group: str) -> str:
+    """The tag of a per-group statistic.
+
+    Example:
+        >>> group_tag(GRAD_NORM, "blocks.0.attn")
+        'grad_norm/blocks.0.attn'
+    """
+    return f"{statistic}/{sanitize(group)}"
+
+
+def total_tag(statistic: str, optimizer: int | None = None) -> str:
+    """The tag of a whole-model statistic; ``optimizer`` is set only when there are several.
+
+    Example:
+        >>> total_tag(GLOBAL)
+        'grad_norm_total/global'
+        >>> total_tag(GLOBAL, optimizer=1)
+        'grad_norm_total/global_optimizer1'
+    """
+    suffix = "" if optimizer is None else f"_optimizer{optimizer}"
+    return f"{TOTAL}/{statistic}{suffix}"
+
+
+def markdown_table() -> str:
+    """The README's table of tags."""
+    lines = ["| tag | kind | written | meaning |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{t.pattern}` | {t.kind} | {t.cadence} | {t.meaning} |" for t in TAGS]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,111 @@
+"""Per-step orchestration on the host: when to log, and what a logging step writes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch import keys
+from gradwatch.grouping import Grouping
+from gradwatch.record import Histogram, Record, Sink
+from gradwatch.stats import TensorStats, aggregate, global_norm
+
+__all__ = ["Cadence", "Monitor", "build_histogram_record", "build_record", "check_count"]
+
+
+def check_count(name: str, value: object, *, allow_zero: bool = False) -> int:
+    """Validate an argument that counts steps; ``allow_zero`` lets 0 mean "never"."""
+    smallest = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int >= {smallest}. Received: {name}={value!r}")
+    if value < smallest:
+        meaning = " (0 turns it off)" if allow_zero else ""
+        raise ValueError(f"`{name}` must be >= {smallest}{meaning}. Received: {name}={value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """How often the expensive statistics are gathered, counted in optimizer steps.
+
+    The first step (0) is always a logging step, so a run shows its start.
+    """
+
+    log_every_n_steps: int = 50
+    histogram_every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_count("log_every_n_steps", self.log_every_n_steps)
+        check_count("histogram_every_n_steps", self.histogram_every_n_steps, allow_zero=True)
+
+    def logs(self, count: int) -> bool:
+        return count % self.log_every_n_steps == 0
+
+    def histograms(self, count: int) -> bool:
+        n = self.histogram_every_n_steps
+        return n > 0 and count % n == 0
+
+
+def build_record(
+    step: int,
+    grouping: Grouping,
+    tensors: TensorStats,
+    *,
+    max_global_norm: float,
+    nonfinite_steps: float,
+    histograms: Mapping[str, Histogram] | None = None,
+    optimizer: int | None = None,
+) -> Record:
+    """Name every statistic of one logging step.
+
+    ``optimizer`` is the optimizer's index when a model has several, else ``None``.
+    """
+    groups = aggregate(grouping, tensors)
+    per_group = {
+        keys.GRAD_NORM: groups.grad_norm,
+        keys.GRAD_MAX_ABS: groups.grad_max_abs,
+        keys.GRAD_NONFINITE: groups.grad_nonfinite,
+        keys.PARAM_NORM: groups.param_norm,
+        keys.GRAD_TO_PARAM: groups.grad_to_param,
+    }
+    if groups.update_to_param is not None:
+        per_group[keys.UPDATE_TO_PARAM] = groups.update_to_param
+    scalars: dict[str, float] = {}
+    for statistic, values in per_group.items():
+        for g in np.flatnonzero(groups.present):
+            scalars[keys.group_tag(statistic, grouping.groups[g])] = float(values[g])
+    present = tensors.present.astype(bool)
+    norm = global_norm(tensors.grad_norm[present].astype(np.float64))
+    scalars[keys.total_tag(keys.GLOBAL, optimizer)] = float(norm)
+    scalars[keys.total_tag(keys.MAX_SINCE_LAST_LOG, optimizer)] = float(max_global_norm)
+    scalars[keys.total_tag(keys.NONFINITE_STEPS, optimizer)] = float(nonfinite_steps)
+    record = build_histogram_record(step, histograms or {})
+    record.scalars = scalars
+    return record
+
+
+def build_histogram_record(step: int, histograms: Mapping[str, Histogram]) -> Record:
+    """Name the per-group gradient histograms of one step."""
+    named = {keys.group_tag(keys.GRAD_HISTOGRAM, group): h for group, h in histograms.items()}
+    return Record(step=step, histograms=named)
+
+
+class Monitor:
+    """Hands records to sinks, and closes them exactly once."""
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self.sinks = tuple(sinks)
+        self.closed = False
+
+    def write(self, record: Record) -> None:
+        if record:
+            for sink in self.sinks:
+                sink.write(record)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for sink in self.sinks:
+                sink.close()

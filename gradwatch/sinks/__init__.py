@@ -1,0 +1,9 @@
+"""Sinks: where records go."""
+
+from gradwatch.sinks.memory import MemorySink
+from gradwatch.sinks.tensorboard import TensorBoardSink
+
+__all__ = [
+    "MemorySink",
+    "TensorBoardSink",
+]

@@ -1,0 +1,182 @@
+"""A sink that writes TensorBoard event files without importing TensorFlow.
+
+Events are built from the protobufs that ship with the ``tensorboard`` package and framed as
+TFRecords: a little-endian ``uint64`` length, the masked CRC32C of those eight bytes, the
+serialized event, and the masked CRC32C of the event.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from tensorboard.compat.proto import (
+    event_pb2,
+    summary_pb2,
+    tensor_pb2,
+    tensor_shape_pb2,
+    types_pb2,
+)
+
+from gradwatch.record import Histogram, Record
+from gradwatch.sinks._crc32c import masked_crc32c
+
+__all__ = ["TensorBoardSink"]
+
+_FILE_VERSION = "brain.Event:2"
+_TEXT_PLUGIN = "text"
+_LENGTH = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+_file_counter = itertools.count()  # process-wide: unique names within one second and process
+
+
+class TensorBoardSink:
+    """Write each record as one TensorBoard event, in an event file created at the first write.
+
+    Every write reaches the operating system before ``write`` returns, so a crash of the
+    process loses nothing written before it.
+
+    Args:
+        log_dir: Directory of the event file; created if missing.
+
+    Example:
+        >>> import tempfile
+        >>> with TensorBoardSink(tempfile.mkdtemp()) as sink:
+        ...     sink.write(Record(step=1, scalars={"loss": 0.5}))
+        ...     "tfevents" in sink.path.name
+        True
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
+        self._log_dir = Path(log_dir)
+        self._path: Path | None = None
+        self._file: BinaryIO | None = None
+        self._closed = False
+
+    @property
+    def log_dir(self) -> Path:
+        """The directory the event file is written to."""
+        return self._log_dir
+
+    @property
+    def path(self) -> Path | None:
+        """The event file, or ``None`` until the first non-empty record is written."""
+        return self._path
+
+    def write(self, record: Record) -> None:
+        """Append ``record`` as one event with ``step=record.step``; an empty record writes nothing.
+
+        Raises:
+            RuntimeError: If the sink is closed.
+            TypeError: If a scalar is not a real number.
+        """
+        self._check_open()
+        if not record:
+            return
+        summary = _summary(record)  # validates before any file is created
+        file = self._file or self._create()
+        event = event_pb2.Event(wall_time=time.time(), step=record.step, summary=summary)
+        file.write(_frame(event))
+        file.flush()
+
+    def flush(self) -> None:
+        """Hand buffered data to the operating system (``write`` already does)."""
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        """Close the event file; closing again does nothing."""
+        self._closed = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> TensorBoardSink:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self._log_dir)!r})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed; create a new sink to write more records.")
+
+    def _create(self) -> BinaryIO:
+        """Create the event file and start it with the file-version event."""
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._path = self._log_dir / _file_name()
+        self._file = self._path.open("xb")  # "x": never append to another writer's file
+        self._file.write(_frame(event_pb2.Event(wall_time=time.time(), file_version=_FILE_VERSION)))
+        return self._file
+
+
+def _file_name() -> str:
+    """Return a new event file name, unique per host, process and sink."""
+    return (
+        f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+        f".{os.getpid()}.{next(_file_counter)}.gradwatch"
+    )
+
+
+def _frame(event: event_pb2.Event) -> bytes:
+    """Serialize ``event`` as one TFRecord."""
+    data = event.SerializeToString()
+    length = _LENGTH.pack(len(data))
+    return length + _CRC.pack(masked_crc32c(length)) + data + _CRC.pack(masked_crc32c(data))
+
+
+def _summary(record: Record) -> summary_pb2.Summary:
+    """Return one summary holding every scalar, histogram and text of ``record``."""
+    values = [_scalar_value(tag, value) for tag, value in record.scalars.items()]
+    values += [_histogram_value(tag, histogram) for tag, histogram in record.histograms.items()]
+    values += [_text_value(tag, text) for tag, text in record.texts.items()]
+    return summary_pb2.Summary(value=values)
+
+
+def _scalar_value(tag: str, value: float) -> summary_pb2.Summary.Value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Scalars must be real numbers (int or float; NaN and inf are allowed). "
+            f"Received: {tag}={value!r} of type {type(value).__name__}."
+        )
+    return summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+
+
+def _histogram_value(tag: str, histogram: Histogram) -> summary_pb2.Summary.Value:
+    proto = summary_pb2.HistogramProto(
+        min=histogram.min,
+        max=histogram.max,
+        num=histogram.num,
+        sum=histogram.sum,
+        sum_squares=histogram.sum_squares,
+        bucket_limit=histogram.bucket_limits,
+        bucket=histogram.counts,
+    )
+    return summary_pb2.Summary.Value(tag=tag, histo=proto)
+
+
+def _text_value(tag: str, text: str) -> summary_pb2.Summary.Value:
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=_TEXT_PLUGIN)
+    )
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING,
+        string_val=[text.encode("utf-8")],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(),  # no dimensions: a scalar
+    )
+    return summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)

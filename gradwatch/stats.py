@@ -1,0 +1,156 @@
+"""The statistics vocabulary: what is measured per tensor, and how tensors combine into groups.
+
+Two kinds of functions live here:
+
+* per-step functions (:func:`global_norm`, :func:`init_summary`, :func:`update_summary`) are
+  pure array code over any Array-API namespace: no Python branching on array values and no host
+  reads, so they run on numpy in tests and on torch tensors on a GPU without synchronising;
+* host functions (:func:`aggregate`) combine per-tensor reductions into per-group statistics on
+  numpy arrays, once per logging step, after the single device-to-host copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from gradwatch.grouping import Grouping
+
+__all__ = [
+    "GroupStats",
+    "StepSummary",
+    "TensorStats",
+    "aggregate",
+    "global_norm",
+    "init_summary",
+    "update_summary",
+]
+
+Array = Any
+
+
+def global_norm(tensor_norms: Array) -> Array:
+    """The L2 norm of all tensors together, from their L2 norms: ``sqrt(sum(norms**2))``.
+
+    Not finite when any tensor's norm is not finite (NaN or Inf in a gradient).
+
+    Example:
+        >>> float(global_norm(np.array([3.0, 4.0])))
+        5.0
+    """
+    xp = array_namespace(tensor_norms)
+    return xp.sqrt(xp.sum(tensor_norms * tensor_norms))
+
+
+class StepSummary(NamedTuple):
+    """What every step leaves for the next logging step, so no spike goes unseen between logs."""
+
+    max_global_norm: Array  # largest finite global norm since the last log
+    nonfinite_steps: Array  # steps since the last log whose global norm was not finite
+
+
+def init_summary(like: Array) -> StepSummary:
+    """A fresh summary on the device and dtype of ``like`` (any array of that namespace)."""
+    xp = array_namespace(like)
+    zero = xp.zeros_like(xp.reshape(like, (-1,))[:1])[0]
+    return StepSummary(max_global_norm=zero, nonfinite_steps=zero)
+
+
+def update_summary(summary: StepSummary, norm: Array) -> StepSummary:
+    """Fold one step's global norm into the summary.
+
+    Example:
+        >>> s = init_summary(np.zeros(()))
+        >>> for n in [1.0, np.nan, 7.0, 2.0]:
+        ...     s = update_summary(s, np.asarray(n))
+        >>> float(s.max_global_norm), float(s.nonfinite_steps)
+        (7.0, 1.0)
+    """
+    xp = array_namespace(norm)
+    finite = xp.isfinite(norm)
+    return StepSummary(
+        max_global_norm=xp.maximum(summary.max_global_norm, xp.where(finite, norm, 0.0)),
+        nonfinite_steps=summary.nonfinite_steps + xp.astype(~finite, norm.dtype),
+    )
+
+
+class TensorStats(NamedTuple):
+    """Per-tensor reductions at a logging step, host arrays of shape ``[tensors]``.
+
+    ``present`` marks tensors that had a gradient at this step; the other entries are ignored.
+    """
+
+    present: np.ndarray
+    grad_norm: np.ndarray
+    grad_max_abs: np.ndarray
+    grad_nonfinite: np.ndarray
+    param_norm: np.ndarray
+    update_norm: np.ndarray | None = None
+
+
+class GroupStats(NamedTuple):
+    """Per-group statistics, arrays of shape ``[groups]``; ``present`` as in TensorStats."""
+
+    present: np.ndarray
+    grad_norm: np.ndarray
+    grad_max_abs: np.ndarray
+    grad_nonfinite: np.ndarray
+    param_norm: np.ndarray
+    grad_to_param: np.ndarray
+    update_to_param: np.ndarray | None
+
+
+def _root_sum_square(grouping: Grouping, values: np.ndarray, present: np.ndarray) -> np.ndarray:
+    sq = np.zeros(len(grouping.groups), dtype=np.float64)
+    np.add.at(sq, grouping.index[present], np.square(values[present], dtype=np.float64))
+    return np.sqrt(sq)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, numerator / denominator, np.nan)
+
+
+def aggregate(grouping: Grouping, stats: TensorStats) -> GroupStats:
+    """Combine per-tensor reductions into per-group statistics.
+
+    Norms combine as the root of summed squares, maxima as the maximum, counts as the sum.
+
+    Example:
+        >>> g = Grouping.build(["a.w", "a.b", "c.w"], "module")
+        >>> t = TensorStats(
+        ...     present=np.array([True, True, True]),
+        ...     grad_norm=np.array([3.0, 4.0, 1.0]),
+        ...     grad_max_abs=np.array([2.0, 3.0, 1.0]),
+        ...     grad_nonfinite=np.array([0.0, 0.0, 0.0]),
+        ...     param_norm=np.array([6.0, 8.0, 4.0]),
+        ... )
+        >>> s = aggregate(g, t)
+        >>> s.grad_norm.tolist(), s.grad_max_abs.tolist(), s.grad_to_param.tolist()
+        ([5.0, 1.0], [3.0, 1.0], [0.5, 0.25])
+    """
+    present = np.asarray(stats.present, dtype=bool)
+    group_count = len(grouping.groups)
+    group_present = np.zeros(group_count, dtype=bool)
+    group_present[grouping.index[present]] = True
+    grad_norm = _root_sum_square(grouping, stats.grad_norm, present)
+    param_norm = _root_sum_square(grouping, stats.param_norm, present)
+    max_abs = np.full(group_count, -np.inf)
+    with np.errstate(invalid="ignore"):  # a NaN maximum is the right answer for a NaN gradient
+        np.maximum.at(max_abs, grouping.index[present], stats.grad_max_abs[present])
+    nonfinite = np.zeros(group_count)
+    np.add.at(nonfinite, grouping.index[present], stats.grad_nonfinite[present])
+    update_to_param = None
+    if stats.update_norm is not None:
+        update_to_param = _ratio(_root_sum_square(grouping, stats.update_norm, present), param_norm)
+    return GroupStats(
+        present=group_present,
+        grad_norm=grad_norm,
+        grad_max_abs=max_abs,
+        grad_nonfinite=nonfinite,
+        param_norm=param_norm,
+        grad_to_param=_ratio(grad_norm, param_norm),
+        update_to_param=update_to_param,
+    )

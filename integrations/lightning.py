@@ -1,0 +1,219 @@
+"""The Lightning callback: ``Trainer(callbacks=[GradWatch()])``.
+
+A thin translation of Trainer events into calls on the torch engine:
+
+* ``on_before_optimizer_step`` (after backward, AMP unscaling, DDP all-reduce; once per
+  optimizer step with gradient accumulation; once per ``opt.step()`` in manual optimization)
+  measures the gradients;
+* ``on_train_batch_end`` finishes the logging steps and writes them: scalars through
+  ``trainer.loggers`` (any logger: TensorBoard, CSV, MLflow, W&B), histograms and text to
+  TensorBoard event files. Only global rank 0 writes; every rank measures.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from gradwatch.grouping import GroupBy, check_group_by
+from gradwatch.integrations.torch import TorchEngine
+from gradwatch.monitor import Cadence, Monitor, check_count
+from gradwatch.record import Record, Sink
+from gradwatch.sinks import TensorBoardSink
+
+__all__ = ["GradWatch"]
+
+SUBDIRECTORY = "gradwatch"
+
+
+class _LoggerSink:
+    """Scalars to the Trainer's loggers, at the step gradwatch measured."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self.loggers = loggers
+
+    def write(self, record: Record) -> None:
+        if record.scalars:
+            for logger in self.loggers:
+                logger.log_metrics(record.scalars, step=record.step)
+
+    def flush(self) -> None:
+        """Loggers flush on their own schedule."""
+
+    def close(self) -> None:
+        """Lightning finalizes its loggers itself."""
+
+
+class _WithoutScalars:
+    """Passes histograms and text on, leaving scalars to the loggers."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def write(self, record: Record) -> None:
+        self.sink.write(Record(record.step, histograms=record.histograms, texts=record.texts))
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def _check_log_dir(log_dir: object) -> str | None:
+    if log_dir is None or isinstance(log_dir, (str, os.PathLike)):
+        return None if log_dir is None else os.fspath(log_dir)
+    raise TypeError(f"`log_dir` must be a path or None. Received: log_dir={log_dir!r}")
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return value
+
+
+class GradWatch(Callback):
+    """Watch gradient flow: per-group gradient statistics in every logger and in TensorBoard.
+
+    Args:
+        log_every_n_steps: optimizer steps between logging steps; default: the Trainer's
+            ``log_every_n_steps``. Steps in between cost one fused norm kernel and no host read.
+        histogram_every_n_steps: optimizer steps between gradient histograms; 0 (default) for
+            none.
+        group_by: ``"module"`` (default: one group per module owning parameters, e.g.
+            ``blocks.0.attn``), ``"parameter"``, or a callable from parameter name to group name.
+        log_dir: directory of gradwatch's TensorBoard event files (histograms, text, and the
+            scalars when the Trainer has no logger). Default: a ``gradwatch`` folder inside the
+            TensorBoardLogger's run directory (else inside ``trainer.log_dir``), so TensorBoard
+            shows it as a run beside the user's own.
+        track_update_ratio: also log ``update_to_param/<group>`` (needs a copy of the
+            parameters at logging steps).
+        histogram_bins: buckets per histogram.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GradWatch(histogram_every_n_steps=200)])
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        histogram_every_n_steps: int = 0,
+        group_by: GroupBy = "module",
+        log_dir: str | os.PathLike | None = None,
+        track_update_ratio: bool = False,
+        histogram_bins: int = 30,
+    ) -> None:
+        if log_every_n_steps is not None:
+            check_count("log_every_n_steps", log_every_n_steps)
+        self.log_every_n_steps = log_every_n_steps
+        self.histogram_every_n_steps = check_count(
+            "histogram_every_n_steps", histogram_every_n_steps, allow_zero=True
+        )
+        self.group_by = check_group_by(group_by)
+        self.log_dir = _check_log_dir(log_dir)
+        self.track_update_ratio = _check_flag("track_update_ratio", track_update_ratio)
+        self.histogram_bins = check_count("histogram_bins", histogram_bins)
+        self.engine: TorchEngine | None = None
+        self.monitor: Monitor | None = None
+        self._loaded_state: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        group_by = self.group_by if isinstance(self.group_by, str) else self.group_by.__qualname__
+        return self._generate_state_key(log_every_n_steps=self.log_every_n_steps, group_by=group_by)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cadence = Cadence(
+            self.log_every_n_steps or trainer.log_every_n_steps, self.histogram_every_n_steps
+        )
+        self.engine = TorchEngine(
+            pl_module.named_parameters(),
+            group_by=self.group_by,
+            cadence=cadence,
+            track_update_ratio=self.track_update_ratio,
+            label_optimizers=len(trainer.optimizers) > 1,
+            histogram_bins=self.histogram_bins,
+        )
+        if self._loaded_state is not None:
+            self.engine.load_state_dict(self._loaded_state)
+            self._loaded_state = None
+        self.monitor = Monitor(self._sinks(trainer) if trainer.is_global_zero else [])
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.engine is None:
+            return
+        _unscale_if_lightning_did_not(trainer, optimizer)
+        self.engine.before_optimizer_step(optimizer, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.engine is not None and self.monitor is not None:
+            for record in self.engine.after_optimizer_step():
+                self.monitor.write(record)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.engine is None:
+            return dict(self._loaded_state or {})
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = dict(state_dict)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def default_log_dir(self, trainer: pl.Trainer) -> str:
+        """Where gradwatch's event files go when ``log_dir`` is not given."""
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return str(Path(logger.log_dir) / SUBDIRECTORY)
+        return str(Path(trainer.log_dir or trainer.default_root_dir) / SUBDIRECTORY)
+
+    def _sinks(self, trainer: pl.Trainer) -> list[Sink]:
+        events = TensorBoardSink(self.log_dir or self.default_log_dir(trainer))
+        if not trainer.loggers:
+            return [events]
+        return [_LoggerSink(list(trainer.loggers)), _WithoutScalars(events)]
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def _unscale_if_lightning_did_not(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Lightning leaves gradients scaled for optimizers that unscale inside ``step`` (fused Adam).
+
+    Unscaling them here is what ``GradScaler.step`` expects of a user who clips: it then steps
+    with the unscaled gradients and the same inf check.
+    """
+    plugin = trainer.precision_plugin
+    scaler = getattr(plugin, "scaler", None)
+    if (
+        isinstance(plugin, MixedPrecision)
+        and scaler is not None
+        and getattr(optimizer, "_step_supports_amp_scaling", False)
+    ):
+        scaler.unscale_(optimizer)

@@ -1,0 +1,336 @@
+"""The torch engine: per-tensor gradient reductions on the tensors' own device.
+
+Every optimizer step costs one ``torch._foreach_norm`` over the gradients plus a handful of
+scalar kernels, and no host read. At the logging cadence the engine also gathers max-abs values,
+non-finite counts, parameter norms, optionally update norms and histograms, and copies them to
+the host in one transfer after the optimizer step.
+
+In a plain PyTorch loop, two calls are all it takes::
+
+    watch = TorchGradWatch(model, log_dir="runs/demo")
+    for batch in loader:
+        loss = model(batch).mean()
+        loss.backward()
+        watch.before_optimizer_step(optimizer)  # after backward (and scaler.unscale_)
+        optimizer.step()
+        watch.after_optimizer_step()
+        optimizer.zero_grad()
+    watch.close()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gradwatch.grouping import GroupBy, Grouping
+from gradwatch.integrations._shards import ShardReducer, local
+from gradwatch.monitor import (
+    Cadence,
+    Monitor,
+    build_histogram_record,
+    build_record,
+    check_count,
+)
+from gradwatch.record import Histogram, Record, Sink
+from gradwatch.sinks import TensorBoardSink
+from gradwatch.stats import StepSummary, TensorStats, global_norm, init_summary, update_summary
+
+__all__ = ["TorchEngine", "TorchGradWatch"]
+
+_INF = float("inf")
+
+
+@dataclass
+class _OptimizerState:
+    index: int
+    calls: int = 0
+    summary: StepSummary | None = None
+
+
+@dataclass
+class _Pending:
+    """A logging step whose device reductions wait for the optimizer step and one host copy."""
+
+    step: int
+    optimizer: _OptimizerState
+    indices: np.ndarray
+    per_tensor: list[torch.Tensor]
+    histograms: torch.Tensor | None = None
+    histogram_groups: list[str] = field(default_factory=list)
+    params: list[torch.Tensor] = field(default_factory=list)
+    snapshot: list[torch.Tensor] | None = None
+
+
+def _float_norms(tensors: Sequence[torch.Tensor], order: float) -> list[torch.Tensor]:
+    """Per-tensor norms in float32; empty tensors (empty shards) count as 0."""
+    nonempty = [t for t in tensors if t.numel() > 0]
+    norms = iter(torch._foreach_norm(nonempty, order, dtype=torch.float32) if nonempty else ())
+    zero = None
+    out = []
+    for t in tensors:
+        if t.numel() > 0:
+            out.append(next(norms))
+        else:
+            zero = torch.zeros((), dtype=torch.float32, device=t.device) if zero is None else zero
+            out.append(zero)
+    return out
+
+
+class TorchEngine:
+    """Gathers gradient statistics for a set of named parameters, one optimizer step at a time.
+
+    The engine holds no sink: :meth:`after_optimizer_step` returns the finished records.
+
+    Args:
+        named_parameters: ``model.named_parameters()``; parameters without ``requires_grad``
+            are left out.
+        group_by: ``"module"`` (default), ``"parameter"`` or a callable from parameter name to
+            group name.
+        cadence: when to gather the logging-step statistics and histograms.
+        track_update_ratio: also measure ``|update| / |param|`` at logging steps (keeps a copy
+            of the parameters from before the step until after it).
+        label_optimizers: name whole-model tags by optimizer index even for the first
+            optimizer (the second and later always are).
+        histogram_bins: buckets per histogram.
+    """
+
+    def __init__(
+        self,
+        named_parameters: Iterable[tuple[str, torch.Tensor]],
+        *,
+        group_by: GroupBy = "module",
+        cadence: Cadence | None = None,
+        track_update_ratio: bool = False,
+        label_optimizers: bool = False,
+        histogram_bins: int = 30,
+    ) -> None:
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.grouping = Grouping.build([n for n, _ in named], group_by)
+        self.cadence = cadence or Cadence()
+        self.track_update_ratio = track_update_ratio
+        self.label_optimizers = label_optimizers
+        self.histogram_bins = check_count("histogram_bins", histogram_bins)
+        self._position = {id(p): i for i, p in enumerate(self.params)}
+        self._optimizers: dict[int, _OptimizerState] = {}
+        self._pending: list[_Pending] = []
+        self._restored_calls: list[int] = []
+
+    # -- the two calls ---------------------------------------------------------------------
+
+    def before_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, step: int | None = None
+    ) -> None:
+        """Measure the gradients ``optimizer`` is about to apply; call after unscaling."""
+        state = self._state(optimizer)
+        indices, params, grads = self._gradients(optimizer)
+        count, state.calls = state.calls, state.calls + 1
+        if not grads:
+            return
+        reducer = ShardReducer.for_tensors(grads)
+        local_grads = [local(g) for g in grads]
+        norms = reducer.norms(torch.stack(_float_norms(local_grads, 2.0)))
+        if state.summary is None:
+            state.summary = init_summary(norms)
+        state.summary = update_summary(state.summary, global_norm(norms))
+        logs, histograms = self.cadence.logs(count), self.cadence.histograms(count)
+        if not (logs or histograms):
+            return
+        pending = _Pending(
+            step=count if step is None else step,
+            optimizer=state,
+            indices=np.asarray(indices),
+            per_tensor=self._logging_parts(norms, local_grads, params, reducer) if logs else [],
+        )
+        if histograms:
+            pending.histogram_groups, pending.histograms = self._histograms(
+                indices, local_grads, reducer
+            )
+        if logs and self.track_update_ratio:
+            pending.params = params
+            pending.snapshot = [local(p).detach().clone() for p in params]
+        self._pending.append(pending)
+
+    def after_optimizer_step(self) -> list[Record]:
+        """Finish the logging steps measured since the last call: one host copy for each."""
+        records = [self._finish(p) for p in self._pending]
+        self._pending.clear()
+        return records
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, list[int]]:
+        ordered = sorted(self._optimizers.values(), key=lambda s: s.index)
+        return {"optimizer_steps": [s.calls for s in ordered]}
+
+    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+        self._restored_calls = list(state.get("optimizer_steps", []))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _state(self, optimizer: torch.optim.Optimizer) -> _OptimizerState:
+        state = self._optimizers.get(id(optimizer))
+        if state is None:
+            index = len(self._optimizers)
+            restored = self._restored_calls
+            calls = restored[index] if index < len(restored) else 0
+            state = self._optimizers[id(optimizer)] = _OptimizerState(index=index, calls=calls)
+        return state
+
+    def _gradients(
+        self, optimizer: torch.optim.Optimizer
+    ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+        indices, params, grads = [], [], []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                i = self._position.get(id(p))
+                if i is not None and p.grad is not None:
+                    indices.append(i)
+                    params.append(p)
+                    grads.append(p.grad)
+        return indices, params, grads
+
+    def _logging_parts(
+        self,
+        norms: torch.Tensor,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        reducer: ShardReducer,
+    ) -> list[torch.Tensor]:
+        max_abs = reducer.max(torch.stack(_float_norms(grads, _INF)))
+        nonfinite = reducer.sum(
+            torch.stack([(~torch.isfinite(g)).sum(dtype=torch.float32) for g in grads])
+        )
+        param_norms = reducer.norms(
+            torch.stack(_float_norms([local(p).detach() for p in params], 2.0))
+        )
+        return [norms, max_abs, nonfinite, param_norms]
+
+    def _histograms(
+        self, indices: list[int], grads: list[torch.Tensor], reducer: ShardReducer
+    ) -> tuple[list[str], torch.Tensor]:
+        """Per group: [lo, hi, sum, sum of squares, counts...] over finite gradient values."""
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for i, g in zip(indices, grads, strict=True):
+            by_group.setdefault(int(self.grouping.index[i]), []).append(g.detach().flatten())
+        names, rows = [], []
+        bins = self.histogram_bins
+        for group, parts in by_group.items():
+            values = torch.cat(parts).float()
+            if values.numel() == 0:  # an empty shard: neutral elements for the reductions
+                values = torch.full((1,), torch.nan, device=values.device)
+            finite = torch.isfinite(values)
+            lo = reducer.min(torch.where(finite, values, _INF).amin(dim=0, keepdim=True))
+            hi = reducer.max(torch.where(finite, values, -_INF).amax(dim=0, keepdim=True))
+            safe = torch.where(finite, values, 0.0)
+            width = torch.clamp(hi - lo, min=torch.finfo(torch.float32).tiny)
+            bucket = ((safe - lo) / width * bins).long().clamp(0, bins - 1)
+            counts = torch.zeros(bins, device=values.device).index_add_(0, bucket, finite.float())
+            moments = torch.stack([safe.sum(), safe.square().sum()])
+            rows.append(torch.cat([lo, hi, reducer.sum(moments), reducer.sum(counts)]))
+            names.append(self.grouping.groups[group])
+        return names, torch.stack(rows)
+
+    def _finish(self, pending: _Pending) -> Record:
+        parts = list(pending.per_tensor)
+        if pending.snapshot is not None:
+            current = [local(p).detach() for p in pending.params]
+            torch._foreach_sub_(pending.snapshot, current)
+            updates = torch.stack(_float_norms(pending.snapshot, 2.0))
+            parts.append(ShardReducer.for_tensors(pending.params).norms(updates))
+        if pending.histograms is not None:
+            parts.append(pending.histograms)
+        summary = pending.optimizer.summary
+        logs = bool(pending.per_tensor)
+        if logs and summary is not None:
+            parts.append(torch.stack([summary.max_global_norm, summary.nonfinite_steps]))
+            pending.optimizer.summary = init_summary(summary.max_global_norm)
+        host = torch.cat([p.float().flatten() for p in parts]).cpu().numpy().astype(np.float64)
+        return self._record(pending, host)
+
+    def _record(self, pending: _Pending, host: np.ndarray) -> Record:
+        n, tensors = len(pending.indices), len(self.grouping.tensors)
+        per_tensor, offset = [], 0
+        for _ in range(len(pending.per_tensor) + (pending.snapshot is not None)):
+            full = np.zeros(tensors)
+            full[pending.indices] = host[offset : offset + n]
+            per_tensor.append(full)
+            offset += n
+        histograms = {}
+        width = self.histogram_bins + 4
+        for name in pending.histogram_groups:
+            row = host[offset : offset + width]
+            histograms[name] = Histogram.from_counts(row[0], row[1], row[4:], row[2], row[3])
+            offset += width
+        if not per_tensor:  # a histogram step between logging steps
+            return build_histogram_record(pending.step, histograms)
+        present = np.zeros(tensors, dtype=bool)
+        present[pending.indices] = True
+        stats = TensorStats(present, *per_tensor[:4], update_norm=(per_tensor[4:] or [None])[0])
+        index = pending.optimizer.index
+        return build_record(
+            pending.step,
+            self.grouping,
+            stats,
+            max_global_norm=host[offset],
+            nonfinite_steps=host[offset + 1],
+            histograms=histograms,
+            optimizer=index if (index > 0 or self.label_optimizers) else None,
+        )
+
+
+class TorchGradWatch:
+    """gradwatch for a plain PyTorch loop: an engine writing to TensorBoard event files.
+
+    Args:
+        model: the module whose gradients are watched.
+        log_dir: directory of the event files.
+        log_every_n_steps: optimizer steps between logging steps.
+        histogram_every_n_steps: optimizer steps between histograms (0: none).
+        group_by: see :class:`TorchEngine`.
+        track_update_ratio: see :class:`TorchEngine`.
+        sinks: extra sinks (for example a :class:`gradwatch.sinks.MemorySink`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        log_dir: str | os.PathLike | None = "runs",
+        *,
+        log_every_n_steps: int = 50,
+        histogram_every_n_steps: int = 0,
+        group_by: GroupBy = "module",
+        track_update_ratio: bool = False,
+        sinks: Sequence[Sink] = (),
+    ) -> None:
+        self.engine = TorchEngine(
+            model.named_parameters(),
+            group_by=group_by,
+            cadence=Cadence(log_every_n_steps, histogram_every_n_steps),
+            track_update_ratio=track_update_ratio,
+        )
+        outputs = [TensorBoardSink(log_dir)] if log_dir is not None else []
+        self.monitor = Monitor([*outputs, *sinks])
+
+    def before_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, step: int | None = None
+    ) -> None:
+        self.engine.before_optimizer_step(optimizer, step)
+
+    def after_optimizer_step(self) -> None:
+        for record in self.engine.after_optimizer_step():
+            self.monitor.write(record)
+
+    def close(self) -> None:
+        self.monitor.close()
+
+    def __enter__(self) -> TorchGradWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

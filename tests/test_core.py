@@ -1,0 +1,145 @@
+"""The framework-free core: names, groups, statistics, cadence."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradwatch import keys
+from gradwatch.grouping import Grouping, check_group_by
+from gradwatch.monitor import Cadence, build_record
+from gradwatch.stats import (
+    TensorStats,
+    aggregate,
+    global_norm,
+    init_summary,
+    update_summary,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_importing_gradwatch_loads_no_framework():
+    code = (
+        "import sys, gradwatch, gradwatch.keys, gradwatch.stats, gradwatch.monitor,"
+        " gradwatch.sinks, gradwatch.grouping, gradwatch.record\n"
+        "loaded = [m for m in ('torch', 'tensorflow', 'keras', 'jax', 'lightning')"
+        " if m in sys.modules]\n"
+        "print(','.join(loaded))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_readme_table_of_tags_is_the_generated_one():
+    assert keys.markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_tags_hold_no_floats_and_no_lightning_keys():
+    for spec in keys.TAGS:
+        assert not re.search(r"\d\.\d", spec.pattern)
+        assert not spec.pattern.startswith("grad_2.0_norm")
+    assert keys.group_tag(keys.GRAD_NORM, "blocks.0.attn") == "grad_norm/blocks.0.attn"
+    assert keys.sanitize("a b[0]") == "a_b_0_"
+    assert keys.total_tag(keys.GLOBAL, 2) == "grad_norm_total/global_optimizer2"
+
+
+@pytest.mark.parametrize(
+    ("group_by", "groups"),
+    [
+        ("module", ("emb", "blocks.0.attn", "root")),
+        ("parameter", ("emb.weight", "blocks.0.attn.w", "blocks.0.attn.b", "bias")),
+        (lambda name: name.split(".")[0], ("emb", "blocks", "bias")),
+    ],
+)
+def test_grouping_rules(group_by, groups):
+    names = ["emb.weight", "blocks.0.attn.w", "blocks.0.attn.b", "bias"]
+    grouping = Grouping.build(names, group_by)
+    assert grouping.groups == groups
+    membership = grouping.membership()
+    assert membership.sum() == len(names)
+    assert (membership.argmax(axis=0) == grouping.index).all()
+
+
+@pytest.mark.parametrize("bad", ["layer", 3, None])
+def test_group_by_rejects_unknown_rules(bad):
+    with pytest.raises(ValueError, match=r"`group_by` must be 'module', 'parameter'.*Received"):
+        check_group_by(bad)
+
+
+def test_group_by_callable_must_return_a_name():
+    with pytest.raises(TypeError, match=r"group_by\('w'\) -> 3"):
+        Grouping.build(["w"], lambda name: 3)
+
+
+def test_aggregate_matches_direct_computation():
+    rng = np.random.default_rng(0)
+    tensors = [rng.normal(size=s) for s in [(4, 3), (3,), (5, 5), (2,)]]
+    params = [rng.normal(size=t.shape) for t in tensors]
+    tensors[2][1, 1] = np.inf
+    grouping = Grouping.build(["a.w", "a.b", "b.w", "b.b"], "module")
+    stats = TensorStats(
+        present=np.array([True, True, True, False]),
+        grad_norm=np.array([np.linalg.norm(t) for t in tensors]),
+        grad_max_abs=np.array([np.abs(t).max() for t in tensors]),
+        grad_nonfinite=np.array([(~np.isfinite(t)).sum() for t in tensors], dtype=float),
+        param_norm=np.array([np.linalg.norm(p) for p in params]),
+    )
+    groups = aggregate(grouping, stats)
+    a = np.concatenate([tensors[0].ravel(), tensors[1]])
+    pa = np.concatenate([params[0].ravel(), params[1]])
+    assert groups.grad_norm[0] == pytest.approx(np.linalg.norm(a))
+    assert groups.grad_max_abs[0] == pytest.approx(np.abs(a).max())
+    assert groups.grad_to_param[0] == pytest.approx(np.linalg.norm(a) / np.linalg.norm(pa))
+    # group b: only b.w had a gradient, and it holds an inf
+    assert groups.grad_nonfinite.tolist() == [0.0, 1.0]
+    assert groups.grad_norm[1] == np.inf
+    assert groups.present.tolist() == [True, True]
+    assert groups.update_to_param is None
+
+
+def test_step_summary_keeps_the_largest_finite_norm_and_counts_nonfinite_steps():
+    summary = init_summary(np.zeros((), dtype=np.float32))
+    for norm in [2.0, np.inf, 9.0, np.nan, 1.0]:
+        summary = update_summary(summary, np.asarray(norm, dtype=np.float32))
+    assert float(summary.max_global_norm) == 9.0
+    assert float(summary.nonfinite_steps) == 2.0
+    assert float(global_norm(np.array([3.0, 4.0, 12.0]))) == 13.0
+
+
+def test_cadence_and_its_validation():
+    cadence = Cadence(log_every_n_steps=3, histogram_every_n_steps=0)
+    assert [k for k in range(7) if cadence.logs(k)] == [0, 3, 6]
+    assert not any(cadence.histograms(k) for k in range(7))
+    with pytest.raises(ValueError, match=r"`log_every_n_steps` must be >= 1. Received: .*=0"):
+        Cadence(log_every_n_steps=0)
+    with pytest.raises(TypeError, match=r"`histogram_every_n_steps` must be an int"):
+        Cadence(histogram_every_n_steps=2.5)
+
+
+def test_build_record_names_every_statistic():
+    grouping = Grouping.build(["a.w", "b.w"], "module")
+    stats = TensorStats(
+        present=np.array([True, False]),
+        grad_norm=np.array([3.0, 0.0]),
+        grad_max_abs=np.array([1.0, 0.0]),
+        grad_nonfinite=np.array([0.0, 0.0]),
+        param_norm=np.array([6.0, 0.0]),
+    )
+    record = build_record(7, grouping, stats, max_global_norm=4.0, nonfinite_steps=1.0)
+    assert record.step == 7
+    assert record.scalars == {
+        "grad_norm/a": 3.0,
+        "grad_max_abs/a": 1.0,
+        "grad_nonfinite/a": 0.0,
+        "param_norm/a": 6.0,
+        "grad_to_param/a": 0.5,
+        "grad_norm_total/global": 3.0,
+        "grad_norm_total/max_since_last_log": 4.0,
+        "grad_norm_total/nonfinite_steps": 1.0,
+    }

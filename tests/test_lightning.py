@@ -1,0 +1,193 @@
+"""The Lightning callback under a real Trainer on CPU."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from _models import (
+    Regressor,
+    direct_group_norms,
+    event_files,
+    loader,
+    make_net,
+    read_events,
+    trainer,
+)
+from gradwatch.integrations.lightning import GradWatch
+
+GROUPS = ["net.0", "net.2", "net.4"]
+
+
+def logged(accumulator, tag):
+    return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+
+
+def test_logged_norms_equal_a_direct_computation_in_every_logger(tmp_path):
+    expected = direct_group_norms(make_net())
+    loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
+    watch = GradWatch(log_every_n_steps=3, histogram_every_n_steps=4)
+    trainer(tmp_path, logger=loggers, callbacks=[watch], max_steps=10).fit(
+        Regressor(lr=0.0), loader()
+    )
+
+    user_run, gradwatch_run = event_files(tmp_path / "tb")
+    assert os.path.dirname(gradwatch_run).endswith(os.path.join("version_0", "gradwatch"))
+    scalars = read_events(user_run)
+    for group in GROUPS:
+        values = logged(scalars, f"grad_norm/{group}")
+        assert [s for s, _ in values] == [0, 3, 6, 9]
+        assert all(v == pytest.approx(expected[group], rel=1e-5) for _, v in values)
+        for statistic in ["grad_max_abs", "grad_nonfinite", "param_norm", "grad_to_param"]:
+            assert len(logged(scalars, f"{statistic}/{group}")) == 4
+    total = sum(v**2 for v in expected.values()) ** 0.5
+    assert logged(scalars, "grad_norm_total/global")[-1][1] == pytest.approx(total, rel=1e-5)
+    assert logged(scalars, "grad_norm_total/max_since_last_log")[-1][1] == pytest.approx(
+        total, rel=1e-5
+    )
+
+    histograms = read_events(gradwatch_run)
+    assert sorted(histograms.Tags()["histograms"]) == [f"grad_hist/{g}" for g in GROUPS]
+    assert [e.step for e in histograms.Histograms("grad_hist/net.0")] == [0, 4, 8]
+    assert histograms.Tags()["scalars"] == []  # scalars went to the loggers
+
+    (metrics,) = glob.glob(str(tmp_path / "csv" / "**" / "metrics.csv"), recursive=True)
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("grad_norm/net.0")]
+    assert [int(r["step"]) for r in rows] == [0, 3, 6, 9]
+    assert float(rows[0]["grad_norm/net.0"]) == pytest.approx(expected["net.0"], rel=1e-5)
+
+
+def test_no_arguments_and_no_logger(tmp_path):
+    watch = GradWatch()
+    trainer(tmp_path, logger=False, callbacks=[watch], log_every_n_steps=4).fit(
+        Regressor(lr=0.01), loader()
+    )
+    (path,) = event_files(tmp_path)
+    assert path.startswith(str(tmp_path / "gradwatch"))
+    events = read_events(path)
+    assert [s for s, _ in logged(events, "grad_norm/net.0")] == [0, 4]  # the Trainer's cadence
+
+
+def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
+    expected = direct_group_norms(make_net())
+    watch = GradWatch(log_every_n_steps=1)
+    trainer(tmp_path, callbacks=[watch], accumulate_grad_batches=4, max_steps=3).fit(
+        Regressor(lr=0.0), loader()
+    )
+    events = read_events(event_files(tmp_path / "lightning_logs")[0])
+    values = logged(events, "grad_norm/net.2")
+    assert [s for s, _ in values] == [0, 1, 2]
+    # Lightning divides the loss by 4 and sums 4 equal micro-batch gradients: the same gradient.
+    assert all(v == pytest.approx(expected["net.2"], rel=1e-5) for _, v in values)
+
+
+class TwoOptimizers(Regressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        for optimizer in (first, second):
+            optimizer.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return (
+            torch.optim.SGD(self.net[:2].parameters(), lr=0.0),
+            torch.optim.SGD(self.net[2:].parameters(), lr=0.0),
+        )
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path):
+    expected = direct_group_norms(make_net())
+    watch = GradWatch(log_every_n_steps=2)
+    trainer(tmp_path, callbacks=[watch], max_steps=8).fit(TwoOptimizers(), loader())
+    events = read_events(event_files(tmp_path / "lightning_logs")[0])
+    first = logged(events, "grad_norm_total/global_optimizer0")
+    second = logged(events, "grad_norm_total/global_optimizer1")
+    assert len(first) == len(second) == 2  # each optimizer stepped 4 times, logged every 2nd
+    assert first[0][1] == pytest.approx(expected["net.0"], rel=1e-5)
+    tail = (expected["net.2"] ** 2 + expected["net.4"] ** 2) ** 0.5
+    assert second[0][1] == pytest.approx(tail, rel=1e-5)
+    assert watch.state_dict() == {"optimizer_steps": [4, 4]}
+
+
+@pytest.mark.parametrize(
+    ("precision", "optimizer", "fused"),
+    [("bf16-mixed", "sgd", False), ("16-mixed", "sgd", False), ("16-mixed", "adam", True)],
+)
+def test_mixed_precision_statistics_are_unscaled(tmp_path, precision, optimizer, fused):
+    expected = direct_group_norms(make_net())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if precision == "16-mixed" else None
+    plugin = MixedPrecision(precision, "cpu", scaler)
+    watch = GradWatch(log_every_n_steps=1)
+    run = trainer(tmp_path, callbacks=[watch], plugins=[plugin], max_steps=3)
+    run.fit(Regressor(lr=0.0, optimizer=optimizer, fused=fused), loader())
+    events = read_events(event_files(tmp_path / "lightning_logs")[0])
+    for group in GROUPS:  # half-precision forward passes: a few parts per thousand
+        (_, value), *_ = logged(events, f"grad_norm/{group}")
+        assert value == pytest.approx(expected[group], rel=2e-2)
+    if scaler is not None:
+        assert scaler.get_scale() == 2.0**12  # no inf found: every step was taken
+
+
+def test_state_round_trips_through_a_checkpoint(tmp_path):
+    watch = GradWatch(log_every_n_steps=4)
+    first = trainer(tmp_path, callbacks=[watch], max_steps=6)
+    first.fit(Regressor(lr=0.01), loader())
+    path = tmp_path / "six.ckpt"
+    first.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["callbacks"][watch.state_key] == {"optimizer_steps": [6]}
+
+    resumed = GradWatch(log_every_n_steps=4)
+    second = trainer(tmp_path / "resumed", callbacks=[resumed], max_steps=10, logger=False)
+    second.fit(Regressor(lr=0.01), loader(), ckpt_path=path)
+    assert resumed.state_dict() == {"optimizer_steps": [10]}
+    events = read_events(event_files(tmp_path / "resumed")[0])
+    assert [s for s, _ in logged(events, "grad_norm/net.0")] == [8]  # the cadence continued
+
+
+def test_a_crash_loses_nothing_that_was_logged(tmp_path):
+    class Crashes(Regressor):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 5:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    watch = GradWatch(log_every_n_steps=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, callbacks=[watch], logger=False).fit(Crashes(), loader())
+    assert watch.monitor.closed
+    events = read_events(event_files(tmp_path)[0])
+    assert [s for s, _ in logged(events, "grad_norm/net.0")] == [0, 2, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"log_every_n_steps": 0}, ValueError, r"`log_every_n_steps` must be >= 1. Received"),
+        ({"log_every_n_steps": "10"}, TypeError, r"`log_every_n_steps` must be an int"),
+        ({"histogram_every_n_steps": -1}, ValueError, r"`histogram_every_n_steps` must be >= 0"),
+        ({"group_by": "layer"}, ValueError, r"'module', 'parameter', or a callable.*'layer'"),
+        ({"log_dir": 3}, TypeError, r"`log_dir` must be a path or None. Received: log_dir=3"),
+        ({"track_update_ratio": "yes"}, TypeError, r"`track_update_ratio` must be True or"),
+        ({"histogram_bins": 0}, ValueError, r"`histogram_bins` must be >= 1"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        GradWatch(**kwargs)
+
+
+def test_two_instances_checkpoint_their_own_state():
+    assert GradWatch(log_every_n_steps=1).state_key != GradWatch(log_every_n_steps=2).state_key

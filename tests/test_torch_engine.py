@@ -1,0 +1,179 @@
+"""The torch engine in a plain PyTorch loop: exact values, and no host reads between logs."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.integrations.torch import TorchEngine, TorchGradWatch
+from gradwatch.monitor import Cadence
+from gradwatch.sinks import MemorySink
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def direct_group_norms(model: nn.Module) -> dict[str, float]:
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(name.rpartition(".")[0], []).append(p.grad.flatten())
+    return {g: torch.cat(v).norm().item() for g, v in groups.items()}
+
+
+def test_plain_loop_logs_exact_statistics():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = MemorySink()
+    watch = TorchGradWatch(
+        model,
+        log_dir=None,
+        log_every_n_steps=2,
+        histogram_every_n_steps=4,
+        track_update_ratio=True,
+        sinks=[sink],
+    )
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    expected = {}
+    for step in range(5):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        watch.before_optimizer_step(optimizer)
+        if step % 2 == 0:
+            norms = direct_group_norms(model)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            max_abs = max(p.grad.abs().max().item() for p in model.parameters())
+        optimizer.step()
+        watch.after_optimizer_step()
+        if step % 2 == 0:
+            update = torch.cat(
+                [
+                    (p.detach() - before[n]).flatten()
+                    for n, p in model.named_parameters()
+                    if n.startswith("0.")
+                ]
+            ).norm()
+            param = torch.cat([before["0.weight"].flatten(), before["0.bias"]]).norm()
+            expected[step] = (norms, max_abs, (update / param).item())
+    watch.close()
+
+    assert [r.step for r in sink.records] == [0, 2, 4]
+    for record in sink.records:
+        norms, max_abs, update_ratio = expected[record.step]
+        for group, norm in norms.items():
+            assert record.scalars[f"grad_norm/{group}"] == pytest.approx(norm, rel=1e-5)
+        total = np.sqrt(sum(n**2 for n in norms.values()))
+        assert record.scalars["grad_norm_total/global"] == pytest.approx(total, rel=1e-5)
+        assert max(record.scalars[f"grad_max_abs/{g}"] for g in norms) == pytest.approx(max_abs)
+        assert record.scalars["update_to_param/0"] == pytest.approx(update_ratio, rel=1e-4)
+        assert record.scalars["grad_nonfinite/0"] == 0.0
+    assert set(sink.records[0].histograms) == {"grad_hist/0", "grad_hist/2", "grad_hist/4"}
+    assert not sink.records[1].histograms
+    hist = sink.records[2].histograms["grad_hist/0"]
+    assert hist.num == 6 * 8 + 8
+
+
+def test_histogram_counts_match_numpy():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = TorchEngine(
+        model.named_parameters(), cadence=Cadence(1, 1), histogram_bins=7, group_by="parameter"
+    )
+    nn.functional.mse_loss(model(torch.randn(16, 6)), torch.randn(16, 1)).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    engine.before_optimizer_step(optimizer)
+    (record,) = engine.after_optimizer_step()
+    grad = model[0].weight.grad.flatten().numpy()
+    finite = grad[np.isfinite(grad)]
+    counts, edges = np.histogram(finite, bins=7)
+    hist = record.histograms["grad_hist/0.weight"]
+    assert hist.counts == pytest.approx(counts.tolist())
+    assert hist.bucket_limits == pytest.approx(edges[1:].tolist(), abs=1e-6 * np.ptp(finite))
+    assert hist.sum == pytest.approx(finite.sum(), rel=1e-5)
+    assert record.scalars["grad_nonfinite/0.weight"] == 1.0
+    assert np.isnan(record.scalars["grad_norm/0.weight"])
+
+
+@contextlib.contextmanager
+def count_host_reads(counter: list[str]):
+    """Record every tensor-to-host read: .item(), .tolist(), .cpu(), .numpy(), bool(), float()."""
+    names = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"]
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def spy(name):
+        def wrapper(self, *args, **kwargs):
+            counter.append(name)
+            return originals[name](self, *args, **kwargs)
+
+        return wrapper
+
+    for name in names:
+        setattr(torch.Tensor, name, spy(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_no_host_reads_between_logging_steps():
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    watch = TorchGradWatch(
+        model,
+        log_dir=None,
+        log_every_n_steps=5,
+        histogram_every_n_steps=5,
+        track_update_ratio=True,
+        sinks=[MemorySink()],
+    )
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    reads_between, reads_at_logs = [], []
+    for step in range(12):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        counter = reads_at_logs if step % 5 == 0 else reads_between
+        with count_host_reads(counter):
+            watch.before_optimizer_step(optimizer)
+        optimizer.step()
+        with count_host_reads(counter):
+            watch.after_optimizer_step()
+    assert reads_between == []
+    assert reads_at_logs.count("cpu") == 3  # one device-to-host copy per logging step
+
+
+def test_statistics_are_taken_on_unscaled_gradients_with_a_grad_scaler():
+    model = make_model()
+    reference = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    engine = TorchEngine(model.named_parameters(), cadence=Cadence(1))
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    scaler.unscale_(optimizer)
+    engine.before_optimizer_step(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    (record,) = engine.after_optimizer_step()
+    nn.functional.mse_loss(reference(x), y).backward()
+    for group, norm in direct_group_norms(reference).items():
+        assert record.scalars[f"grad_norm/{group}"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_several_optimizers_get_their_own_total_tags():
+    model = make_model()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = torch.optim.SGD(model[2:].parameters(), lr=0.1)
+    engine = TorchEngine(model.named_parameters(), cadence=Cadence(1))
+    nn.functional.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 1)).backward()
+    engine.before_optimizer_step(first)
+    engine.before_optimizer_step(second)
+    one, two = engine.after_optimizer_step()
+    assert "grad_norm_total/global" in one.scalars and "grad_norm/2" not in one.scalars
+    assert "grad_norm_total/global_optimizer1" in two.scalars and "grad_norm/0" not in two.scalars
+    assert engine.state_dict() == {"optimizer_steps": [1, 1]}
