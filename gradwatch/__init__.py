@@ -1,1 +1,22 @@
-"""gradwatch: watch gradient flow while a network trains."""
+"""gradwatch: watch gradient flow while a network trains, and act on it.
+
+The core imports no framework; the adapters live in ``gradwatch.integrations``.
+"""
+
+from gradwatch import keys
+from gradwatch.grouping import Grouping
+from gradwatch.monitor import Cadence
+from gradwatch.record import Histogram, Record
+from gradwatch.sinks import MemorySink, TensorBoardSink
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cadence",
+    "Grouping",
+    "Histogram",
+    "MemorySink",
+    "Record",
+    "TensorBoardSink",
+    "keys",
+]

@@ -5,7 +5,7 @@ a prefix (``grad_norm``) and each group a suffix (``grad_norm/blocks.0.attn``). 
 contain floats (Lightning's own ``grad_2.0_norm`` keys cannot collide with ours) and never
 characters TensorBoard would mangle.
 
-The table of tags in the README is generated from :data:`TAGS` (``python -m gradwatch.keys``).
+The table of tags in the README is generated from :data:`TAGS` by :func:`markdown_table`.
 """
 
 from __future__ import annotations
@@ -48,37 +48,37 @@ TOTAL = "grad_norm_total"
 GLOBAL = "global"
 MAX_SINCE_LAST_LOG = "max_since_last_log"
 NONFINITE_STEPS = "nonfinite_steps"
-# Text events.
-EVENTS = "gradwatch/events"
+
+LOGGING = "every `log_every_n_steps`"
 
 TAGS: tuple[TagSpec, ...] = (
-    TagSpec(f"{GRAD_NORM}/<group>", "scalar", "logging", "L2 norm of the group's gradient"),
-    TagSpec(f"{GRAD_MAX_ABS}/<group>", "scalar", "logging", "largest absolute gradient value"),
-    TagSpec(f"{GRAD_NONFINITE}/<group>", "scalar", "logging", "count of NaN/Inf gradient values"),
-    TagSpec(f"{PARAM_NORM}/<group>", "scalar", "logging", "L2 norm of the group's parameters"),
-    TagSpec(f"{GRAD_TO_PARAM}/<group>", "scalar", "logging", "gradient norm / parameter norm"),
+    TagSpec(f"{GRAD_NORM}/<group>", "scalar", LOGGING, "L2 norm of the group's gradient"),
+    TagSpec(f"{GRAD_MAX_ABS}/<group>", "scalar", LOGGING, "largest absolute gradient value"),
+    TagSpec(f"{GRAD_NONFINITE}/<group>", "scalar", LOGGING, "count of NaN/Inf gradient values"),
+    TagSpec(f"{PARAM_NORM}/<group>", "scalar", LOGGING, "L2 norm of the group's parameters"),
+    TagSpec(f"{GRAD_TO_PARAM}/<group>", "scalar", LOGGING, "gradient norm / parameter norm"),
     TagSpec(
         f"{UPDATE_TO_PARAM}/<group>",
         "scalar",
-        "logging, with `track_update_ratio=True`",
+        f"{LOGGING}, with `track_update_ratio=True`",
         "norm of the optimizer's update / parameter norm",
     ),
     TagSpec(
         f"{TOTAL}/{GLOBAL}<optimizer>",
         "scalar",
-        "logging",
+        LOGGING,
         "global gradient L2 norm over all groups of the optimizer",
     ),
     TagSpec(
         f"{TOTAL}/{MAX_SINCE_LAST_LOG}<optimizer>",
         "scalar",
-        "logging",
+        LOGGING,
         "largest finite global norm of any step since the previous logging step",
     ),
     TagSpec(
         f"{TOTAL}/{NONFINITE_STEPS}<optimizer>",
         "scalar",
-        "logging",
+        LOGGING,
         "steps since the previous logging step whose gradients were not finite",
     ),
     TagSpec(
@@ -87,7 +87,6 @@ TAGS: tuple[TagSpec, ...] = (
         "`histogram_every_n_steps`",
         "distribution of the group's finite gradient values",
     ),
-    TagSpec(EVENTS, "text", "when something is detected", "what was detected and done"),
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
@@ -131,7 +130,3 @@ def markdown_table() -> str:
     lines = ["| tag | kind | written | meaning |", "| --- | --- | --- | --- |"]
     lines += [f"| `{t.pattern}` | {t.kind} | {t.cadence} | {t.meaning} |" for t in TAGS]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(markdown_table())

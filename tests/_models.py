@@ -93,3 +93,13 @@ def read_events(path: str):
     )
     accumulator.Reload()
     return accumulator
+
+
+class FixedData(L.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return loader()
+
+
+def top_module(name: str) -> str:
+    """A ``group_by`` rule for the CLI test: the first component of a parameter name."""
+    return name.split(".")[0]

@@ -143,3 +143,15 @@ def test_build_record_names_every_statistic():
         "grad_norm_total/max_since_last_log": 4.0,
         "grad_norm_total/nonfinite_steps": 1.0,
     }
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Set up and test", 1)[1]
+    commands = section.split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
+    ci = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd ", "export "))
+    ]
+    assert ci == commands

@@ -1,0 +1,40 @@
+"""gradwatch in a plain PyTorch loop: two calls around `optimizer.step()`.
+
+python examples/plain_torch_loop.py --log-dir runs/plain --steps 200
+tensorboard --logdir runs/plain
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from gradwatch.integrations.torch import TorchGradWatch
+
+
+def main(log_dir: str, steps: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(512, 32), torch.randn(512, 1)
+    with TorchGradWatch(model, log_dir, log_every_n_steps=10, histogram_every_n_steps=50) as watch:
+        for _ in range(steps):
+            batch = torch.randint(0, len(x), (64,))
+            loss = nn.functional.mse_loss(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            watch.before_optimizer_step(optimizer)  # 1: after backward, before the step
+            optimizer.step()
+            watch.after_optimizer_step()  # 2: after the step
+    print(f"final loss {loss.item():.4f}; event files in {log_dir}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--log-dir", default="runs/plain")
+    parser.add_argument("--steps", type=int, default=200)
+    main(**vars(parser.parse_args()))
