@@ -30,7 +30,13 @@ def check_count(name: str, value: object, *, allow_zero: bool = False) -> int:
 class Cadence:
     """How often the expensive statistics are gathered, counted in optimizer steps.
 
-    The first step (0) is always a logging step, so a run shows its start.
+    Step ``k`` (0-based) is a logging step when ``(k + 1) % n == 0``: the steps Lightning's
+    own logging uses (``n - 1``, ``2n - 1``, ...), so both share one host synchronisation and
+    the charts line up. Step 0 is a logging step too, so a run shows its start.
+
+    Example:
+        >>> [k for k in range(10) if Cadence(log_every_n_steps=4).logs(k)]
+        [0, 3, 7]
     """
 
     log_every_n_steps: int = 50
@@ -41,11 +47,15 @@ class Cadence:
         check_count("histogram_every_n_steps", self.histogram_every_n_steps, allow_zero=True)
 
     def logs(self, count: int) -> bool:
-        return count % self.log_every_n_steps == 0
+        return _due(count, self.log_every_n_steps)
 
     def histograms(self, count: int) -> bool:
         n = self.histogram_every_n_steps
-        return n > 0 and count % n == 0
+        return n > 0 and _due(count, n)
+
+
+def _due(count: int, every: int) -> bool:
+    return count == 0 or (count + 1) % every == 0
 
 
 def build_record(

@@ -147,7 +147,9 @@ class GradWatch(Callback):
         if self._loaded_state is not None:
             self.engine.load_state_dict(self._loaded_state)
             self._loaded_state = None
-        self.monitor = Monitor(self._sinks(trainer) if trainer.is_global_zero else [])
+        # Every rank resolves the directory: `trainer.log_dir` is a collective (a broadcast).
+        log_dir = self.log_dir or self.default_log_dir(trainer)
+        self.monitor = Monitor(self._sinks(trainer, log_dir) if trainer.is_global_zero else [])
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -192,8 +194,8 @@ class GradWatch(Callback):
                 return str(Path(logger.log_dir) / SUBDIRECTORY)
         return str(Path(trainer.log_dir or trainer.default_root_dir) / SUBDIRECTORY)
 
-    def _sinks(self, trainer: pl.Trainer) -> list[Sink]:
-        events = TensorBoardSink(self.log_dir or self.default_log_dir(trainer))
+    def _sinks(self, trainer: pl.Trainer, log_dir: str) -> list[Sink]:
+        events = TensorBoardSink(log_dir)
         if not trainer.loggers:
             return [events]
         return [_LoggerSink(list(trainer.loggers)), _WithoutScalars(events)]

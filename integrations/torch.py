@@ -203,7 +203,7 @@ class TorchEngine:
         reducer: ShardReducer,
     ) -> list[torch.Tensor]:
         max_abs = reducer.max(torch.stack(_float_norms(grads, _INF)))
-        nonfinite = reducer.sum(
+        nonfinite = reducer.sum_per_tensor(
             torch.stack([(~torch.isfinite(g)).sum(dtype=torch.float32) for g in grads])
         )
         param_norms = reducer.norms(
@@ -216,8 +216,11 @@ class TorchEngine:
     ) -> tuple[list[str], torch.Tensor]:
         """Per group: [lo, hi, sum, sum of squares, counts...] over finite gradient values."""
         by_group: dict[int, list[torch.Tensor]] = {}
-        for i, g in zip(indices, grads, strict=True):
-            by_group.setdefault(int(self.grouping.index[i]), []).append(g.detach().flatten())
+        for k, (i, g) in enumerate(zip(indices, grads, strict=True)):
+            part = g.detach().flatten()
+            if not reducer.counts_here(k):  # a replica counted on another process
+                part = part[:0]
+            by_group.setdefault(int(self.grouping.index[i]), []).append(part)
         names, rows = [], []
         bins = self.histogram_bins
         for group, parts in by_group.items():
