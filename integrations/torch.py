@@ -54,14 +54,15 @@ class _OptimizerState:
 
 @dataclass
 class _Pending:
-    """A logging step whose device reductions wait for the optimizer step and one host copy."""
+    """A measured logging step; with update ratios, it waits for the optimizer step."""
 
     step: int
     optimizer: _OptimizerState
-    indices: np.ndarray
-    per_tensor: list[torch.Tensor]
-    histograms: torch.Tensor | None = None
-    histogram_groups: list[str] = field(default_factory=list)
+    stats: TensorStats | None
+    histograms: dict[str, Histogram]
+    max_global_norm: float = 0.0
+    nonfinite_steps: float = 0.0
+    indices: list[int] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
     snapshot: list[torch.Tensor] | None = None
 
@@ -139,26 +140,19 @@ class TorchEngine:
             state.summary = init_summary(norms)
         state.summary = update_summary(state.summary, global_norm(norms))
         logs, histograms = self.cadence.logs(count), self.cadence.histograms(count)
-        if not (logs or histograms):
-            return
-        pending = _Pending(
-            step=count if step is None else step,
-            optimizer=state,
-            indices=np.asarray(indices),
-            per_tensor=self._logging_parts(norms, local_grads, params, reducer) if logs else [],
-        )
-        if histograms:
-            pending.histogram_groups, pending.histograms = self._histograms(
-                indices, local_grads, reducer
+        if logs or histograms:
+            pending = self._measure(
+                state, indices, params, local_grads, norms, reducer, logs, histograms
             )
-        if logs and self.track_update_ratio:
-            pending.params = params
-            pending.snapshot = [local(p).detach().clone() for p in params]
-        self._pending.append(pending)
+            pending.step = count if step is None else step
+            if logs and self.track_update_ratio:
+                pending.params = params
+                pending.snapshot = [local(p).detach().clone() for p in params]
+            self._pending.append(pending)
 
     def after_optimizer_step(self) -> list[Record]:
-        """Finish the logging steps measured since the last call: one host copy for each."""
-        records = [self._finish(p) for p in self._pending]
+        """Finish the logging steps measured since the last call and return their records."""
+        records = [self._record(p) for p in self._pending]
         self._pending.clear()
         return records
 
@@ -195,21 +189,74 @@ class TorchEngine:
                     grads.append(p.grad)
         return indices, params, grads
 
-    def _logging_parts(
+    def _measure(
         self,
-        norms: torch.Tensor,
-        grads: list[torch.Tensor],
+        state: _OptimizerState,
+        indices: list[int],
         params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        norms: torch.Tensor,
         reducer: ShardReducer,
-    ) -> list[torch.Tensor]:
-        max_abs = reducer.max(torch.stack(_float_norms(grads, _INF)))
-        nonfinite = reducer.sum_per_tensor(
-            torch.stack([(~torch.isfinite(g)).sum(dtype=torch.float32) for g in grads])
-        )
-        param_norms = reducer.norms(
-            torch.stack(_float_norms([local(p).detach() for p in params], 2.0))
-        )
-        return [norms, max_abs, nonfinite, param_norms]
+        logs: bool,
+        histograms: bool,
+    ) -> _Pending:
+        """Everything a logging step reports, copied to the host in one transfer."""
+        parts: list[torch.Tensor] = []
+        if logs:
+            assert state.summary is not None  # updated by this step
+            parts += [
+                norms,
+                reducer.max(torch.stack(_float_norms(grads, _INF))),
+                reducer.norms(torch.stack(_float_norms([local(p).detach() for p in params], 2.0))),
+                torch.stack([state.summary.max_global_norm, state.summary.nonfinite_steps]),
+            ]
+            state.summary = init_summary(state.summary.max_global_norm)
+        groups: list[str] = []
+        if histograms:
+            groups, rows = self._histograms(indices, grads, reducer)
+            parts.append(rows.flatten())
+        host = iter(_split(torch.cat([p.float().flatten() for p in parts]), parts))
+        pending = _Pending(step=0, optimizer=state, stats=None, histograms={}, indices=indices)
+        if logs:
+            grad_norm, max_abs, param_norm, (largest, nonfinite_steps) = (
+                next(host) for _ in "...."
+            )
+            pending.max_global_norm, pending.nonfinite_steps = (
+                float(largest),
+                float(nonfinite_steps),
+            )
+            pending.stats = TensorStats(
+                present=self._scatter(indices, np.ones(len(indices)), False).astype(bool),
+                grad_norm=self._scatter(indices, grad_norm),
+                grad_max_abs=self._scatter(indices, max_abs),
+                grad_nonfinite=self._scatter(indices, self._nonfinite(grads, grad_norm, reducer)),
+                param_norm=self._scatter(indices, param_norm),
+            )
+        if groups:
+            width = self.histogram_bins + 4
+            for name, row in zip(groups, next(host).reshape(-1, width), strict=True):
+                pending.histograms[name] = Histogram.from_counts(
+                    row[0], row[1], row[4:], row[2], row[3]
+                )
+        return pending
+
+    def _nonfinite(
+        self, grads: list[torch.Tensor], norms: np.ndarray, reducer: ShardReducer
+    ) -> np.ndarray:
+        """Count NaN/Inf values, only when some norm says there are any (the host knows now).
+
+        The norms are already reduced across processes, so every rank takes the same branch.
+        """
+        if np.isfinite(norms).all():
+            return np.zeros(len(grads))
+        counts = torch.stack([(~torch.isfinite(g)).sum(dtype=torch.float32) for g in grads])
+        return reducer.sum_per_tensor(counts).cpu().numpy().astype(np.float64)
+
+    def _scatter(self, indices: list[int], values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Per-optimizer values placed at their tensors' positions among all tensors."""
+        full = np.full(len(self.grouping.tensors), fill, dtype=np.float64)
+        full[indices] = values
+        return full
 
     def _histograms(
         self, indices: list[int], grads: list[torch.Tensor], reducer: ShardReducer
@@ -239,52 +286,34 @@ class TorchEngine:
             names.append(self.grouping.groups[group])
         return names, torch.stack(rows)
 
-    def _finish(self, pending: _Pending) -> Record:
-        parts = list(pending.per_tensor)
+    def _record(self, pending: _Pending) -> Record:
+        if pending.stats is None:  # a histogram step between logging steps
+            return build_histogram_record(pending.step, pending.histograms)
+        stats = pending.stats
         if pending.snapshot is not None:
             current = [local(p).detach() for p in pending.params]
             torch._foreach_sub_(pending.snapshot, current)
             updates = torch.stack(_float_norms(pending.snapshot, 2.0))
-            parts.append(ShardReducer.for_tensors(pending.params).norms(updates))
-        if pending.histograms is not None:
-            parts.append(pending.histograms)
-        summary = pending.optimizer.summary
-        logs = bool(pending.per_tensor)
-        if logs and summary is not None:
-            parts.append(torch.stack([summary.max_global_norm, summary.nonfinite_steps]))
-            pending.optimizer.summary = init_summary(summary.max_global_norm)
-        host = torch.cat([p.float().flatten() for p in parts]).cpu().numpy().astype(np.float64)
-        return self._record(pending, host)
-
-    def _record(self, pending: _Pending, host: np.ndarray) -> Record:
-        n, tensors = len(pending.indices), len(self.grouping.tensors)
-        per_tensor, offset = [], 0
-        for _ in range(len(pending.per_tensor) + (pending.snapshot is not None)):
-            full = np.zeros(tensors)
-            full[pending.indices] = host[offset : offset + n]
-            per_tensor.append(full)
-            offset += n
-        histograms = {}
-        width = self.histogram_bins + 4
-        for name in pending.histogram_groups:
-            row = host[offset : offset + width]
-            histograms[name] = Histogram.from_counts(row[0], row[1], row[4:], row[2], row[3])
-            offset += width
-        if not per_tensor:  # a histogram step between logging steps
-            return build_histogram_record(pending.step, histograms)
-        present = np.zeros(tensors, dtype=bool)
-        present[pending.indices] = True
-        stats = TensorStats(present, *per_tensor[:4], update_norm=(per_tensor[4:] or [None])[0])
+            updates = ShardReducer.for_tensors(pending.params).norms(updates)
+            host = updates.cpu().numpy().astype(np.float64)
+            stats = stats._replace(update_norm=self._scatter(pending.indices, host))
         index = pending.optimizer.index
         return build_record(
             pending.step,
             self.grouping,
             stats,
-            max_global_norm=host[offset],
-            nonfinite_steps=host[offset + 1],
-            histograms=histograms,
+            max_global_norm=pending.max_global_norm,
+            nonfinite_steps=pending.nonfinite_steps,
+            histograms=pending.histograms,
             optimizer=index if (index > 0 or self.label_optimizers) else None,
         )
+
+
+def _split(flat: torch.Tensor, parts: list[torch.Tensor]) -> list[np.ndarray]:
+    """One device-to-host copy of ``flat``, cut back into the sizes of ``parts``."""
+    host = flat.cpu().numpy().astype(np.float64)
+    sizes = np.cumsum([p.numel() for p in parts])[:-1]
+    return np.split(host, sizes)
 
 
 class TorchGradWatch:
