@@ -103,3 +103,11 @@ class FixedData(L.LightningDataModule):
 def top_module(name: str) -> str:
     """A ``group_by`` rule for the CLI test: the first component of a parameter name."""
     return name.split(".")[0]
+
+
+def gradwatch_events(directory):
+    """TensorBoard's reader over the one event file gradwatch wrote below ``directory``."""
+    (path,) = [
+        f for f in event_files(directory) if os.path.basename(os.path.dirname(f)) == "gradwatch"
+    ]
+    return read_events(path)

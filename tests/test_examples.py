@@ -29,5 +29,6 @@ def test_plain_torch_loop(tmp_path):
 def test_lightning_quickstart(tmp_path):
     run("lightning_quickstart.py", "--max-steps", "11", "--root", str(tmp_path))
     user_run, gradwatch_run = event_files(tmp_path)
-    assert [e.step for e in read_events(user_run).Scalars("grad_norm/net.0")] == [0, 9]
+    assert "train_loss" in read_events(user_run).Tags()["scalars"]
+    assert [e.step for e in read_events(gradwatch_run).Scalars("grad_norm/net.0")] == [0, 9]
     assert "grad_hist/net.4" in read_events(gradwatch_run).Tags()["histograms"]

@@ -18,6 +18,7 @@ from _models import (
     Regressor,
     direct_group_norms,
     event_files,
+    gradwatch_events,
     loader,
     make_net,
     read_events,
@@ -42,7 +43,10 @@ def test_logged_norms_equal_a_direct_computation_in_every_logger(tmp_path):
 
     user_run, gradwatch_run = event_files(tmp_path / "tb")
     assert os.path.dirname(gradwatch_run).endswith(os.path.join("version_0", "gradwatch"))
-    scalars = read_events(user_run)
+    # One event per step in gradwatch's own file, rather than one per scalar via the logger.
+    scalars = read_events(gradwatch_run)
+    user_tags = read_events(user_run).Tags()["scalars"]
+    assert not [t for t in user_tags if t.startswith(("grad_", "param_"))]
     for group in GROUPS:
         values = logged(scalars, f"grad_norm/{group}")
         assert [s for s, _ in values] == [0, 2, 5, 8]  # Lightning logs at 2, 5, 8 too
@@ -55,16 +59,30 @@ def test_logged_norms_equal_a_direct_computation_in_every_logger(tmp_path):
         total, rel=1e-5
     )
 
-    histograms = read_events(gradwatch_run)
+    histograms = scalars
     assert sorted(histograms.Tags()["histograms"]) == [f"grad_hist/{g}" for g in GROUPS]
     assert [e.step for e in histograms.Histograms("grad_hist/net.0")] == [0, 3, 7]
-    assert histograms.Tags()["scalars"] == []  # scalars went to the loggers
 
     (metrics,) = glob.glob(str(tmp_path / "csv" / "**" / "metrics.csv"), recursive=True)
     with open(metrics) as f:
         rows = [r for r in csv.DictReader(f) if r.get("grad_norm/net.0")]
     assert [int(r["step"]) for r in rows] == [0, 2, 5, 8]
     assert float(rows[0]["grad_norm/net.0"]) == pytest.approx(expected["net.0"], rel=1e-5)
+
+
+def test_a_csv_logger_alone_gets_the_scalars_and_the_event_file_the_rest(tmp_path):
+    watch = GradWatch(log_every_n_steps=4, histogram_every_n_steps=4)
+    run = trainer(tmp_path, logger=CSVLogger(tmp_path, name="csv"), callbacks=[watch])
+    run.fit(Regressor(lr=0.0), loader())
+    (path,) = event_files(tmp_path)
+    assert os.path.dirname(path) == str(tmp_path / "csv" / "version_0" / "gradwatch")
+    events = read_events(path)
+    assert events.Tags()["scalars"] == []
+    assert sorted(events.Tags()["histograms"]) == [f"grad_hist/{g}" for g in GROUPS]
+    (metrics,) = glob.glob(str(tmp_path / "csv" / "**" / "metrics.csv"), recursive=True)
+    with open(metrics) as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("grad_norm/net.0")]
+    assert steps == [0, 3, 7]
 
 
 def test_no_arguments_and_no_logger(tmp_path):
@@ -84,7 +102,7 @@ def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
     trainer(tmp_path, callbacks=[watch], accumulate_grad_batches=4, max_steps=3).fit(
         Regressor(lr=0.0), loader()
     )
-    events = read_events(event_files(tmp_path / "lightning_logs")[0])
+    events = gradwatch_events(tmp_path)
     values = logged(events, "grad_norm/net.2")
     assert [s for s, _ in values] == [0, 1, 2]
     # Lightning divides the loss by 4 and sums 4 equal micro-batch gradients: the same gradient.
@@ -114,7 +132,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     expected = direct_group_norms(make_net())
     watch = GradWatch(log_every_n_steps=2)
     trainer(tmp_path, callbacks=[watch], max_steps=8).fit(TwoOptimizers(), loader())
-    events = read_events(event_files(tmp_path / "lightning_logs")[0])
+    events = gradwatch_events(tmp_path)
     first = logged(events, "grad_norm_total/global_optimizer0")
     second = logged(events, "grad_norm_total/global_optimizer1")
     assert len(first) == len(second) == 3  # each optimizer stepped 4 times: logged at 0, 1, 3
@@ -135,7 +153,7 @@ def test_mixed_precision_statistics_are_unscaled(tmp_path, precision, optimizer,
     watch = GradWatch(log_every_n_steps=1)
     run = trainer(tmp_path, callbacks=[watch], plugins=[plugin], max_steps=3)
     run.fit(Regressor(lr=0.0, optimizer=optimizer, fused=fused), loader())
-    events = read_events(event_files(tmp_path / "lightning_logs")[0])
+    events = gradwatch_events(tmp_path)
     for group in GROUPS:  # half-precision forward passes: a few parts per thousand
         (_, value), *_ = logged(events, f"grad_norm/{group}")
         assert value == pytest.approx(expected[group], rel=2e-2)
