@@ -174,6 +174,8 @@ VARIANTS = {
     "gradwatch": Variant(CausalLM, lambda: [GradWatch()]),
     # Logs only at step 0 (in the warm-up): the cost of the steps between logging steps.
     "gradwatch_per_step": Variant(CausalLM, lambda: [GradWatch(log_every_n_steps=10**9)]),
+    # Logs every 5th step: magnifies the cost of a logging step ten times over the default.
+    "gradwatch_log5": Variant(CausalLM, lambda: [GradWatch(log_every_n_steps=5)]),
     "lightning_grad_norm": Variant(CausalLMWithGradNorm, list),
     "item_loop": Variant(CausalLM, lambda: [ItemLoop()]),
     "clip_grad_norm": Variant(CausalLM, lambda: [ClipGradNorm()]),

@@ -54,15 +54,20 @@ class _OptimizerState:
 
 @dataclass
 class _Pending:
-    """A measured logging step; with update ratios, it waits for the optimizer step."""
+    """A logging step measured on the device, read on the host after the optimizer step.
+
+    Reading after the step puts gradwatch's one host synchronisation where Lightning makes
+    its own on the same steps, so the two cost one pipeline drain.
+    """
 
     step: int
     optimizer: _OptimizerState
-    stats: TensorStats | None
-    histograms: dict[str, Histogram]
-    max_global_norm: float = 0.0
-    nonfinite_steps: float = 0.0
-    indices: list[int] = field(default_factory=list)
+    indices: list[int]
+    logs: bool
+    parts: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    reducer: ShardReducer
+    histogram_groups: list[str] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
     snapshot: list[torch.Tensor] | None = None
 
@@ -141,10 +146,11 @@ class TorchEngine:
         state.summary = update_summary(state.summary, global_norm(norms))
         logs, histograms = self.cadence.logs(count), self.cadence.histograms(count)
         if logs or histograms:
-            pending = self._measure(
-                state, indices, params, local_grads, norms, reducer, logs, histograms
-            )
+            pending = self._measure(state, indices, params, local_grads, norms, reducer, logs)
             pending.step = count if step is None else step
+            if histograms:
+                pending.histogram_groups, rows = self._histograms(indices, local_grads, reducer)
+                pending.parts.append(rows.flatten())
             if logs and self.track_update_ratio:
                 pending.params = params
                 pending.snapshot = [local(p).detach().clone() for p in params]
@@ -198,9 +204,8 @@ class TorchEngine:
         norms: torch.Tensor,
         reducer: ShardReducer,
         logs: bool,
-        histograms: bool,
     ) -> _Pending:
-        """Everything a logging step reports, copied to the host in one transfer."""
+        """Launch the logging step's reductions on the device; nothing is read yet."""
         parts: list[torch.Tensor] = []
         if logs:
             assert state.summary is not None  # updated by this step
@@ -211,39 +216,12 @@ class TorchEngine:
                 torch.stack([state.summary.max_global_norm, state.summary.nonfinite_steps]),
             ]
             state.summary = init_summary(state.summary.max_global_norm)
-        groups: list[str] = []
-        if histograms:
-            groups, rows = self._histograms(indices, grads, reducer)
-            parts.append(rows.flatten())
-        host = iter(_split(torch.cat([p.float().flatten() for p in parts]), parts))
-        pending = _Pending(step=0, optimizer=state, stats=None, histograms={}, indices=indices)
-        if logs:
-            grad_norm, max_abs, param_norm, (largest, nonfinite_steps) = (
-                next(host) for _ in "...."
-            )
-            pending.max_global_norm, pending.nonfinite_steps = (
-                float(largest),
-                float(nonfinite_steps),
-            )
-            pending.stats = TensorStats(
-                present=self._scatter(indices, np.ones(len(indices)), False).astype(bool),
-                grad_norm=self._scatter(indices, grad_norm),
-                grad_max_abs=self._scatter(indices, max_abs),
-                grad_nonfinite=self._scatter(indices, self._nonfinite(grads, grad_norm, reducer)),
-                param_norm=self._scatter(indices, param_norm),
-            )
-        if groups:
-            width = self.histogram_bins + 4
-            for name, row in zip(groups, next(host).reshape(-1, width), strict=True):
-                pending.histograms[name] = Histogram.from_counts(
-                    row[0], row[1], row[4:], row[2], row[3]
-                )
-        return pending
+        return _Pending(0, state, indices, logs, parts, grads, reducer)
 
     def _nonfinite(
         self, grads: list[torch.Tensor], norms: np.ndarray, reducer: ShardReducer
     ) -> np.ndarray:
-        """Count NaN/Inf values, only when some norm says there are any (the host knows now).
+        """Count NaN/Inf values, only when some norm says there are any (read on the host now).
 
         The norms are already reduced across processes, so every rank takes the same branch.
         """
@@ -252,9 +230,9 @@ class TorchEngine:
         counts = torch.stack([(~torch.isfinite(g)).sum(dtype=torch.float32) for g in grads])
         return reducer.sum_per_tensor(counts).cpu().numpy().astype(np.float64)
 
-    def _scatter(self, indices: list[int], values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    def _scatter(self, indices: list[int], values: np.ndarray) -> np.ndarray:
         """Per-optimizer values placed at their tensors' positions among all tensors."""
-        full = np.full(len(self.grouping.tensors), fill, dtype=np.float64)
+        full = np.zeros(len(self.grouping.tensors), dtype=np.float64)
         full[indices] = values
         return full
 
@@ -287,24 +265,42 @@ class TorchEngine:
         return names, torch.stack(rows)
 
     def _record(self, pending: _Pending) -> Record:
-        if pending.stats is None:  # a histogram step between logging steps
-            return build_histogram_record(pending.step, pending.histograms)
-        stats = pending.stats
+        """Read a logging step on the host, in one copy, and name its statistics."""
+        parts = pending.parts
         if pending.snapshot is not None:
             current = [local(p).detach() for p in pending.params]
             torch._foreach_sub_(pending.snapshot, current)
             updates = torch.stack(_float_norms(pending.snapshot, 2.0))
-            updates = ShardReducer.for_tensors(pending.params).norms(updates)
-            host = updates.cpu().numpy().astype(np.float64)
-            stats = stats._replace(update_norm=self._scatter(pending.indices, host))
+            parts = [*parts, ShardReducer.for_tensors(pending.params).norms(updates)]
+        host = iter(_split(torch.cat([p.float().flatten() for p in parts]), parts))
+        histograms = {}
+        if pending.logs:
+            grad_norm, max_abs, param_norm, summary = next(host), next(host), next(host), next(host)
+        if pending.histogram_groups:
+            width = self.histogram_bins + 4
+            rows = next(host).reshape(-1, width)
+            for name, row in zip(pending.histogram_groups, rows, strict=True):
+                histograms[name] = Histogram.from_counts(row[0], row[1], row[4:], row[2], row[3])
+        if not pending.logs:  # a histogram step between logging steps
+            return build_histogram_record(pending.step, histograms)
+        indices = pending.indices
+        nonfinite = self._nonfinite(pending.grads, grad_norm, pending.reducer)
+        stats = TensorStats(
+            present=self._scatter(indices, np.ones(len(indices))).astype(bool),
+            grad_norm=self._scatter(indices, grad_norm),
+            grad_max_abs=self._scatter(indices, max_abs),
+            grad_nonfinite=self._scatter(indices, nonfinite),
+            param_norm=self._scatter(indices, param_norm),
+            update_norm=None if pending.snapshot is None else self._scatter(indices, next(host)),
+        )
         index = pending.optimizer.index
         return build_record(
             pending.step,
             self.grouping,
             stats,
-            max_global_norm=pending.max_global_norm,
-            nonfinite_steps=pending.nonfinite_steps,
-            histograms=pending.histograms,
+            max_global_norm=float(summary[0]),
+            nonfinite_steps=float(summary[1]),
+            histograms=histograms,
             optimizer=index if (index > 0 or self.label_optimizers) else None,
         )
 
