@@ -208,14 +208,7 @@ class GradWatch(Callback):
         return [_LoggerSink(others), events if with_tensorboard else _WithoutScalars(events)]
 
     def _close(self) -> None:
-        """Write the logging steps still in flight, then close the sinks (once)."""
-        if self.monitor is None or self.monitor.closed:
-            return
-        try:
-            if self.engine is not None:
-                for record in self.engine.flush():
-                    self.monitor.write(record)
-        finally:
+        if self.monitor is not None:
             self.monitor.close()
 
 

@@ -54,19 +54,22 @@ class _OptimizerState:
 
 @dataclass
 class _Pending:
-    """A logging step measured on the device, waiting to be read on the host."""
+    """A logging step measured on the device, read on the host after the optimizer step.
+
+    Reading after the step puts gradwatch's one host synchronisation where Lightning makes
+    its own on the same steps, so the two cost one pipeline drain.
+    """
 
     step: int
     optimizer: _OptimizerState
     indices: list[int]
     logs: bool
     parts: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    reducer: ShardReducer
     histogram_groups: list[str] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
     snapshot: list[torch.Tensor] | None = None
-    has_updates: bool = False  # update norms come last in `parts`
-    host: torch.Tensor | None = None  # the values on the host, once copied
-    copied: torch.cuda.Event | None = None  # set when the asynchronous copy is done
 
 
 def _float_norms(tensors: Sequence[torch.Tensor], order: float) -> list[torch.Tensor]:
@@ -122,7 +125,6 @@ class TorchEngine:
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._optimizers: dict[int, _OptimizerState] = {}
         self._pending: list[_Pending] = []
-        self._in_flight: list[_Pending] = []
         self._restored_calls: list[int] = []
 
     # -- the two calls ---------------------------------------------------------------------
@@ -155,32 +157,9 @@ class TorchEngine:
             self._pending.append(pending)
 
     def after_optimizer_step(self) -> list[Record]:
-        """Start reading the logging steps measured since the last call; return the records
-        of those whose values have reached the host.
-
-        On a GPU the copy to the host is asynchronous: a logging step's record comes back
-        from a later call (usually the next step's), once the GPU has got there, so gradwatch
-        never makes the GPU wait for the host. On the CPU it comes back at once.
-        """
-        for pending in self._pending:
-            self._start_copy(pending)
-            self._in_flight.append(pending)
+        """Finish the logging steps measured since the last call and return their records."""
+        records = [self._record(p) for p in self._pending]
         self._pending.clear()
-        records = []
-        while self._in_flight and (
-            self._in_flight[0].copied is None or self._in_flight[0].copied.query()
-        ):
-            records.append(self._record(self._in_flight.pop(0)))
-        return records
-
-    def flush(self) -> list[Record]:
-        """Wait for every logging step still being copied, and return their records."""
-        records = self.after_optimizer_step()
-        for pending in self._in_flight:
-            if pending.copied is not None:
-                pending.copied.synchronize()
-            records.append(self._record(pending))
-        self._in_flight.clear()
         return records
 
     # -- state -------------------------------------------------------------------------------
@@ -230,16 +209,26 @@ class TorchEngine:
         parts: list[torch.Tensor] = []
         if logs:
             assert state.summary is not None  # updated by this step
-            nonfinite = [(~torch.isfinite(g)).sum(dtype=torch.float32) for g in grads]
             parts += [
                 norms,
                 reducer.max(torch.stack(_float_norms(grads, _INF))),
-                reducer.sum_per_tensor(torch.stack(nonfinite)),
                 reducer.norms(torch.stack(_float_norms([local(p).detach() for p in params], 2.0))),
                 torch.stack([state.summary.max_global_norm, state.summary.nonfinite_steps]),
             ]
             state.summary = init_summary(state.summary.max_global_norm)
-        return _Pending(0, state, indices, logs, parts)
+        return _Pending(0, state, indices, logs, parts, grads, reducer)
+
+    def _nonfinite(
+        self, grads: list[torch.Tensor], norms: np.ndarray, reducer: ShardReducer
+    ) -> np.ndarray:
+        """Count NaN/Inf values, only when some norm says there are any (read on the host now).
+
+        The norms are already reduced across processes, so every rank takes the same branch.
+        """
+        if np.isfinite(norms).all():
+            return np.zeros(len(grads))
+        counts = torch.stack([(~torch.isfinite(g)).sum(dtype=torch.float32) for g in grads])
+        return reducer.sum_per_tensor(counts).cpu().numpy().astype(np.float64)
 
     def _scatter(self, indices: list[int], values: np.ndarray) -> np.ndarray:
         """Per-optimizer values placed at their tensors' positions among all tensors."""
@@ -275,33 +264,18 @@ class TorchEngine:
             names.append(self.grouping.groups[group])
         return names, torch.stack(rows)
 
-    def _start_copy(self, pending: _Pending) -> None:
-        """Gather the step's values (update norms too, now that the step is taken) into one
-        vector and copy it to the host: asynchronously into pinned memory from a GPU."""
+    def _record(self, pending: _Pending) -> Record:
+        """Read a logging step on the host, in one copy, and name its statistics."""
         parts = pending.parts
         if pending.snapshot is not None:
             current = [local(p).detach() for p in pending.params]
             torch._foreach_sub_(pending.snapshot, current)
             updates = torch.stack(_float_norms(pending.snapshot, 2.0))
             parts = [*parts, ShardReducer.for_tensors(pending.params).norms(updates)]
-            pending.snapshot, pending.params, pending.has_updates = None, [], True
-        flat = torch.cat([p.float().flatten() for p in parts])
-        pending.parts = parts
-        if flat.device.type == "cuda":
-            pending.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            pending.host.copy_(flat, non_blocking=True)
-            pending.copied = torch.cuda.Event()
-            pending.copied.record()
-        else:
-            pending.host = flat.cpu()
-
-    def _record(self, pending: _Pending) -> Record:
-        """Name the statistics of a logging step whose values are on the host."""
-        assert pending.host is not None
-        host = iter(_split(pending.host.numpy().astype(np.float64), pending.parts))
+        host = iter(_split(torch.cat([p.float().flatten() for p in parts]), parts))
         histograms = {}
         if pending.logs:
-            grad_norm, max_abs, nonfinite, param_norm, summary = (next(host) for _ in range(5))
+            grad_norm, max_abs, param_norm, summary = next(host), next(host), next(host), next(host)
         if pending.histogram_groups:
             width = self.histogram_bins + 4
             rows = next(host).reshape(-1, width)
@@ -310,13 +284,14 @@ class TorchEngine:
         if not pending.logs:  # a histogram step between logging steps
             return build_histogram_record(pending.step, histograms)
         indices = pending.indices
+        nonfinite = self._nonfinite(pending.grads, grad_norm, pending.reducer)
         stats = TensorStats(
             present=self._scatter(indices, np.ones(len(indices))).astype(bool),
             grad_norm=self._scatter(indices, grad_norm),
             grad_max_abs=self._scatter(indices, max_abs),
             grad_nonfinite=self._scatter(indices, nonfinite),
             param_norm=self._scatter(indices, param_norm),
-            update_norm=self._scatter(indices, next(host)) if pending.has_updates else None,
+            update_norm=None if pending.snapshot is None else self._scatter(indices, next(host)),
         )
         index = pending.optimizer.index
         return build_record(
@@ -330,9 +305,11 @@ class TorchEngine:
         )
 
 
-def _split(host: np.ndarray, parts: list[torch.Tensor]) -> list[np.ndarray]:
-    """The host copy of the concatenated ``parts``, cut back into their sizes."""
-    return np.split(host, np.cumsum([p.numel() for p in parts])[:-1])
+def _split(flat: torch.Tensor, parts: list[torch.Tensor]) -> list[np.ndarray]:
+    """One device-to-host copy of ``flat``, cut back into the sizes of ``parts``."""
+    host = flat.cpu().numpy().astype(np.float64)
+    sizes = np.cumsum([p.numel() for p in parts])[:-1]
+    return np.split(host, sizes)
 
 
 class TorchGradWatch:
@@ -378,12 +355,7 @@ class TorchGradWatch:
             self.monitor.write(record)
 
     def close(self) -> None:
-        """Write the logging steps still in flight, then close the sinks."""
-        try:
-            for record in self.engine.flush():
-                self.monitor.write(record)
-        finally:
-            self.monitor.close()
+        self.monitor.close()
 
     def __enter__(self) -> TorchGradWatch:
         return self
