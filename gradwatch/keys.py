@@ -17,6 +17,7 @@ __all__ = [
     "GLOBAL",
     "TAGS",
     "TagSpec",
+    "clip_tag",
     "group_tag",
     "markdown_table",
     "sanitize",
@@ -48,6 +49,13 @@ TOTAL = "grad_norm_total"
 GLOBAL = "global"
 MAX_SINCE_LAST_LOG = "max_since_last_log"
 NONFINITE_STEPS = "nonfinite_steps"
+CLIPPED = "clipped"
+# Clipping.
+CLIP = "clip"
+THRESHOLD = "threshold"
+COEFFICIENT = "coefficient"
+# Text events.
+EVENTS = "gradwatch/events"
 
 LOGGING = "every `log_every_n_steps`"
 
@@ -82,11 +90,30 @@ TAGS: tuple[TagSpec, ...] = (
         "steps since the previous logging step whose gradients were not finite",
     ),
     TagSpec(
+        f"{TOTAL}/{CLIPPED}<optimizer>",
+        "scalar",
+        f"{LOGGING}, with `clip=`",
+        "global gradient norm after clipping",
+    ),
+    TagSpec(
+        f"{CLIP}/{THRESHOLD}<optimizer>",
+        "scalar",
+        f"{LOGGING}, with `clip=`",
+        "the policy's bound: max norm, percentile or z-score bound, max value, AGC factor",
+    ),
+    TagSpec(
+        f"{CLIP}/{COEFFICIENT}<optimizer>",
+        "scalar",
+        f"{LOGGING}, with `clip=`",
+        "factor the gradients were scaled by (smallest unit's for AGC; 1: not clipped)",
+    ),
+    TagSpec(
         f"{GRAD_HISTOGRAM}/<group>",
         "histogram",
         "`histogram_every_n_steps`",
         "distribution of the group's finite gradient values",
     ),
+    TagSpec(EVENTS, "text", "when a detector fires", "what was detected, where, and what was done"),
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
@@ -112,6 +139,16 @@ def group_tag(statistic: str, group: str) -> str:
     return f"{statistic}/{sanitize(group)}"
 
 
+def clip_tag(statistic: str, optimizer: int | None = None) -> str:
+    """The tag of a clipping statistic, suffixed like :func:`total_tag`.
+
+    Example:
+        >>> clip_tag(THRESHOLD)
+        'clip/threshold'
+    """
+    return f"{CLIP}/{statistic}{_optimizer_suffix(optimizer)}"
+
+
 def total_tag(statistic: str, optimizer: int | None = None) -> str:
     """The tag of a whole-model statistic; ``optimizer`` is set only when there are several.
 
@@ -121,8 +158,11 @@ def total_tag(statistic: str, optimizer: int | None = None) -> str:
         >>> total_tag(GLOBAL, optimizer=1)
         'grad_norm_total/global_optimizer1'
     """
-    suffix = "" if optimizer is None else f"_optimizer{optimizer}"
-    return f"{TOTAL}/{statistic}{suffix}"
+    return f"{TOTAL}/{statistic}{_optimizer_suffix(optimizer)}"
+
+
+def _optimizer_suffix(optimizer: int | None) -> str:
+    return "" if optimizer is None else f"_optimizer{optimizer}"
 
 
 def markdown_table() -> str:

@@ -54,6 +54,7 @@ class Record:
     scalars: dict[str, float] = field(default_factory=dict)
     histograms: dict[str, Histogram] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)  # detections, also in `texts` as Markdown
 
     def __bool__(self) -> bool:
         return bool(self.scalars or self.histograms or self.texts)

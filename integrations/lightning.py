@@ -15,7 +15,9 @@ A thin translation of Trainer events into calls on the torch engine:
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,24 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
+from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, check_group_by
+from gradwatch.guard import Guard, events_markdown
 from gradwatch.integrations.torch import TorchEngine
+from gradwatch.keys import EVENTS
 from gradwatch.monitor import Cadence, Monitor, check_count
+from gradwatch.policies import Policy, as_policy
 from gradwatch.record import Record, Sink
 from gradwatch.sinks import TensorBoardSink
 
-__all__ = ["GradWatch"]
+__all__ = ["GradWatch", "GradWatchWarning"]
 
 SUBDIRECTORY = "gradwatch"
+log = logging.getLogger(__name__)
+
+
+class GradWatchWarning(UserWarning):
+    """A detection: non-finite, exploding or vanishing gradients."""
 
 
 class _LoggerSink:
@@ -99,6 +110,17 @@ class GradWatch(Callback):
         track_update_ratio: also log ``update_to_param/<group>`` (needs a copy of the
             parameters at logging steps).
         histogram_bins: buckets per histogram.
+        clip: a clipping policy (``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``,
+            ``AGC``), a float for ``ClipByNorm(float)``, or None.
+        on_nonfinite, on_explosion: ``"warn"`` (default), ``"skip"`` (drop the optimizer step:
+            parameters and optimizer state unchanged), ``"stop"`` (end training through
+            Lightning's normal path) or ``"ignore"``.
+        on_vanishing: ``"warn"`` (default), ``"stop"`` or ``"ignore"``.
+        explosion, vanishing: the detectors' settings (:class:`gradwatch.detectors.Explosion`,
+            :class:`gradwatch.detectors.Vanishing`).
+
+    Detections are kept on ``callback.events``, warned as :class:`GradWatchWarning`, logged, and
+    written as a TensorBoard text table (``gradwatch/events``) at the next logging step.
 
     Example::
 
@@ -113,6 +135,12 @@ class GradWatch(Callback):
         log_dir: str | os.PathLike | None = None,
         track_update_ratio: bool = False,
         histogram_bins: int = 30,
+        clip: Policy | float | None = None,
+        on_nonfinite: str = "warn",
+        on_explosion: str = "warn",
+        on_vanishing: str = "warn",
+        explosion: Explosion | None = None,
+        vanishing: Vanishing | None = None,
     ) -> None:
         if log_every_n_steps is not None:
             check_count("log_every_n_steps", log_every_n_steps)
@@ -124,6 +152,16 @@ class GradWatch(Callback):
         self.log_dir = _check_log_dir(log_dir)
         self.track_update_ratio = _check_flag("track_update_ratio", track_update_ratio)
         self.histogram_bins = check_count("histogram_bins", histogram_bins)
+        self.guard = Guard(
+            policy=as_policy(clip),
+            on_nonfinite=on_nonfinite,
+            on_explosion=on_explosion,
+            on_vanishing=on_vanishing,
+            explosion=explosion or Explosion(),
+            vanishing=vanishing or Vanishing(),
+        )
+        self.events: list[dict] = []
+        self.stopped_at: int | None = None
         self.engine: TorchEngine | None = None
         self.monitor: Monitor | None = None
         self._loaded_state: dict[str, Any] | None = None
@@ -131,7 +169,11 @@ class GradWatch(Callback):
     @property
     def state_key(self) -> str:
         group_by = self.group_by if isinstance(self.group_by, str) else self.group_by.__qualname__
-        return self._generate_state_key(log_every_n_steps=self.log_every_n_steps, group_by=group_by)
+        return self._generate_state_key(
+            log_every_n_steps=self.log_every_n_steps,
+            group_by=group_by,
+            clip=repr(self.guard.policy),
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -146,7 +188,16 @@ class GradWatch(Callback):
             track_update_ratio=self.track_update_ratio,
             label_optimizers=len(trainer.optimizers) > 1,
             histogram_bins=self.histogram_bins,
+            guard=self.guard,
         )
+        self.events, self.stopped_at = [], None
+        if self.guard.policy is not None and trainer.gradient_clip_val:
+            warnings.warn(
+                f"GradWatch(clip={self.guard.policy}) and Trainer(gradient_clip_val="
+                f"{trainer.gradient_clip_val}) both clip; Lightning clips after gradwatch.",
+                GradWatchWarning,
+                stacklevel=2,
+            )
         if self._loaded_state is not None:
             self.engine.load_state_dict(self._loaded_state)
             self._loaded_state = None
@@ -163,9 +214,22 @@ class GradWatch(Callback):
         self.engine.before_optimizer_step(optimizer, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.engine is not None and self.monitor is not None:
-            for record in self.engine.after_optimizer_step():
-                self.monitor.write(record)
+        if self.engine is None or self.monitor is None:
+            return
+        for record in self.engine.after_optimizer_step():
+            self._report(record.events)
+            self.monitor.write(record)
+        if not trainer.should_stop and self.engine.should_stop():
+            # Every rank reads the same flag at the same step: gradients and norms agree.
+            trainer.should_stop = True
+            self.stopped_at = trainer.global_step
+            events = self.engine.drain_events()
+            self._report(events)
+            if events:
+                self.monitor.write(
+                    Record(trainer.global_step, texts={EVENTS: events_markdown(events)})
+                )
+            log.warning("GradWatch stopped training at step %d: %s", trainer.global_step, events)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -206,6 +270,17 @@ class GradWatch(Callback):
             return [events]
         with_tensorboard = len(others) < len(trainer.loggers)
         return [_LoggerSink(others), events if with_tensorboard else _WithoutScalars(events)]
+
+    def _report(self, events: list[dict]) -> None:
+        for event in events:
+            self.events.append(event)
+            message = (
+                f"gradwatch: {event['kind']} gradient in {event['group']} at step {event['step']}"
+                f" (value {event['value']:.4g}, threshold {event['threshold']:.4g});"
+                f" action: {event['action']}"
+            )
+            warnings.warn(message, GradWatchWarning, stacklevel=2)
+            log.warning(message)
 
     def _close(self) -> None:
         if self.monitor is not None:

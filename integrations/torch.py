@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gradwatch import keys
 from gradwatch.grouping import GroupBy, Grouping
+from gradwatch.guard import Guard, events_markdown
 from gradwatch.integrations._shards import ShardReducer, local
+from gradwatch.integrations._torch_guard import GuardRun, TorchGuard
 from gradwatch.monitor import (
     Cadence,
     Monitor,
@@ -50,6 +53,7 @@ class _OptimizerState:
     index: int
     calls: int = 0
     summary: StepSummary | None = None
+    guard: GuardRun | None = None
 
 
 @dataclass
@@ -70,6 +74,7 @@ class _Pending:
     histogram_groups: list[str] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
     snapshot: list[torch.Tensor] | None = None
+    clipped: bool = False  # clip values come after the summary in `parts`
 
 
 def _float_norms(tensors: Sequence[torch.Tensor], order: float) -> list[torch.Tensor]:
@@ -103,6 +108,8 @@ class TorchEngine:
         label_optimizers: name whole-model tags by optimizer index even for the first
             optimizer (the second and later always are).
         histogram_bins: buckets per histogram.
+        guard: detectors, their actions and a clipping policy (default: warn on every kind,
+            no clipping).
     """
 
     def __init__(
@@ -114,6 +121,7 @@ class TorchEngine:
         track_update_ratio: bool = False,
         label_optimizers: bool = False,
         histogram_bins: int = 30,
+        guard: Guard | None = None,
     ) -> None:
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         self.params = [p for _, p in named]
@@ -126,6 +134,9 @@ class TorchEngine:
         self._optimizers: dict[int, _OptimizerState] = {}
         self._pending: list[_Pending] = []
         self._restored_calls: list[int] = []
+        self._restored_guards: list[dict] = []
+        self.guard = TorchGuard(guard or Guard(), self.grouping)
+        self.skipped: list[int] = []  # steps dropped by a "skip" action
 
     # -- the two calls ---------------------------------------------------------------------
 
@@ -141,9 +152,19 @@ class TorchEngine:
         reducer = ShardReducer.for_tensors(grads)
         local_grads = [local(g) for g in grads]
         norms = reducer.norms(torch.stack(_float_norms(local_grads, 2.0)))
+        total = global_norm(norms)
         if state.summary is None:
-            state.summary = init_summary(norms)
-        state.summary = update_summary(state.summary, global_norm(norms))
+            state.summary, state.guard = init_summary(norms), self.guard.start(norms)
+            if state.index < len(self._restored_guards):
+                self.guard.load_state_dict(state.guard, self._restored_guards[state.index])
+        state.summary = update_summary(state.summary, total)
+        number = count if step is None else step
+        local_params = [local(p).detach() for p in params]
+        assert state.guard is not None
+        if self.guard.step(state.guard, indices, local_params, local_grads, norms, total, number):
+            self.skipped.append(number)
+            for p in params:
+                p.grad = None  # the optimizer leaves these parameters and their state alone
         logs, histograms = self.cadence.logs(count), self.cadence.histograms(count)
         if logs or histograms:
             pending = self._measure(state, indices, params, local_grads, norms, reducer, logs)
@@ -164,12 +185,17 @@ class TorchEngine:
 
     # -- state -------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, list[int]]:
+    def state_dict(self) -> dict[str, list]:
+        """Plain lists: step counts and, per optimizer, the clipping and detector state."""
         ordered = sorted(self._optimizers.values(), key=lambda s: s.index)
-        return {"optimizer_steps": [s.calls for s in ordered]}
+        return {
+            "optimizer_steps": [s.calls for s in ordered],
+            "guards": [self.guard.state_dict(s.guard) for s in ordered if s.guard is not None],
+        }
 
-    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+    def load_state_dict(self, state: dict[str, list]) -> None:
         self._restored_calls = list(state.get("optimizer_steps", []))
+        self._restored_guards = list(state.get("guards", []))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -216,7 +242,15 @@ class TorchEngine:
                 torch.stack([state.summary.max_global_norm, state.summary.nonfinite_steps]),
             ]
             state.summary = init_summary(state.summary.max_global_norm)
-        return _Pending(0, state, indices, logs, parts, grads, reducer)
+        pending = _Pending(0, state, indices, logs, parts, grads, reducer)
+        clip = None
+        if logs and state.guard is not None and self.guard.guard.policy is not None:
+            clipped = reducer.norms(torch.stack(_float_norms(grads, 2.0)))  # after clipping
+            clip = self.guard.clip_values(state.guard, global_norm(clipped))
+        if clip is not None:
+            pending.clipped = True
+            parts.append(clip)
+        return pending
 
     def _nonfinite(
         self, grads: list[torch.Tensor], norms: np.ndarray, reducer: ShardReducer
@@ -276,6 +310,7 @@ class TorchEngine:
         histograms = {}
         if pending.logs:
             grad_norm, max_abs, param_norm, summary = next(host), next(host), next(host), next(host)
+            clip = next(host) if pending.clipped else None
         if pending.histogram_groups:
             width = self.histogram_bins + 4
             rows = next(host).reshape(-1, width)
@@ -294,15 +329,35 @@ class TorchEngine:
             update_norm=None if pending.snapshot is None else self._scatter(indices, next(host)),
         )
         index = pending.optimizer.index
-        return build_record(
+        optimizer = index if (index > 0 or self.label_optimizers) else None
+        record = build_record(
             pending.step,
             self.grouping,
             stats,
             max_global_norm=float(summary[0]),
             nonfinite_steps=float(summary[1]),
             histograms=histograms,
-            optimizer=index if (index > 0 or self.label_optimizers) else None,
+            optimizer=optimizer,
         )
+        if clip is not None:
+            record.scalars[keys.clip_tag(keys.THRESHOLD, optimizer)] = float(clip[0])
+            record.scalars[keys.clip_tag(keys.COEFFICIENT, optimizer)] = float(clip[1])
+            record.scalars[keys.total_tag(keys.CLIPPED, optimizer)] = float(clip[2])
+        assert pending.optimizer.guard is not None
+        record.events = self.guard.drain(pending.optimizer.guard)
+        if record.events:
+            record.texts[keys.EVENTS] = events_markdown(record.events)
+        return record
+
+    def should_stop(self) -> bool:
+        """Whether a ``"stop"`` action fired (read one step late on a GPU, at once on a CPU)."""
+        runs = [s.guard for s in self._optimizers.values() if s.guard is not None]
+        return any([self.guard.should_stop(run) for run in runs])
+
+    def drain_events(self) -> list[dict]:
+        """Detections not yet reported by a logging step (read now: one small host copy)."""
+        runs = [s.guard for s in self._optimizers.values() if s.guard is not None]
+        return [event for run in runs for event in self.guard.drain(run)]
 
 
 def _split(flat: torch.Tensor, parts: list[torch.Tensor]) -> list[np.ndarray]:

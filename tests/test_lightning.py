@@ -139,7 +139,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     assert first[0][1] == pytest.approx(expected["net.0"], rel=1e-5)
     tail = (expected["net.2"] ** 2 + expected["net.4"] ** 2) ** 0.5
     assert second[0][1] == pytest.approx(tail, rel=1e-5)
-    assert watch.state_dict() == {"optimizer_steps": [4, 4]}
+    assert watch.state_dict()["optimizer_steps"] == [4, 4]
 
 
 @pytest.mark.parametrize(
@@ -168,12 +168,12 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
     path = tmp_path / "six.ckpt"
     first.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["callbacks"][watch.state_key] == {"optimizer_steps": [6]}
+    assert checkpoint["callbacks"][watch.state_key]["optimizer_steps"] == [6]
 
     resumed = GradWatch(log_every_n_steps=4)
     second = trainer(tmp_path / "resumed", callbacks=[resumed], max_steps=10, logger=False)
     second.fit(Regressor(lr=0.01), loader(), ckpt_path=path)
-    assert resumed.state_dict() == {"optimizer_steps": [10]}
+    assert resumed.state_dict()["optimizer_steps"] == [10]
     events = read_events(event_files(tmp_path / "resumed")[0])
     assert [s for s, _ in logged(events, "grad_norm/net.0")] == [7]  # the cadence continued
 

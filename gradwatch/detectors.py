@@ -1,0 +1,232 @@
+"""Detectors of non-finite, exploding and vanishing gradients: pure ``init``/``update`` pairs.
+
+Like the policies, a detector is an immutable configuration with ``init(like, groups)`` and
+``update(stats, state) -> (Verdict, state)``, array code with no Python branching on values and
+no host reads. A verdict flags the global norm (``flag[0]``) and each group (``flag[1:]``).
+
+Verdicts are taken every step on the device; the host reads them only now and then. So that a
+detection between two reads is not lost, :func:`latch` keeps, per entry, whether it fired since
+the last read, at which step first, and the value and threshold then.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+__all__ = [
+    "DetectStats",
+    "Explosion",
+    "Latch",
+    "NonFinite",
+    "Vanishing",
+    "Verdict",
+    "latch",
+    "new_latch",
+]
+
+Array = Any
+_TINY = 1e-30
+
+
+class DetectStats(NamedTuple):
+    """One step's norms: the global norm (scalar) and the per-group norms (``[groups]``)."""
+
+    global_norm: Array
+    group_norms: Array
+
+
+class Verdict(NamedTuple):
+    """Per entry (``[1 + groups]``: the global norm, then each group): fired?, value, bound."""
+
+    flag: Array
+    value: Array
+    threshold: Array
+
+
+def _entries(stats: DetectStats) -> Array:
+    xp = array_namespace(stats.group_norms)
+    return xp.concat([xp.reshape(stats.global_norm, (1,)), stats.group_norms])
+
+
+def _zeros(like: Array, size: int) -> Array:
+    xp = array_namespace(like)
+    return xp.zeros((size,), dtype=like.dtype, device=getattr(like, "device", None))
+
+
+class NoState(NamedTuple):
+    """State of a detector that keeps none."""
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """Flags a step whose gradient holds NaN or Inf (its global norm is then not finite)."""
+
+    def init(self, like: Array, groups: int) -> NoState:
+        return NoState()
+
+    def update(self, stats: DetectStats, state: NoState) -> tuple[Verdict, NoState]:
+        xp = array_namespace(stats.group_norms)
+        values = _entries(stats)
+        flag = ~xp.isfinite(values)
+        return Verdict(flag, values, xp.full_like(values, math.inf)), state
+
+
+class ExplosionState(NamedTuple):
+    log_mean: Array  # [1 + groups] running mean of log norms (plain during warm-up, then EMA)
+    count: Array  # [1 + groups] finite, non-spike norms seen
+
+
+@dataclass(frozen=True)
+class Explosion:
+    """Flags a norm far above its own recent typical value, or above an absolute ceiling.
+
+    Rule: after ``warmup_steps`` norms, an entry (the global norm, or a group's norm) fires
+    when ``norm > factor * exp(m)``, where ``m`` is an exponential moving average (weight
+    ``beta``) of its log norm; or when ``norm > max_norm`` if that is set (from step 0).
+
+    Why this rule: gradient norms vary multiplicatively and drift over orders of magnitude
+    during training (schedules, loss decreasing), so the baseline is taken on log norms: ``exp(m)``
+    is a running geometric mean, unmoved by the occasional large value that would drag an
+    arithmetic mean, and a fixed ``factor`` (10x) means the same thing at any scale. Spikes do
+    not update the baseline, so an explosion cannot teach the detector that it is normal;
+    ``beta=0.98`` (a memory of ~50 steps) still follows real drift. The warm-up skips the first
+    steps, whose norms are often unrepresentative.
+    """
+
+    factor: float = 10.0
+    warmup_steps: int = 20
+    beta: float = 0.98
+    max_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not _number(self.factor) or not self.factor > 1:
+            raise ValueError(f"`factor` must be a number > 1. Received: factor={self.factor!r}")
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or (self.warmup_steps < 1)
+        ):
+            raise ValueError(
+                f"`warmup_steps` must be an int >= 1. Received: warmup_steps={self.warmup_steps!r}"
+            )
+        if not _number(self.beta) or not 0 < self.beta < 1:
+            raise ValueError(f"`beta` must be in (0, 1). Received: beta={self.beta!r}")
+        if self.max_norm is not None and (not _number(self.max_norm) or not self.max_norm > 0):
+            raise ValueError(
+                "`max_norm` must be None or a positive number. "
+                f"Received: max_norm={self.max_norm!r}"
+            )
+
+    def init(self, like: Array, groups: int) -> ExplosionState:
+        return ExplosionState(_zeros(like, 1 + groups), _zeros(like, 1 + groups))
+
+    def update(self, stats: DetectStats, state: ExplosionState) -> tuple[Verdict, ExplosionState]:
+        values = _entries(stats)
+        xp = array_namespace(values)
+        finite = xp.isfinite(values)
+        log_value = xp.log(xp.maximum(xp.where(finite, values, 1.0), _TINY))
+        warm = state.count >= self.warmup_steps
+        relative = xp.where(warm, xp.exp(state.log_mean) * self.factor, math.inf)
+        ceiling = math.inf if self.max_norm is None else self.max_norm
+        threshold = xp.minimum(relative, ceiling)
+        flag = finite & (values > threshold)
+        learn = finite & ~flag
+        count = state.count + xp.astype(learn, state.count.dtype)
+        plain = state.log_mean + (log_value - state.log_mean) / xp.maximum(count, 1.0)
+        moving = self.beta * state.log_mean + (1 - self.beta) * log_value
+        log_mean = xp.where(learn, xp.where(warm, moving, plain), state.log_mean)
+        return Verdict(flag, values, threshold), ExplosionState(log_mean, count)
+
+
+class VanishingState(NamedTuple):
+    below: Array  # [1 + groups] consecutive steps below the bound
+
+
+@dataclass(frozen=True)
+class Vanishing:
+    """Flags a group whose gradient stays tiny for ``patience`` consecutive steps.
+
+    A group is below the bound when its norm is under ``floor``, or under ``ratio`` times the
+    largest group norm of the step (its layers learn ``1/ratio`` times slower than the fastest),
+    or exactly zero. It fires once, on the step the run of such steps reaches ``patience``,
+    and can fire again only after it has recovered. The global entry (``flag[0]``) fires when
+    the whole gradient is below ``floor``.
+    """
+
+    floor: float = 1e-10
+    ratio: float = 1e-4
+    patience: int = 10
+
+    def __post_init__(self) -> None:
+        if not _number(self.floor) or self.floor < 0:
+            raise ValueError(f"`floor` must be a number >= 0. Received: floor={self.floor!r}")
+        if not _number(self.ratio) or not 0 <= self.ratio < 1:
+            raise ValueError(f"`ratio` must be in [0, 1). Received: ratio={self.ratio!r}")
+        if (
+            isinstance(self.patience, bool)
+            or not isinstance(self.patience, int)
+            or (self.patience < 1)
+        ):
+            raise ValueError(
+                f"`patience` must be an int >= 1. Received: patience={self.patience!r}"
+            )
+
+    def init(self, like: Array, groups: int) -> VanishingState:
+        return VanishingState(_zeros(like, 1 + groups))
+
+    def update(self, stats: DetectStats, state: VanishingState) -> tuple[Verdict, VanishingState]:
+        values = _entries(stats)
+        xp = array_namespace(values)
+        groups = stats.group_norms
+        largest = xp.max(xp.where(xp.isfinite(groups), groups, 0.0))
+        relative = xp.concat(
+            [
+                xp.zeros((1,), dtype=values.dtype, device=getattr(values, "device", None)),
+                self.ratio * largest + 0 * groups,
+            ]
+        )
+        threshold = xp.maximum(relative, self.floor)
+        below = xp.isfinite(values) & ((values < threshold) | (values == 0))
+        run = xp.where(below, state.below + 1.0, 0.0)
+        flag = run == float(self.patience)
+        return Verdict(flag, values, threshold), VanishingState(run)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Latch(NamedTuple):
+    """Per entry, since the last host read: fired?, first step it did, value and bound then."""
+
+    fired: Array
+    step: Array
+    value: Array
+    threshold: Array
+
+
+def new_latch(like: Array, entries: int) -> Latch:
+    xp = array_namespace(like)
+    zeros = _zeros(like, entries)
+    return Latch(
+        xp.zeros((entries,), dtype=xp.bool, device=getattr(like, "device", None)),
+        zeros,
+        zeros,
+        zeros,
+    )
+
+
+def latch(state: Latch, verdict: Verdict, step: Array) -> Latch:
+    """Keep the first firing of each entry since the last read (the read resets the latch)."""
+    xp = array_namespace(verdict.value)
+    first = verdict.flag & ~state.fired
+    return Latch(
+        fired=state.fired | verdict.flag,
+        step=xp.where(first, step, state.step),
+        value=xp.where(first, verdict.value, state.value),
+        threshold=xp.where(first, verdict.threshold, state.threshold),
+    )

@@ -1,0 +1,165 @@
+"""One step's decision: detectors, the actions configured for them, and the clipping policy.
+
+:meth:`Guard.update` is pure array code like the policies and detectors it combines, so every
+adapter runs the same decision on its own tensors: numpy in tests, torch on a GPU with no host
+synchronisation, keras.ops inside a compiled train step. The host reads a decision only where it
+must act on it: every step for ``"skip"``, and at the logging cadence (or with a lag) for
+``"stop"`` and for the events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+from gradwatch.detectors import (
+    DetectStats,
+    Explosion,
+    Latch,
+    NonFinite,
+    Vanishing,
+    latch,
+    new_latch,
+)
+from gradwatch.policies import Clip, ClipStats, Policy
+
+__all__ = ["ACTIONS", "Decision", "Guard", "GuardState", "check_action", "events_markdown"]
+
+Array = Any
+
+ACTIONS = ("warn", "skip", "stop", "ignore")
+KINDS = ("nonfinite", "explosion", "vanishing")
+_ALLOWED = {"nonfinite": ACTIONS, "explosion": ACTIONS, "vanishing": ("warn", "stop", "ignore")}
+
+
+def check_action(kind: str, action: object) -> str:
+    """Validate ``on_<kind>=``; skipping a step does not cure vanishing, so it is refused."""
+    allowed = _ALLOWED[kind]
+    if action not in allowed:
+        names = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"`on_{kind}` must be one of {names}. Received: on_{kind}={action!r}")
+    return action  # type: ignore[return-value]
+
+
+class Decision(NamedTuple):
+    """What to do with this step's gradients.
+
+    Attributes:
+        clip: the policy's decision, or None without a policy.
+        skip: scalar bool: drop this optimizer step (a ``"skip"`` detector fired).
+        stop: scalar bool: end training (a ``"stop"`` detector fired).
+    """
+
+    clip: Clip | None
+    skip: Array
+    stop: Array
+
+
+class GuardState(NamedTuple):
+    policy: Any
+    detectors: tuple[Any, ...]
+    latches: tuple[Latch, ...]
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Detectors with their actions, and an optional clipping policy, for one optimizer.
+
+    Kinds whose action is ``"ignore"`` are not evaluated at all.
+    """
+
+    policy: Policy | None = None
+    on_nonfinite: str = "warn"
+    on_explosion: str = "warn"
+    on_vanishing: str = "warn"
+    explosion: Explosion = field(default_factory=Explosion)
+    vanishing: Vanishing = field(default_factory=Vanishing)
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            check_action(kind, getattr(self, f"on_{kind}"))
+        if not isinstance(self.explosion, Explosion):
+            raise TypeError(f"`explosion` must be an Explosion. Received: {self.explosion!r}")
+        if not isinstance(self.vanishing, Vanishing):
+            raise TypeError(f"`vanishing` must be a Vanishing. Received: {self.vanishing!r}")
+
+    @property
+    def active(self) -> tuple[tuple[str, Any, str], ...]:
+        """``(kind, detector, action)`` of every kind not ignored, in a fixed order."""
+        detectors = {
+            "nonfinite": NonFinite(),
+            "explosion": self.explosion,
+            "vanishing": self.vanishing,
+        }
+        actions = {k: getattr(self, f"on_{k}") for k in KINDS}
+        return tuple((k, detectors[k], actions[k]) for k in KINDS if actions[k] != "ignore")
+
+    @property
+    def reads_every_step(self) -> bool:
+        """Whether an action needs the host to know this step's verdict before the step."""
+        return any(action == "skip" for _, _, action in self.active)
+
+    def init(self, like: Array, groups: int) -> GuardState:
+        return GuardState(
+            policy=None if self.policy is None else self.policy.init(like),
+            detectors=tuple(d.init(like, groups) for _, d, _ in self.active),
+            latches=tuple(new_latch(like, 1 + groups) for _ in self.active),
+        )
+
+    def update(
+        self, stats: DetectStats, clip_stats: ClipStats, state: GuardState, step: Array
+    ) -> tuple[Decision, GuardState]:
+        xp = array_namespace(stats.global_norm)
+        false = xp.zeros_like(stats.global_norm) != 0
+        skip, stop = false, false
+        detector_states, latches = [], []
+        for (kind, detector, action), d_state, l_state in zip(
+            self.active, state.detectors, state.latches, strict=True
+        ):
+            verdict, d_state = detector.update(stats, d_state)
+            # Group spikes are reported; only the whole gradient's norm acts (a small group's
+            # norm may jump tenfold harmlessly; a NaN anywhere makes the global norm NaN too).
+            fired = xp.any(verdict.flag) if kind == "vanishing" else verdict.flag[0]
+            skip = skip | (fired & (action == "skip"))
+            stop = stop | (fired & (action == "stop"))
+            detector_states.append(d_state)
+            latches.append(latch(l_state, verdict, step))
+        clip, policy_state = None, state.policy
+        if self.policy is not None:
+            clip, policy_state = self.policy.update(clip_stats, state.policy)
+        decision = Decision(clip, skip, stop)
+        return decision, GuardState(policy_state, tuple(detector_states), tuple(latches))
+
+    def events(self, latches: tuple[Latch, ...], groups: tuple[str, ...]) -> list[dict]:
+        """The detections in host copies of the latches, as plain records (step order)."""
+        found = []
+        for (kind, _, action), l_state in zip(self.active, latches, strict=True):
+            for entry, fired in enumerate(l_state.fired):
+                if fired:
+                    found.append(
+                        {
+                            "step": int(l_state.step[entry]),
+                            "kind": kind,
+                            "group": "global" if entry == 0 else groups[entry - 1],
+                            "value": float(l_state.value[entry]),
+                            "threshold": float(l_state.threshold[entry]),
+                            "action": action,
+                        }
+                    )
+        return sorted(found, key=lambda e: (e["step"], e["kind"], e["group"]))
+
+
+def events_markdown(events: list[dict]) -> str:
+    """Detections as a Markdown table (TensorBoard's text dashboard renders it)."""
+    lines = [
+        "| step | kind | group | value | threshold | action |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {e['step']} | {e['kind']} | `{e['group']}` | {e['value']:.4g} | {e['threshold']:.4g}"
+        f" | {e['action']} |"
+        for e in events
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""Clipping policies: immutable configuration, and pure ``init``/``update`` array functions.
+
+Each policy is a frozen dataclass. ``init(like)`` returns its state (a small NamedTuple of arrays
+on the device of ``like``); ``update(stats, state)`` returns a :class:`Clip` decision and the new
+state. ``update`` never branches in Python on array values and never reads an array on the host,
+so the same code runs on numpy in tests, on torch tensors on a GPU without synchronising, and
+inside a compiled train step. Adapters apply the decision with their framework's own tensors:
+
+* ``Clip.scale`` multiplies every gradient (a scalar) or every unit (a ``[units]`` vector, AGC);
+* ``Clip.value``, when not ``None``, bounds every gradient element to ``[-value, value]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+__all__ = [
+    "AGC",
+    "AutoClip",
+    "Clip",
+    "ClipByNorm",
+    "ClipByValue",
+    "ClipStats",
+    "Policy",
+    "ZClip",
+    "as_policy",
+]
+
+Array = Any
+_TINY = 1e-12
+
+
+class ClipStats(NamedTuple):
+    """What a policy may look at: the global gradient norm, and for AGC the unit norms."""
+
+    global_norm: Array
+    unit_grad_norms: Array | None = None
+    unit_param_norms: Array | None = None
+
+
+class Clip(NamedTuple):
+    """A clipping decision.
+
+    Attributes:
+        scale: multiplier for the gradients: a scalar, or one per unit (AGC); 1 leaves them.
+        threshold: the bound the norm was held to (for logging), a scalar.
+        value: for element-wise clipping, the bound on each element's magnitude; else None.
+    """
+
+    scale: Array
+    threshold: Array
+    value: Array | None = None
+
+
+class EmptyState(NamedTuple):
+    """State of a policy that keeps none."""
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive finite number. Received: {name}={value!r}")
+    return float(value)
+
+
+def _count(name: str, value: object, smallest: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+        raise ValueError(f"`{name}` must be an int >= {smallest}. Received: {name}={value!r}")
+    return value
+
+
+def _scale_to(xp: Any, norm: Array, threshold: Array) -> Array:
+    """``min(1, threshold / norm)``; 1 where the norm is not finite (that is not clipping's job)."""
+    scale = xp.minimum(threshold / xp.maximum(norm, _TINY), 1.0)
+    return xp.where(xp.isfinite(norm), scale, xp.ones_like(scale))
+
+
+def _scalar(like: Array, value: float) -> Array:
+    xp = array_namespace(like)
+    return xp.full((), value, dtype=like.dtype, device=getattr(like, "device", None))
+
+
+@dataclass(frozen=True)
+class ClipByNorm:
+    """Global-norm clipping: scale all gradients by ``min(1, max_norm / ||g||)``.
+
+    The same rule as ``torch.nn.utils.clip_grad_norm_`` and Keras' ``global_clipnorm``; Pascanu
+    et al., "On the difficulty of training recurrent neural networks", ICML 2013.
+
+    Example:
+        >>> import numpy as np
+        >>> policy = ClipByNorm(1.0)
+        >>> clip, _ = policy.update(ClipStats(np.float32(4.0)), policy.init(np.zeros(())))
+        >>> float(clip.scale)
+        0.25
+    """
+
+    max_norm: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_norm", _positive("max_norm", self.max_norm))
+
+    def init(self, like: Array) -> EmptyState:
+        return EmptyState()
+
+    def update(self, stats: ClipStats, state: EmptyState) -> tuple[Clip, EmptyState]:
+        xp = array_namespace(stats.global_norm)
+        threshold = _scalar(stats.global_norm, self.max_norm)
+        return Clip(_scale_to(xp, stats.global_norm, threshold), threshold), state
+
+
+@dataclass(frozen=True)
+class ClipByValue:
+    """Element-wise clipping of every gradient value to ``[-max_value, max_value]``.
+
+    As ``torch.nn.utils.clip_grad_value_`` and Keras' ``clipvalue``. The scale is 1: the bound
+    is applied per element by the adapter.
+    """
+
+    max_value: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_value", _positive("max_value", self.max_value))
+
+    def init(self, like: Array) -> EmptyState:
+        return EmptyState()
+
+    def update(self, stats: ClipStats, state: EmptyState) -> tuple[Clip, EmptyState]:
+        xp = array_namespace(stats.global_norm)
+        value = _scalar(stats.global_norm, self.max_value)
+        return Clip(xp.ones_like(stats.global_norm), value, value=value), state
+
+
+class AutoClipState(NamedTuple):
+    history: Array  # [history] norms seen, oldest overwritten first; +inf marks an empty slot
+    count: Array  # how many finite norms have been seen (scalar)
+
+
+@dataclass(frozen=True)
+class AutoClip:
+    """AutoClip: clip to the ``percentile``-th percentile of the global norms seen so far.
+
+    Seetharaman et al., "AutoClip: Adaptive Gradient Clipping for Source Separation Networks",
+    MLSP 2020. The current norm joins the history before the threshold is taken (as in the
+    paper); non-finite norms never join it. The history keeps the last ``history`` norms
+    (the paper keeps all; a bound keeps memory and the percentile's cost fixed). The
+    percentile is numpy's default (linear interpolation).
+
+    Example:
+        >>> import numpy as np
+        >>> policy, state = AutoClip(percentile=50.0, history=8), None
+        >>> state = policy.init(np.zeros((), dtype=np.float64))
+        >>> for norm in [1.0, 2.0, 3.0, 100.0]:
+        ...     clip, state = policy.update(ClipStats(np.float64(norm)), state)
+        >>> float(clip.threshold), bool(clip.threshold == np.percentile([1, 2, 3, 100], 50))
+        (2.5, True)
+    """
+
+    percentile: float = 10.0
+    history: int = 1000
+
+    def __post_init__(self) -> None:
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:
+            raise ValueError(f"`percentile` must be in (0, 100]. Received: percentile={p!r}")
+        object.__setattr__(self, "percentile", float(p))
+        _count("history", self.history, 1)
+
+    def init(self, like: Array) -> AutoClipState:
+        xp = array_namespace(like)
+        device = getattr(like, "device", None)
+        history = xp.full((self.history,), math.inf, dtype=like.dtype, device=device)
+        return AutoClipState(history, xp.zeros((), dtype=like.dtype, device=device))
+
+    def update(self, stats: ClipStats, state: AutoClipState) -> tuple[Clip, AutoClipState]:
+        norm = stats.global_norm
+        xp = array_namespace(norm)
+        finite = xp.isfinite(norm)
+        slots = xp.arange(self.history, device=getattr(norm, "device", None))
+        position = xp.astype(state.count % self.history, slots.dtype)
+        history = xp.where((slots == position) & finite, norm, state.history)
+        count = state.count + xp.astype(finite, state.count.dtype)
+        threshold = _percentile(
+            xp, history, xp.minimum(count, float(self.history)), self.percentile
+        )
+        threshold = xp.where(count > 0, threshold, xp.full_like(norm, math.inf))
+        return Clip(_scale_to(xp, norm, threshold), threshold), AutoClipState(history, count)
+
+
+def _percentile(xp: Any, values: Array, n: Array, percentile: float) -> Array:
+    """numpy's linear-interpolation percentile of the ``n`` finite entries of ``values``."""
+    ordered = xp.sort(values)  # +inf (empty slots) sort last
+    rank = xp.maximum(n - 1.0, 0.0) * (percentile / 100.0)
+    below = xp.floor(rank)
+    above = xp.minimum(below + 1.0, xp.maximum(n - 1.0, 0.0))
+    low = xp.take(ordered, xp.reshape(xp.astype(below, xp.int64), (1,)))[0]
+    high = xp.take(ordered, xp.reshape(xp.astype(above, xp.int64), (1,)))[0]
+    return low + (high - low) * (rank - below)
+
+
+class ZClipState(NamedTuple):
+    mean: Array  # EMA of the (clipped) global norm
+    variance: Array  # EMA of its squared deviation
+    count: Array  # finite norms seen
+
+
+@dataclass(frozen=True)
+class ZClip:
+    """ZClip: clip norms whose z-score against running statistics exceeds ``z_threshold``.
+
+    Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", 2025. The global
+    norm's mean ``m`` and variance ``v`` are exponential moving averages (weight ``alpha`` on
+    the past). With ``z = (||g|| - m) / sqrt(v)``, a norm with ``z > z_threshold`` is clipped
+    to ``m + z_threshold * sqrt(v)``, and the statistics are then updated with the *clipped*
+    norm so one spike does not inflate them. During the first ``warmup_steps`` finite norms
+    nothing is clipped; their plain mean and variance seed the averages.
+
+    The defaults are the paper's: ``alpha=0.97`` (an effective window of ~33 steps, long
+    enough to average out batch noise and short enough to follow learning-rate schedules),
+    ``z_threshold=2.5`` (norms rarely exceed it by chance, spikes far exceed it), and a
+    25-step warm-up (enough samples for a usable first variance).
+    """
+
+    alpha: float = 0.97
+    z_threshold: float = 2.5
+    warmup_steps: int = 25
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
+            raise ValueError(f"`alpha` must be in (0, 1). Received: alpha={a!r}")
+        _positive("z_threshold", self.z_threshold)
+        _count("warmup_steps", self.warmup_steps, 1)
+        _positive("eps", self.eps)
+
+    def init(self, like: Array) -> ZClipState:
+        zero = _scalar(like, 0.0)
+        return ZClipState(zero, zero, zero)
+
+    def update(self, stats: ClipStats, state: ZClipState) -> tuple[Clip, ZClipState]:
+        norm = stats.global_norm
+        xp = array_namespace(norm)
+        finite = xp.isfinite(norm)
+        safe = xp.where(finite, norm, xp.zeros_like(norm))
+        warming = state.count < self.warmup_steps
+        std = xp.sqrt(state.variance)
+        threshold = xp.where(
+            warming, xp.full_like(norm, math.inf), state.mean + self.z_threshold * std
+        )
+        z = (safe - state.mean) / (std + self.eps)
+        clipped = xp.where(~warming & (z > self.z_threshold), threshold, safe)
+        # Warm-up: running mean and variance (Welford); afterwards: exponential averages.
+        count = state.count + 1.0
+        delta = clipped - state.mean
+        warm_mean = state.mean + delta / count
+        warm_variance = state.variance + (delta * (clipped - warm_mean) - state.variance) / count
+        ema_mean = self.alpha * state.mean + (1 - self.alpha) * clipped
+        ema_variance = self.alpha * state.variance + (1 - self.alpha) * (clipped - ema_mean) ** 2
+        new = ZClipState(
+            mean=xp.where(finite, xp.where(warming, warm_mean, ema_mean), state.mean),
+            variance=xp.where(
+                finite, xp.where(warming, warm_variance, ema_variance), state.variance
+            ),
+            count=xp.where(finite, count, state.count),
+        )
+        return Clip(_scale_to(xp, norm, threshold), threshold), new
+
+
+@dataclass(frozen=True)
+class AGC:
+    """Unit-wise adaptive gradient clipping (AGC).
+
+    Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization",
+    ICML 2021. Each unit's gradient norm is capped at ``clipping * max(||w_unit||, eps)``. A
+    unit is one output unit: a slice along the first dimension of a weight (a row of a Linear
+    weight, an output channel of a Conv kernel); a vector or scalar parameter is one unit. The
+    paper leaves the final classifier layer unclipped; group it out with your own code if you
+    follow it.
+
+    Example:
+        >>> import numpy as np
+        >>> stats = ClipStats(np.float32(5.0), np.array([1.0, 0.001]), np.array([10.0, 10.0]))
+        >>> clip, _ = AGC(clipping=0.01).update(stats, None)
+        >>> clip.scale.tolist()
+        [0.1, 1.0]
+    """
+
+    clipping: float = 0.01
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _positive("clipping", self.clipping)
+        _positive("eps", self.eps)
+
+    def init(self, like: Array) -> EmptyState:
+        return EmptyState()
+
+    def update(self, stats: ClipStats, state: EmptyState) -> tuple[Clip, EmptyState]:
+        if stats.unit_grad_norms is None or stats.unit_param_norms is None:
+            raise ValueError("AGC needs `unit_grad_norms` and `unit_param_norms` in its stats.")
+        xp = array_namespace(stats.unit_grad_norms)
+        limit = self.clipping * xp.maximum(stats.unit_param_norms, self.eps)
+        scale = _scale_to(xp, stats.unit_grad_norms, limit)
+        return Clip(scale, _scalar(stats.global_norm, self.clipping)), state
+
+
+Policy = ClipByNorm | ClipByValue | AutoClip | ZClip | AGC
+POLICIES = (ClipByNorm, ClipByValue, AutoClip, ZClip, AGC)
+
+
+def as_policy(clip: object) -> Policy | None:
+    """The ``clip=`` argument of the callbacks: a policy, a float (``ClipByNorm``), or None."""
+    if clip is None or isinstance(clip, POLICIES):
+        return clip  # type: ignore[return-value]
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        return ClipByNorm(float(clip))
+    names = ", ".join(p.__name__ for p in POLICIES)
+    raise TypeError(
+        f"`clip` must be None, a float (max global norm), or one of {names}."
+        f" Received: clip={clip!r}"
+    )

@@ -1,0 +1,194 @@
+"""Clipping policies: one contract for all, then each policy's mathematical property."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradwatch.policies import (
+    AGC,
+    AutoClip,
+    ClipByNorm,
+    ClipByValue,
+    ClipStats,
+    ZClip,
+    as_policy,
+)
+
+POLICIES = [
+    ClipByNorm(1.0),
+    ClipByValue(0.5),
+    AutoClip(percentile=25.0, history=16),
+    ZClip(warmup_steps=5),
+    AGC(clipping=0.05),
+]
+IDS = [type(p).__name__ for p in POLICIES]
+
+
+def norm_series(seed: int = 0, steps: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    norms = np.abs(rng.normal(1.0, 0.3, steps)).astype(np.float32)
+    norms[25] = 40.0  # a spike
+    norms[30] = np.nan  # a non-finite step
+    return norms
+
+
+def stats_at(norm, units: int = 4, xp=np):
+    unit = xp.asarray(np.linspace(0.1, 2.0, units, dtype=np.float32))
+    params = xp.asarray(np.full(units, 3.0, dtype=np.float32))
+    return ClipStats(xp.asarray(np.float32(norm)), unit * xp.asarray(np.float32(norm)), params)
+
+
+def run(policy, norms, xp=np):
+    state = policy.init(xp.asarray(np.zeros((), np.float32)))
+    decisions = []
+    for norm in norms:
+        clip, state = policy.update(stats_at(norm, xp=xp), state)
+        decisions.append(clip)
+    return decisions, state
+
+
+# -- the contract ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_update_is_pure_and_deterministic(policy):
+    state = policy.init(np.zeros((), np.float32))
+    for norm in norm_series()[:10]:
+        _, state = policy.update(stats_at(norm), state)
+    frozen = [np.copy(s) for s in state]
+    first, state_a = policy.update(stats_at(2.0), state)
+    second, state_b = policy.update(stats_at(2.0), state)
+    assert all(np.array_equal(a, b) for a, b in zip(frozen, state, strict=True))  # not mutated
+    assert np.array_equal(first.scale, second.scale)
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(state_a, state_b, strict=True))
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_state_survives_a_round_trip_through_plain_lists(policy):
+    norms = norm_series()
+    _, state = run(policy, norms[:20])
+    saved = [np.asarray(s).tolist() for s in state]  # what a checkpoint keeps
+    restored = type(state)(*(np.asarray(s, dtype=np.float32) for s in saved))
+    for norm in norms[20:]:
+        a, state = policy.update(stats_at(norm), state)
+        b, restored = policy.update(stats_at(norm), restored)
+        assert np.array_equal(a.scale, b.scale) and np.array_equal(a.threshold, b.threshold)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_init_resets(policy):
+    fresh = policy.init(np.zeros((), np.float32))
+    run(policy, norm_series(seed=1))  # a policy object holds no state of its own
+    again = policy.init(np.zeros((), np.float32))
+    assert all(np.array_equal(a, b) for a, b in zip(fresh, again, strict=True))
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_same_decisions_on_torch_tensors(policy):
+    torch = pytest.importorskip("torch")
+    norms = norm_series()
+    on_numpy, _ = run(policy, norms)
+    on_torch, _ = run(policy, norms, xp=torch)
+    for a, b in zip(on_numpy, on_torch, strict=True):
+        np.testing.assert_allclose(a.scale, b.scale.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(a.threshold, b.threshold.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_a_nonfinite_norm_is_left_to_the_detectors(policy):
+    decisions, _ = run(policy, norm_series())
+    assert np.all(decisions[30].scale == 1.0)
+
+
+# -- the properties --------------------------------------------------------------------------
+
+
+def test_clip_by_norm_brings_the_norm_to_the_limit_and_is_idempotent():
+    policy = ClipByNorm(2.0)
+    for norm in [0.5, 2.0, 7.0, 1e6]:
+        clip, _ = policy.update(ClipStats(np.float32(norm)), policy.init(np.zeros(())))
+        clipped = norm * float(clip.scale)
+        assert clipped == pytest.approx(min(norm, 2.0), rel=1e-6)
+        again, _ = policy.update(ClipStats(np.float32(clipped)), None)
+        assert float(again.scale) == pytest.approx(1.0)
+
+
+def test_clip_by_value_bounds_every_element():
+    clip, _ = ClipByValue(0.5).update(ClipStats(np.float32(3.0)), None)
+    grad = np.array([-2.0, 0.1, 0.7])
+    clipped = np.clip(grad, -clip.value, clip.value)
+    assert clipped.tolist() == [-0.5, 0.1, 0.5]
+    assert np.array_equal(np.clip(clipped, -clip.value, clip.value), clipped)  # twice = once
+
+
+def test_autoclip_threshold_is_numpys_percentile_of_the_history():
+    policy = AutoClip(percentile=10.0, history=12)
+    norms = norm_series(steps=40)
+    decisions, _ = run(policy, norms)
+    seen: list[float] = []
+    for norm, clip in zip(norms, decisions, strict=True):
+        if np.isfinite(norm):
+            seen.append(float(norm))
+        expected = np.percentile(seen[-12:], 10.0)
+        assert float(clip.threshold) == pytest.approx(expected, rel=1e-6)
+        if np.isfinite(norm):
+            assert norm * float(clip.scale) == pytest.approx(min(norm, expected), rel=1e-5)
+
+
+def test_zclip_clips_a_spike_to_mean_plus_z_std_and_not_during_warmup():
+    policy = ZClip(alpha=0.9, z_threshold=2.0, warmup_steps=10)
+    norms = np.full(30, 1.0, dtype=np.float32) + np.tile([0.1, -0.1], 15).astype(np.float32)
+    norms[20] = 50.0
+    decisions, _ = run(policy, norms)
+    assert all(float(d.scale) == 1.0 for d in decisions[:10])
+    state = policy.init(np.zeros((), np.float32))
+    for norm in norms[:20]:
+        _, state = policy.update(ClipStats(norm), state)
+    bound = float(state.mean + 2.0 * np.sqrt(state.variance))
+    assert 50.0 * float(decisions[20].scale) == pytest.approx(bound, rel=1e-5)
+    assert float(decisions[21].scale) == 1.0  # the spike did not inflate the statistics
+
+
+def test_agc_caps_every_unit():
+    rng = np.random.default_rng(3)
+    grads = rng.normal(size=(6, 4)) * np.array([[0.001], [0.01], [1.0], [5.0], [0.0], [2.0]])
+    params = rng.normal(size=(6, 4))
+    params[5] = 0.0  # a unit whose weights are zero: the cap is clipping * eps
+    policy = AGC(clipping=0.02, eps=1e-3)
+    unit_grads, unit_params = np.linalg.norm(grads, axis=1), np.linalg.norm(params, axis=1)
+    clip, _ = policy.update(ClipStats(np.linalg.norm(grads), unit_grads, unit_params), None)
+    clipped = grads * clip.scale[:, None]
+    caps = 0.02 * np.maximum(unit_params, 1e-3)
+    assert np.all(np.linalg.norm(clipped, axis=1) <= caps * (1 + 1e-6))
+    small = unit_grads <= caps
+    assert np.allclose(clipped[small], grads[small])  # units under their cap are untouched
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: AutoClip(percentile=-5.0),
+            r"`percentile` must be in \(0, 100\]. Received: percentile=-5.0",
+        ),
+        (lambda: AutoClip(history=0), r"`history` must be an int >= 1. Received: history=0"),
+        (lambda: ClipByNorm(0.0), r"`max_norm` must be a positive finite number. Received"),
+        (lambda: ClipByValue(float("inf")), r"`max_value` must be a positive finite number"),
+        (lambda: ZClip(alpha=1.0), r"`alpha` must be in \(0, 1\). Received: alpha=1.0"),
+        (lambda: AGC(clipping=-1), r"`clipping` must be a positive finite number"),
+    ],
+)
+def test_bad_configuration_is_rejected_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_clip_argument_shortcuts():
+    assert as_policy(None) is None
+    assert as_policy(1.5) == ClipByNorm(1.5)
+    assert as_policy(AutoClip()) == AutoClip()
+    with pytest.raises(TypeError, match=r"`clip` must be None, a float .* Received: clip='x'"):
+        as_policy("x")
+    with pytest.raises(TypeError):
+        ClipByNorm("1")  # type: ignore[arg-type]
