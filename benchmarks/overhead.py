@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gradwatch.integrations.lightning import GradWatch
+from gradwatch.policies import AutoClip, ClipByNorm
 
 LOG_EVERY_N_STEPS = 50
 
@@ -174,6 +175,16 @@ VARIANTS = {
     "gradwatch": Variant(CausalLM, lambda: [GradWatch()]),
     # Logs only at step 0 (in the warm-up): the cost of the steps between logging steps.
     "gradwatch_per_step": Variant(CausalLM, lambda: [GradWatch(log_every_n_steps=10**9)]),
+    # Clipping policies (issue 3): against clip_grad_norm_ alone.
+    "gradwatch_clip_norm": Variant(CausalLM, lambda: [GradWatch(clip=ClipByNorm(1.0))]),
+    "gradwatch_autoclip": Variant(CausalLM, lambda: [GradWatch(clip=AutoClip())]),
+    # "skip" reads the non-finite flag on the host every step: its honest cost.
+    "gradwatch_skip": Variant(CausalLM, lambda: [GradWatch(on_nonfinite="skip")]),
+    # Monitoring only: no detector runs (what the defaults cost before detection existed).
+    "gradwatch_monitor_only": Variant(
+        CausalLM,
+        lambda: [GradWatch(on_nonfinite="ignore", on_explosion="ignore", on_vanishing="ignore")],
+    ),
     # Logs every 5th step: magnifies the cost of a logging step ten times over the default.
     "gradwatch_log5": Variant(CausalLM, lambda: [GradWatch(log_every_n_steps=5)]),
     "lightning_grad_norm": Variant(CausalLMWithGradNorm, list),

@@ -186,7 +186,7 @@ class Vanishing:
         relative = xp.concat(
             [
                 xp.zeros((1,), dtype=values.dtype, device=getattr(values, "device", None)),
-                self.ratio * largest + 0 * groups,
+                self.ratio * largest * xp.ones_like(groups),
             ]
         )
         threshold = xp.maximum(relative, self.floor)
@@ -210,14 +210,12 @@ class Latch(NamedTuple):
 
 
 def new_latch(like: Array, entries: int) -> Latch:
+    """An empty latch; steps are int64 so that no step count is ever rounded."""
     xp = array_namespace(like)
     zeros = _zeros(like, entries)
-    return Latch(
-        xp.zeros((entries,), dtype=xp.bool, device=getattr(like, "device", None)),
-        zeros,
-        zeros,
-        zeros,
-    )
+    steps = xp.zeros((entries,), dtype=xp.int64, device=getattr(like, "device", None))
+    fired = xp.zeros((entries,), dtype=xp.bool, device=getattr(like, "device", None))
+    return Latch(fired, steps, zeros, zeros)
 
 
 def latch(state: Latch, verdict: Verdict, step: Array) -> Latch:

@@ -85,7 +85,7 @@ class TorchGuard:
     ) -> bool:
         """Decide for this step and apply the decision; return whether the step is skipped."""
         stats = DetectStats(global_norm, self._group_norms(run, indices, norms))
-        step_value = torch.full((), float(step), device=norms.device)
+        step_value = torch.full((), step, dtype=torch.int64, device=norms.device)
         decision, run.state = self.guard.update(
             stats, self._clip_stats(grads, params, global_norm), run.state, step_value
         )
@@ -131,7 +131,8 @@ class TorchGuard:
         if not run.state.latches:
             return []
         device_rows = [
-            torch.stack([s.fired.float(), s.step, s.value, s.threshold]) for s in run.state.latches
+            torch.stack([s.fired.double(), s.step.double(), s.value.double(), s.threshold.double()])
+            for s in run.state.latches
         ]
         host = torch.stack(device_rows).cpu().numpy()  # [detectors, 4, entries]
         latches = tuple(Latch(row[0] > 0, row[1], row[2], row[3]) for row in host)

@@ -21,6 +21,7 @@ import sys
 
 import lightning as L
 import torch
+from _records import as_json
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -128,24 +129,7 @@ class Probe(Callback):
             self.local_sizes[name] = _local(p.grad).numel()
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        records = [
-            {
-                "step": r.step,
-                "scalars": r.scalars,
-                "histograms": {
-                    tag: {
-                        "min": h.min,
-                        "max": h.max,
-                        "num": h.num,
-                        "sum": h.sum,
-                        "sum_squares": h.sum_squares,
-                        "counts": list(h.counts),
-                    }
-                    for tag, h in r.histograms.items()
-                },
-            }
-            for r in self.memory.records
-        ]
+        records = [as_json(r) for r in self.memory.records]
         result = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,

@@ -21,6 +21,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _records import as_json
 from torch import nn
 
 WORLD = 4
@@ -88,24 +89,7 @@ def run(rank: int, out: str, port: str) -> None:
         "placements": {n: str(tuple(p.grad.placements)) for n, p in named},
         "local_sizes": {n: p.grad.to_local().numel() for n, p in named},
         "gradients": gradients,
-        "records": [
-            {
-                "step": r.step,
-                "scalars": r.scalars,
-                "histograms": {
-                    tag: {
-                        "min": h.min,
-                        "max": h.max,
-                        "num": h.num,
-                        "sum": h.sum,
-                        "sum_squares": h.sum_squares,
-                        "counts": list(h.counts),
-                    }
-                    for tag, h in r.histograms.items()
-                },
-            }
-            for r in records
-        ],
+        "records": [as_json(r) for r in records],
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
