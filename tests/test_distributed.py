@@ -315,3 +315,18 @@ def test_reference_is_not_one_ranks_gradient():
     both = reference(0.0)[0]["grads"]["net.0.weight"].norm().item()
     assert len({round(n, 4) for n in [*norms, both]}) == 3
     assert np.isfinite(norms).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action", ["skip", "stop"])
+def test_ddp_ranks_take_the_same_decision_on_nonfinite_gradients(tmp_path, action):
+    # NaN in rank 1's loss at step 3 reaches both ranks through DDP's all-reduce.
+    rank0, rank1 = launch([str(SCRIPTS / "ddp_decisions.py"), action], tmp_path, timeout=120)
+    for key in ("skipped", "stopped_at", "global_step", "parameters", "events"):
+        assert rank0[key] == rank1[key], key
+    assert ["nonfinite", "global", action] in rank0["events"]
+    if action == "skip":
+        assert rank0["skipped"] == [3] and rank0["global_step"] == 6
+        assert all(np.isfinite(p).all() for p in rank0["parameters"])
+    else:
+        assert rank0["skipped"] == [] and rank0["global_step"] == rank0["stopped_at"] == 4
