@@ -9,6 +9,10 @@ over both data-parallel batches.
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("lightning")
+
 import glob
 import importlib.util
 import itertools
@@ -21,7 +25,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
