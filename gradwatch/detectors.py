@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from gradwatch.namespace import namespace_of
 
 __all__ = [
     "DetectStats",
@@ -48,12 +48,12 @@ class Verdict(NamedTuple):
 
 
 def _entries(stats: DetectStats) -> Array:
-    xp = array_namespace(stats.group_norms)
+    xp = namespace_of(stats.group_norms)
     return xp.concat([xp.reshape(stats.global_norm, (1,)), stats.group_norms])
 
 
 def _zeros(like: Array, size: int) -> Array:
-    xp = array_namespace(like)
+    xp = namespace_of(like)
     return xp.zeros((size,), dtype=like.dtype, device=getattr(like, "device", None))
 
 
@@ -69,7 +69,7 @@ class NonFinite:
         return NoState()
 
     def update(self, stats: DetectStats, state: NoState) -> tuple[Verdict, NoState]:
-        xp = array_namespace(stats.group_norms)
+        xp = namespace_of(stats.group_norms)
         values = _entries(stats)
         flag = ~xp.isfinite(values)
         return Verdict(flag, values, xp.full_like(values, math.inf)), state
@@ -126,7 +126,7 @@ class Explosion:
 
     def update(self, stats: DetectStats, state: ExplosionState) -> tuple[Verdict, ExplosionState]:
         values = _entries(stats)
-        xp = array_namespace(values)
+        xp = namespace_of(values)
         finite = xp.isfinite(values)
         log_value = xp.log(xp.maximum(xp.where(finite, values, 1.0), _TINY))
         warm = state.count >= self.warmup_steps
@@ -180,7 +180,7 @@ class Vanishing:
 
     def update(self, stats: DetectStats, state: VanishingState) -> tuple[Verdict, VanishingState]:
         values = _entries(stats)
-        xp = array_namespace(values)
+        xp = namespace_of(values)
         groups = stats.group_norms
         largest = xp.max(xp.where(xp.isfinite(groups), groups, 0.0))
         relative = xp.concat(
@@ -211,7 +211,7 @@ class Latch(NamedTuple):
 
 def new_latch(like: Array, entries: int) -> Latch:
     """An empty latch; steps are int64 so that no step count is ever rounded."""
-    xp = array_namespace(like)
+    xp = namespace_of(like)
     zeros = _zeros(like, entries)
     steps = xp.zeros((entries,), dtype=xp.int64, device=getattr(like, "device", None))
     fired = xp.zeros((entries,), dtype=xp.bool, device=getattr(like, "device", None))
@@ -220,7 +220,7 @@ def new_latch(like: Array, entries: int) -> Latch:
 
 def latch(state: Latch, verdict: Verdict, step: Array) -> Latch:
     """Keep the first firing of each entry since the last read (the read resets the latch)."""
-    xp = array_namespace(verdict.value)
+    xp = namespace_of(verdict.value)
     first = verdict.flag & ~state.fired
     return Latch(
         fired=state.fired | verdict.flag,

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
-
 from gradwatch.detectors import (
     DetectStats,
     Explosion,
@@ -23,6 +21,7 @@ from gradwatch.detectors import (
     latch,
     new_latch,
 )
+from gradwatch.namespace import namespace_of
 from gradwatch.policies import Clip, ClipStats, Policy
 
 __all__ = ["ACTIONS", "Decision", "Guard", "GuardState", "check_action", "events_markdown"]
@@ -111,7 +110,7 @@ class Guard:
     def update(
         self, stats: DetectStats, clip_stats: ClipStats, state: GuardState, step: Array
     ) -> tuple[Decision, GuardState]:
-        xp = array_namespace(stats.global_norm)
+        xp = namespace_of(stats.global_norm)
         false = xp.zeros_like(stats.global_norm) != 0
         skip, stop = false, false
         detector_states, latches = [], []

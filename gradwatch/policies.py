@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from gradwatch.namespace import namespace_of
 
 __all__ = [
     "AGC",
@@ -81,7 +81,7 @@ def _scale_to(xp: Any, norm: Array, threshold: Array) -> Array:
 
 
 def _scalar(like: Array, value: float) -> Array:
-    xp = array_namespace(like)
+    xp = namespace_of(like)
     return xp.full((), value, dtype=like.dtype, device=getattr(like, "device", None))
 
 
@@ -109,7 +109,7 @@ class ClipByNorm:
         return EmptyState()
 
     def update(self, stats: ClipStats, state: EmptyState) -> tuple[Clip, EmptyState]:
-        xp = array_namespace(stats.global_norm)
+        xp = namespace_of(stats.global_norm)
         threshold = _scalar(stats.global_norm, self.max_norm)
         return Clip(_scale_to(xp, stats.global_norm, threshold), threshold), state
 
@@ -131,7 +131,7 @@ class ClipByValue:
         return EmptyState()
 
     def update(self, stats: ClipStats, state: EmptyState) -> tuple[Clip, EmptyState]:
-        xp = array_namespace(stats.global_norm)
+        xp = namespace_of(stats.global_norm)
         value = _scalar(stats.global_norm, self.max_value)
         return Clip(xp.ones_like(stats.global_norm), value, value=value), state
 
@@ -172,14 +172,14 @@ class AutoClip:
         _count("history", self.history, 1)
 
     def init(self, like: Array) -> AutoClipState:
-        xp = array_namespace(like)
+        xp = namespace_of(like)
         device = getattr(like, "device", None)
         history = xp.full((self.history,), math.inf, dtype=like.dtype, device=device)
         return AutoClipState(history, xp.zeros((), dtype=like.dtype, device=device))
 
     def update(self, stats: ClipStats, state: AutoClipState) -> tuple[Clip, AutoClipState]:
         norm = stats.global_norm
-        xp = array_namespace(norm)
+        xp = namespace_of(norm)
         finite = xp.isfinite(norm)
         slots = xp.arange(self.history, device=getattr(norm, "device", None))
         position = xp.astype(state.count % self.history, slots.dtype)
@@ -245,7 +245,7 @@ class ZClip:
 
     def update(self, stats: ClipStats, state: ZClipState) -> tuple[Clip, ZClipState]:
         norm = stats.global_norm
-        xp = array_namespace(norm)
+        xp = namespace_of(norm)
         finite = xp.isfinite(norm)
         safe = xp.where(finite, norm, xp.zeros_like(norm))
         warming = state.count < self.warmup_steps
@@ -304,7 +304,7 @@ class AGC:
     def update(self, stats: ClipStats, state: EmptyState) -> tuple[Clip, EmptyState]:
         if stats.unit_grad_norms is None or stats.unit_param_norms is None:
             raise ValueError("AGC needs `unit_grad_norms` and `unit_param_norms` in its stats.")
-        xp = array_namespace(stats.unit_grad_norms)
+        xp = namespace_of(stats.unit_grad_norms)
         limit = self.clipping * xp.maximum(stats.unit_param_norms, self.eps)
         scale = _scale_to(xp, stats.unit_grad_norms, limit)
         return Clip(scale, _scalar(stats.global_norm, self.clipping)), state

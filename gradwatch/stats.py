@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-from array_api_compat import array_namespace
 
 from gradwatch.grouping import Grouping
+from gradwatch.namespace import namespace_of
 
 __all__ = [
     "GroupStats",
@@ -40,7 +40,7 @@ def global_norm(tensor_norms: Array) -> Array:
         >>> float(global_norm(np.array([3.0, 4.0])))
         5.0
     """
-    xp = array_namespace(tensor_norms)
+    xp = namespace_of(tensor_norms)
     return xp.sqrt(xp.sum(tensor_norms * tensor_norms))
 
 
@@ -53,7 +53,7 @@ class StepSummary(NamedTuple):
 
 def init_summary(like: Array) -> StepSummary:
     """A fresh summary on the device and dtype of ``like`` (any array of that namespace)."""
-    xp = array_namespace(like)
+    xp = namespace_of(like)
     zero = xp.zeros_like(xp.reshape(like, (-1,))[:1])[0]
     return StepSummary(max_global_norm=zero, nonfinite_steps=zero)
 
@@ -68,7 +68,7 @@ def update_summary(summary: StepSummary, norm: Array) -> StepSummary:
         >>> float(s.max_global_norm), float(s.nonfinite_steps)
         (7.0, 1.0)
     """
-    xp = array_namespace(norm)
+    xp = namespace_of(norm)
     finite = xp.isfinite(norm)
     return StepSummary(
         max_global_norm=xp.maximum(summary.max_global_norm, xp.where(finite, norm, 0.0)),
