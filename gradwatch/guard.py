@@ -9,6 +9,8 @@ must act on it: every step for ``"skip"``, and at the logging cadence (or with a
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -24,7 +26,16 @@ from gradwatch.detectors import (
 from gradwatch.namespace import namespace_of
 from gradwatch.policies import Clip, ClipStats, Policy
 
-__all__ = ["ACTIONS", "Decision", "Guard", "GuardState", "check_action", "events_markdown"]
+__all__ = [
+    "ACTIONS",
+    "Decision",
+    "GradWatchWarning",
+    "Guard",
+    "GuardState",
+    "check_action",
+    "events_markdown",
+    "report_events",
+]
 
 Array = Any
 
@@ -162,3 +173,19 @@ def events_markdown(events: list[dict]) -> str:
         for e in events
     ]
     return "\n".join(lines)
+
+
+class GradWatchWarning(UserWarning):
+    """A detection: non-finite, exploding or vanishing gradients."""
+
+
+def report_events(events: list[dict], log: logging.Logger) -> None:
+    """Tell the user about each detection: a :class:`GradWatchWarning` and a log record."""
+    for event in events:
+        message = (
+            f"gradwatch: {event['kind']} gradient in {event['group']} at step {event['step']}"
+            f" (value {event['value']:.4g}, threshold {event['threshold']:.4g});"
+            f" action: {event['action']}"
+        )
+        warnings.warn(message, GradWatchWarning, stacklevel=3)
+        log.warning(message)

@@ -54,8 +54,9 @@ class Cadence:
         return n > 0 and _due(count, n)
 
 
-def _due(count: int, every: int) -> bool:
-    return count == 0 or (count + 1) % every == 0
+def _due(count, every: int):
+    """Whether step ``count`` is due; ``count`` may be an int or a scalar array (in-graph)."""
+    return (count == 0) | ((count + 1) % every == 0)
 
 
 def build_record(

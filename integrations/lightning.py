@@ -29,7 +29,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, check_group_by
-from gradwatch.guard import Guard, events_markdown
+from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_events
 from gradwatch.integrations.torch import TorchEngine
 from gradwatch.keys import EVENTS
 from gradwatch.monitor import Cadence, Monitor, check_count
@@ -41,10 +41,6 @@ __all__ = ["GradWatch", "GradWatchWarning"]
 
 SUBDIRECTORY = "gradwatch"
 log = logging.getLogger(__name__)
-
-
-class GradWatchWarning(UserWarning):
-    """A detection: non-finite, exploding or vanishing gradients."""
 
 
 class _LoggerSink:
@@ -272,15 +268,8 @@ class GradWatch(Callback):
         return [_LoggerSink(others), events if with_tensorboard else _WithoutScalars(events)]
 
     def _report(self, events: list[dict]) -> None:
-        for event in events:
-            self.events.append(event)
-            message = (
-                f"gradwatch: {event['kind']} gradient in {event['group']} at step {event['step']}"
-                f" (value {event['value']:.4g}, threshold {event['threshold']:.4g});"
-                f" action: {event['action']}"
-            )
-            warnings.warn(message, GradWatchWarning, stacklevel=2)
-            log.warning(message)
+        self.events.extend(events)
+        report_events(events, log)
 
     def _close(self) -> None:
         if self.monitor is not None:

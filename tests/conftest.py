@@ -15,3 +15,15 @@ def pytest_configure(config: pytest.Config) -> None:
         missing = [name for name in FRAMEWORKS if importlib.util.find_spec(name) is None]
         if missing:
             raise pytest.UsageError(f"GRADWATCH_REQUIRE_FRAMEWORKS is set but missing: {missing}")
+
+
+@pytest.fixture(params=["torch", "tensorflow"])
+def framework_xp(request: pytest.FixtureRequest):
+    """The namespace the core runs on inside an adapter: torch's, or gradwatch's TensorFlow one."""
+    if request.param == "torch":
+        return pytest.importorskip("torch")
+    pytest.importorskip("tensorflow")
+    from gradwatch.integrations import _tf_namespace
+
+    _tf_namespace.install()
+    return _tf_namespace

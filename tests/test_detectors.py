@@ -121,12 +121,11 @@ def test_a_nonfinite_step_leaves_the_state_finite(detector):
 
 
 @pytest.mark.parametrize("detector", DETECTORS, ids=IDS)
-def test_same_verdicts_on_torch_tensors(detector):
-    torch = pytest.importorskip("torch")
+def test_same_verdicts_on_framework_tensors(detector, framework_xp):
     norms = norm_series()
     on_numpy, _ = run(detector, norms)
-    on_torch, _ = run(detector, norms, xp=torch)
-    for a, b in zip(on_numpy, on_torch, strict=True):
+    on_framework, _ = run(detector, norms, xp=framework_xp)
+    for a, b in zip(on_numpy, on_framework, strict=True):
         assert np.array_equal(a.flag, b.flag.numpy())
         np.testing.assert_allclose(a.value, b.value.numpy(), rtol=1e-5)
         np.testing.assert_allclose(a.threshold, b.threshold.numpy(), rtol=1e-5)

@@ -85,12 +85,11 @@ def test_init_resets(policy):
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=IDS)
-def test_same_decisions_on_torch_tensors(policy):
-    torch = pytest.importorskip("torch")
+def test_same_decisions_on_framework_tensors(policy, framework_xp):
     norms = norm_series()
     on_numpy, _ = run(policy, norms)
-    on_torch, _ = run(policy, norms, xp=torch)
-    for a, b in zip(on_numpy, on_torch, strict=True):
+    on_framework, _ = run(policy, norms, xp=framework_xp)
+    for a, b in zip(on_numpy, on_framework, strict=True):
         np.testing.assert_allclose(a.scale, b.scale.numpy(), rtol=1e-5)
         np.testing.assert_allclose(a.threshold, b.threshold.numpy(), rtol=1e-5)
 

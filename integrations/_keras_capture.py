@@ -1,0 +1,336 @@
+"""gradwatch inside Keras' compiled train step (TensorFlow backend).
+
+Keras callbacks never see gradients: they exist only inside the train step, where the trainer
+hands them to ``optimizer.apply``. :class:`Capture` wraps that call on the optimizer instance.
+In the traced graph, every step, it
+
+* takes the gradients the optimizer receives (under ``mixed_float16`` the capture sits on the
+  loss-scale optimizer's inner optimizer, so they are already unscaled; under a
+  ``tf.distribute`` strategy it all-reduces them first, so statistics and decisions are those
+  of the aggregated gradient),
+* runs the core's :class:`~gradwatch.guard.Guard` (detectors and clipping policy, pure array
+  code through :mod:`gradwatch.integrations._tf_namespace`) with its state in variables,
+* clips, skips the step (``tf.cond`` around the optimizer's own ``apply``, so neither the
+  weights nor the optimizer's variables change), and raises a stop flag,
+* at logging steps stores per-tensor statistics, at histogram steps per-group histograms.
+
+The callback reads those variables between train-function calls: one small read per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gradwatch import keys
+from gradwatch.detectors import DetectStats, new_latch
+from gradwatch.grouping import Grouping
+from gradwatch.guard import Decision, Guard
+from gradwatch.integrations import _tf_namespace
+from gradwatch.monitor import Cadence, build_histogram_record, build_record
+from gradwatch.policies import AGC, ClipStats
+from gradwatch.record import Histogram, Record
+from gradwatch.stats import TensorStats, global_norm, init_summary, update_summary
+
+__all__ = ["Capture"]
+
+_ON_READ = {
+    "trainable": False,
+    # Every replica computes the same value (from the all-reduced gradient) and keeps its own
+    # copy; a read outside the step returns the first replica's.
+    "synchronization": tf.VariableSynchronization.ON_READ,
+    "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
+}
+
+
+class _Stored:
+    """A (nested) NamedTuple of arrays kept in variables between steps; ``None`` stays None."""
+
+    def __init__(self, value: Any, name: str) -> None:
+        self._structure = value
+        self._initial = tf.nest.flatten(value)
+        self.variables = [
+            None if leaf is None else tf.Variable(leaf, name=f"gradwatch_{name}_{i}", **_ON_READ)
+            for i, leaf in enumerate(self._initial)
+        ]
+
+    def _pack(self, leaves: list) -> Any:
+        return tf.nest.pack_sequence_as(self._structure, leaves)
+
+    def read(self) -> Any:
+        return self._pack([None if v is None else tf.identity(v) for v in self.variables])
+
+    def write(self, value: Any) -> None:
+        for variable, leaf in zip(self.variables, tf.nest.flatten(value), strict=True):
+            if variable is not None:
+                variable.assign(leaf)
+
+    def host(self) -> Any:
+        """The value as numpy arrays (outside the step)."""
+        return self._pack([None if v is None else v.numpy() for v in self.variables])
+
+    def reset(self) -> None:
+        self.write(self._pack(self._initial))
+
+
+def _as_dense(gradient: Any) -> tf.Tensor:
+    return tf.cast(tf.convert_to_tensor(gradient), tf.float32)
+
+
+def _unit_norms(tensor: tf.Tensor) -> tf.Tensor:
+    """Norms of a Keras weight's output units: slices along the last axis (Dense kernels are
+    ``[in, out]``, Conv kernels ``[..., in, out]``); a vector or scalar is one unit."""
+    if tensor.shape.rank > 1:
+        axes = list(range(tensor.shape.rank - 1))
+        return tf.sqrt(tf.reduce_sum(tf.square(tensor), axis=axes))
+    return tf.reshape(tf.norm(tensor), (1,))
+
+
+class Capture:
+    """The in-graph side of the Keras callback, for one optimizer and its variables."""
+
+    def __init__(
+        self,
+        optimizer: Any,
+        variables: Sequence[Any],
+        grouping: Grouping,
+        guard: Guard,
+        cadence: Cadence,
+        histogram_bins: int,
+        strategy: tf.distribute.Strategy,
+    ) -> None:
+        _tf_namespace.install()
+        self.optimizer = optimizer
+        self.grouping = grouping
+        self.guard = guard
+        self.cadence = cadence
+        self.bins = histogram_bins
+        self.strategy = strategy
+        self._position = {id(v): i for i, v in enumerate(variables)}
+        self._variables = list(variables)
+        tensors, groups = len(self._variables), len(grouping.groups)
+        like = tf.zeros((), tf.float32)
+        with strategy.scope():
+            self.guard_state = _Stored(guard.init(like, groups), "guard")
+            self.summary = _Stored(init_summary(like), "summary")
+            # [present, grad norm, max abs, non-finite count, param norm] per tensor
+            self.tensors = _Stored(tf.zeros((5, tensors)), "tensors")
+            self.clip = _Stored(tf.zeros((3,)), "clip")  # threshold, coefficient, clipped norm
+            self.histograms = _Stored(tf.zeros((groups, histogram_bins + 4)), "histograms")
+            self.marks = _Stored(tf.constant([-1, -1], tf.int64), "marks")  # logged, histogram
+            self.stop = _Stored(tf.constant(False), "stop")
+
+    # -- in the train step -------------------------------------------------------------------
+
+    def apply(self, original: Callable, grads: list, trainable_variables: Any = None) -> None:
+        """Replaces ``optimizer.apply(grads, trainable_variables)`` in the traced step."""
+        variables = list(trainable_variables or self.optimizer._trainable_variables)
+        present = [k for k, g in enumerate(grads) if g is not None]
+        if not present:
+            return original(grads, trainable_variables)
+        index = [self._position[id(variables[k])] for k in present]
+        values = [_as_dense(grads[k]) for k in present]
+        replicas = self.strategy.num_replicas_in_sync
+        if replicas > 1:
+            context = tf.distribute.get_replica_context()
+            values = context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+        params = [tf.cast(variables[k], tf.float32) for k in present]
+        norms = tf.stack([tf.norm(v) for v in values])
+        total = global_norm(norms)
+        segments = tf.constant(self.grouping.index[index], tf.int32)
+        group_norms = tf.sqrt(
+            tf.math.unsorted_segment_sum(tf.square(norms), segments, len(self.grouping.groups))
+        )
+        step = tf.convert_to_tensor(self.optimizer.iterations)
+        decision, state = self.guard.update(
+            DetectStats(total, group_norms),
+            self._clip_stats(total, values, params),
+            self.guard_state.read(),
+            step,
+        )
+        self.guard_state.write(state)
+        self.summary.write(update_summary(self.summary.read(), total))
+        self.stop.write(self.stop.read() | decision.stop)
+        clipped = values if decision.clip is None else self._clipped(decision, values)
+        self._at_cadence(step, index, values, params, clipped, decision)
+
+        out = list(grads)
+        if decision.clip is not None:  # each replica's share of the clipped aggregate
+            for k, value in zip(present, clipped, strict=True):
+                out[k] = tf.cast(value / replicas, grads[k].dtype)
+        if not self.guard.reads_every_step:
+            return original(out, trainable_variables)
+        return self._unless_skipped(decision.skip, original, out, trainable_variables)
+
+    def _clip_stats(self, total: tf.Tensor, values: list, params: list) -> ClipStats:
+        if not isinstance(self.guard.policy, AGC):
+            return ClipStats(total)
+        return ClipStats(
+            total,
+            tf.concat([_unit_norms(v) for v in values], 0),
+            tf.concat([_unit_norms(p) for p in params], 0),
+        )
+
+    @staticmethod
+    def _clipped(decision: Decision, values: list) -> list:
+        clip = decision.clip
+        assert clip is not None
+        if clip.value is not None:
+            return [tf.clip_by_value(v, -clip.value, clip.value) for v in values]
+        if clip.scale.shape.rank == 0:
+            return [v * clip.scale for v in values]
+        out, offset = [], 0  # one scale per unit (AGC), in the order of _unit_norms
+        for v in values:
+            units = int(v.shape[-1]) if v.shape.rank > 1 else 1
+            scale = clip.scale[offset : offset + units]
+            out.append(v * (scale if v.shape.rank > 1 else scale[0]))
+            offset += units
+        return out
+
+    def _at_cadence(self, step, index, values, params, clipped, decision) -> None:
+        def logging_step() -> tf.Tensor:
+            self._store_tensors(index, values, params)
+            if decision.clip is not None:
+                self.clip.write(
+                    tf.stack(
+                        [
+                            tf.cast(decision.clip.threshold, tf.float32),
+                            tf.reduce_min(decision.clip.scale),
+                            global_norm(tf.stack([tf.norm(c) for c in clipped])),
+                        ]
+                    )
+                )
+            self.marks.write(tf.stack([step, self.marks.read()[1]]))
+            return tf.constant(0)
+
+        def histogram_step() -> tf.Tensor:
+            self._store_histograms(index, values)
+            self.marks.write(tf.stack([self.marks.read()[0], step]))
+            return tf.constant(0)
+
+        def nothing() -> tf.Tensor:
+            return tf.constant(0)
+
+        tf.cond(self.cadence.logs(step), logging_step, nothing)
+        if self.cadence.histogram_every_n_steps:
+            tf.cond(self.cadence.histograms(step), histogram_step, nothing)
+
+    def _store_tensors(self, index, values, params) -> None:
+        rows = [
+            tf.ones((len(values),)),
+            tf.stack([tf.norm(v) for v in values]),
+            tf.stack([tf.reduce_max(tf.abs(v)) for v in values]),
+            tf.stack([tf.reduce_sum(tf.cast(~tf.math.is_finite(v), tf.float32)) for v in values]),
+            tf.stack([tf.norm(p) for p in params]),
+        ]
+        columns = tf.constant(np.asarray(index)[:, None], tf.int32)
+        total = len(self._variables)
+        self.tensors.write(tf.stack([tf.scatter_nd(columns, row, (total,)) for row in rows]))
+
+    def _store_histograms(self, index, values) -> None:
+        """Per group: [lo, hi, sum, sum of squares, counts...] over its finite values."""
+        by_group: dict[int, list] = {}
+        for i, v in zip(index, values, strict=True):
+            by_group.setdefault(int(self.grouping.index[i]), []).append(tf.reshape(v, (-1,)))
+        rows = [tf.fill((self.bins + 4,), np.float32(np.nan))] * len(self.grouping.groups)
+        for group, parts in by_group.items():
+            flat = tf.concat(parts, 0)
+            finite = tf.math.is_finite(flat)
+            lo = tf.reduce_min(tf.where(finite, flat, np.inf))
+            hi = tf.reduce_max(tf.where(finite, flat, -np.inf))
+            safe = tf.where(finite, flat, 0.0)
+            width = tf.maximum(hi - lo, np.finfo(np.float32).tiny)
+            bucket = tf.clip_by_value(
+                tf.cast(tf.floor((safe - lo) / width * self.bins), tf.int32), 0, self.bins - 1
+            )
+            counts = tf.math.unsorted_segment_sum(tf.cast(finite, tf.float32), bucket, self.bins)
+            moments = tf.stack([lo, hi, tf.reduce_sum(safe), tf.reduce_sum(tf.square(safe))])
+            rows[group] = tf.concat([moments, counts], 0)
+        self.histograms.write(tf.stack(rows))
+
+    def _unless_skipped(self, skip, original: Callable, grads: list, variables: Any) -> None:
+        """``original(grads, variables)`` unless ``skip``: weights and optimizer state stay."""
+
+        def step() -> tf.Tensor:
+            original(grads, variables)
+            return tf.constant(0)
+
+        def no_step() -> tf.Tensor:
+            return tf.constant(0)
+
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.cond(skip, no_step, step)
+            return
+
+        # The optimizer's update calls `merge_call`, which a `cond` in a replica context may
+        # not contain: decide in the cross-replica context (as Keras' LossScaleOptimizer does).
+        def decide(distribution, skip, grads, variables) -> None:
+            first = distribution.experimental_local_results(skip)[0]  # equal on every replica
+
+            def each_replica_steps() -> tf.Tensor:
+                distribution.extended.call_for_each_replica(original, args=(grads, variables))
+                return tf.constant(0)
+
+            tf.cond(first, no_step, each_replica_steps)
+
+        tf.distribute.get_replica_context().merge_call(decide, args=(skip, grads, variables))
+
+    # -- on the host, between train-function calls ---------------------------------------------
+
+    def collect(self, last_logged: int, last_histogram: int) -> tuple[list[Record], int, int]:
+        """Records of the logging and histogram steps stored since the given ones."""
+        logged, histogram = (int(m) for m in self.marks.host())
+        histograms = {}
+        if histogram > last_histogram:
+            histograms = self._read_histograms()
+        records = []
+        if logged > last_logged:
+            record = self._record(logged, histograms if histogram == logged else {})
+            records.append(record)
+            if histogram == logged:
+                histograms = {}
+        if histograms:
+            records.append(build_histogram_record(histogram, histograms))
+        return sorted(records, key=lambda r: r.step), logged, histogram
+
+    def should_stop(self) -> bool:
+        return bool(self.stop.host())
+
+    def drain(self) -> list[dict]:
+        """The latched detections since the last drain (then reset)."""
+        state = self.guard_state.host()
+        if not state.latches:
+            return []
+        entries = len(self.grouping.groups) + 1
+        fresh = tuple(new_latch(np.zeros((), np.float32), entries) for _ in state.latches)
+        self.guard_state.write(state._replace(latches=fresh))
+        return self.guard.events(state.latches, self.grouping.groups)
+
+    def _record(self, step: int, histograms: dict[str, Histogram]) -> Record:
+        present, grad_norm, max_abs, nonfinite, param_norm = self.tensors.host()
+        summary = self.summary.host()
+        self.summary.reset()
+        record = build_record(
+            step,
+            self.grouping,
+            TensorStats(present > 0, grad_norm, max_abs, nonfinite, param_norm),
+            max_global_norm=float(summary.max_global_norm),
+            nonfinite_steps=float(summary.nonfinite_steps),
+            histograms=histograms,
+        )
+        if self.guard.policy is not None:
+            threshold, coefficient, clipped = self.clip.host()
+            record.scalars[keys.clip_tag(keys.THRESHOLD, None)] = float(threshold)
+            record.scalars[keys.clip_tag(keys.COEFFICIENT, None)] = float(coefficient)
+            record.scalars[keys.total_tag(keys.CLIPPED, None)] = float(clipped)
+        return record
+
+    def _read_histograms(self) -> dict[str, Histogram]:
+        found = {}
+        for name, row in zip(self.grouping.groups, self.histograms.host(), strict=True):
+            if np.isfinite(row[0]) or row[4:].sum() > 0:
+                found[name] = Histogram.from_counts(row[0], row[1], row[4:], row[2], row[3])
+        return found

@@ -1,0 +1,243 @@
+"""The Keras callback: ``model.fit(..., callbacks=[GradWatch()])`` (Keras 3, TensorFlow backend).
+
+Keras callbacks never see gradients, so at ``on_train_begin`` the callback wraps the
+optimizer's ``apply`` on the instance and rebuilds the train function: statistics, detectors,
+clipping and skipping then run inside the compiled train step (see
+:mod:`gradwatch.integrations._keras_capture`). At ``on_train_end`` the optimizer gets its own
+``apply`` back and the train function is dropped, so the next ``fit`` traces a clean one.
+
+Event files go to ``<log_dir>/train``, the folder Keras' own ``TensorBoard`` callback writes
+its ``batch_``/``epoch_`` metrics to, with the step = ``optimizer.iterations`` before the update.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from gradwatch.detectors import Explosion, Vanishing
+from gradwatch.grouping import ROOT, Grouping
+from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_events
+from gradwatch.keys import EVENTS
+from gradwatch.monitor import Cadence, Monitor, check_count
+from gradwatch.policies import Policy, as_policy
+from gradwatch.record import Record, Sink
+from gradwatch.sinks import TensorBoardSink
+
+__all__ = ["GradWatch", "GradWatchWarning"]
+
+log = logging.getLogger(__name__)
+GroupBy = str | Callable[[str], str]
+_RULES = ("layer", "variable")
+
+
+def check_group_by(group_by: object) -> GroupBy:
+    if callable(group_by) or group_by in _RULES:
+        return group_by  # type: ignore[return-value]
+    raise ValueError(
+        "`group_by` must be 'layer', 'variable', or a callable from variable path to group name."
+        f" Received: group_by={group_by!r}"
+    )
+
+
+def _group_rule(group_by: GroupBy) -> Callable[[str], str]:
+    """Keras variable paths look like ``model/block/dense/kernel``: the layer is the prefix."""
+    if group_by == "variable":
+        return lambda path: path
+    if group_by == "layer":
+        return lambda path: path.rpartition("/")[0] or ROOT
+    return group_by  # type: ignore[return-value]
+
+
+class GradWatch(keras.callbacks.Callback):
+    """Watch gradient flow in ``model.fit``: per-layer statistics in TensorBoard, and actions.
+
+    Args:
+        log_dir: TensorBoard directory; gradwatch writes to ``<log_dir>/train`` beside Keras'
+            own ``TensorBoard`` callback. Default: that callback's ``log_dir`` when it is in
+            the same ``fit``, else ``"logs"``. None writes no files (see ``sinks``).
+        log_every_n_steps: optimizer steps between logging steps (default 50). The steps in
+            between update only what decisions need, in the graph, with no host read.
+        histogram_every_n_steps: optimizer steps between gradient histograms; 0 (default) for
+            none.
+        group_by: ``"layer"`` (default: one group per layer owning variables),
+            ``"variable"``, or a callable from variable path to group name.
+        histogram_bins: buckets per histogram.
+        clip: ``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``, ``AGC``, a float for
+            ``ClipByNorm(float)``, or None. Taken on the aggregated gradient under
+            ``tf.distribute``. For ``AGC`` a unit is a slice along a weight's last axis.
+        on_nonfinite, on_explosion: ``"warn"`` (default), ``"skip"`` (the optimizer leaves
+            the weights and its own variables, ``iterations`` included, untouched), ``"stop"``
+            (``model.stop_training`` at the end of that batch) or ``"ignore"``.
+        on_vanishing: ``"warn"`` (default), ``"stop"`` or ``"ignore"``.
+        explosion, vanishing: the detectors' settings.
+        sinks: extra sinks for the records (for example a ``MemorySink``).
+
+    Detections are kept on ``callback.events``, warned as :class:`GradWatchWarning`, logged,
+    and written as a TensorBoard text table at the next logging step.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None = "",
+        log_every_n_steps: int = 50,
+        histogram_every_n_steps: int = 0,
+        group_by: GroupBy = "layer",
+        histogram_bins: int = 30,
+        clip: Policy | float | None = None,
+        on_nonfinite: str = "warn",
+        on_explosion: str = "warn",
+        on_vanishing: str = "warn",
+        explosion: Explosion | None = None,
+        vanishing: Vanishing | None = None,
+        sinks: tuple[Sink, ...] | list[Sink] = (),
+    ) -> None:
+        super().__init__()
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"`log_dir` must be a path or None. Received: log_dir={log_dir!r}")
+        self.log_dir = log_dir if log_dir is None else os.fspath(log_dir)
+        self.cadence = Cadence(log_every_n_steps, histogram_every_n_steps)
+        self.group_by = check_group_by(group_by)
+        self.histogram_bins = check_count("histogram_bins", histogram_bins)
+        self.guard = Guard(
+            policy=as_policy(clip),
+            on_nonfinite=on_nonfinite,
+            on_explosion=on_explosion,
+            on_vanishing=on_vanishing,
+            explosion=explosion or Explosion(),
+            vanishing=vanishing or Vanishing(),
+        )
+        self.extra_sinks = tuple(sinks)
+        self.events: list[dict] = []
+        self.stopped_at: int | None = None
+        self.grouping: Grouping | None = None
+        self._capture: Any = None
+        self._target: Any = None
+        self._monitor: Monitor | None = None
+        self._marks = (-1, -1)
+        self._reads_stop = any(action == "stop" for _, _, action in self.guard.active)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        from gradwatch.integrations._keras_capture import Capture
+
+        if keras.config.backend() != "tensorflow":
+            raise RuntimeError(
+                "gradwatch's Keras callback needs the TensorFlow backend (KERAS_BACKEND="
+                f"'tensorflow'); this Keras runs on {keras.config.backend()!r}."
+            )
+        model = self.model
+        optimizer = model.optimizer
+        self._warn_if_keras_clips(optimizer)
+        # Under mixed_float16 the inner optimizer receives the unscaled gradients.
+        target = getattr(optimizer, "inner_optimizer", optimizer)
+        variables = list(model.trainable_variables)
+        paths = [v.path for v in variables]
+        self.grouping = Grouping.build(paths, _group_rule(self.group_by))
+        self._capture = Capture(
+            target,
+            variables,
+            self.grouping,
+            self.guard,
+            self.cadence,
+            self.histogram_bins,
+            model.distribute_strategy,
+        )
+        capture, original = self._capture, type(target).apply.__get__(target)
+
+        def apply(grads: list, trainable_variables: Any = None) -> None:
+            return capture.apply(original, list(grads), trainable_variables)
+
+        object.__setattr__(target, "apply", apply)  # bypasses Keras' attribute tracking
+        self._target = target
+        model.make_train_function(force=True)
+        self.events, self.stopped_at, self._marks = [], None, (-1, -1)
+        log_dir = self._resolve_log_dir()
+        sinks = [TensorBoardSink(Path(log_dir) / "train")] if log_dir is not None else []
+        self._monitor = Monitor([*sinks, *self.extra_sinks])
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._capture is None or self._monitor is None:
+            return
+        records, *marks = self._capture.collect(*self._marks)
+        self._marks = tuple(marks)
+        for record in records:
+            if record.scalars:  # a logging step: its detections go with it
+                record.events = self._capture.drain()
+                if record.events:
+                    record.texts[EVENTS] = events_markdown(record.events)
+            self._report(record.events)
+            self._monitor.write(record)
+        if self._reads_stop and not self.model.stop_training and self._capture.should_stop():
+            self.model.stop_training = True
+            self.stopped_at = int(self.model.optimizer.iterations.numpy())
+            events = self._capture.drain()
+            self._report(events)
+            if events:
+                self._monitor.write(
+                    Record(self.stopped_at, texts={EVENTS: events_markdown(events)})
+                )
+            log.warning("GradWatch stopped training at step %d: %s", self.stopped_at, events)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self._target is not None:
+            if "apply" in vars(self._target):
+                object.__delattr__(self._target, "apply")
+            self.model.train_function = None  # the next fit traces the user's own step
+            self._target = None
+        if self._monitor is not None:
+            self._monitor.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _report(self, events: list[dict]) -> None:
+        self.events.extend(events)
+        report_events(events, log)
+
+    def _warn_if_keras_clips(self, optimizer: Any) -> None:
+        own = {
+            name: getattr(optimizer, name, None)
+            for name in ("clipnorm", "global_clipnorm", "clipvalue")
+        }
+        own = {name: value for name, value in own.items() if value}
+        if self.guard.policy is not None and own:
+            settings = ", ".join(f"{k}={v}" for k, v in own.items())
+            warnings.warn(
+                f"GradWatch(clip={self.guard.policy}) and the optimizer's own {settings} both"
+                " clip; Keras clips after gradwatch (per replica under tf.distribute).",
+                GradWatchWarning,
+                stacklevel=2,
+            )
+
+    def _resolve_log_dir(self) -> str | None:
+        if self.log_dir != "":
+            return self.log_dir
+        return _sibling_tensorboard_log_dir() or "logs"
+
+
+def _sibling_tensorboard_log_dir() -> str | None:
+    """The ``log_dir`` of a ``keras.callbacks.TensorBoard`` in the same ``fit``, if any.
+
+    Callbacks do not see each other; the ``CallbackList`` that calls ``on_train_begin`` does.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.callbacks.CallbackList):
+                for callback in owner.callbacks:
+                    if isinstance(callback, keras.callbacks.TensorBoard):
+                        return os.fspath(callback.log_dir)
+                return None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame

@@ -1,0 +1,348 @@
+"""The Keras callback under real ``model.fit`` runs on CPU (TensorFlow backend)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("keras")
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gradwatch.guard import GradWatchWarning
+from gradwatch.integrations.keras import GradWatch
+from gradwatch.policies import AGC, AutoClip, ClipByValue, ZClip
+from gradwatch.sinks import MemorySink
+
+SCRIPTS = Path(__file__).parent / "scripts"
+MODES = {
+    "auto": {},
+    "jit": {"jit_compile": True},
+    "no_jit": {"jit_compile": False},
+    "eager": {"run_eagerly": True},
+    "steps_per_execution": {"steps_per_execution": 4},
+}
+
+
+def regression_data(n: int = 256, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    return x, (2 * x[:, :1] + 0.1 * rng.normal(size=(n, 1))).astype("float32")
+
+
+def mlp(seed: int = 0, width: int = 32, activation: str = "tanh") -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(width, activation=activation, name="hidden"),
+            keras.layers.Dense(width, activation=activation, name="middle"),
+            keras.layers.Dense(1, name="head"),
+        ],
+        name="net",
+    )
+
+
+def quiet_fit(model: keras.Model, x, y, callbacks, **kwargs) -> keras.callbacks.History:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        return model.fit(x, y, verbose=0, shuffle=False, callbacks=callbacks, **kwargs)
+
+
+def tape_norms(model: keras.Model, x, y) -> dict[str, float]:
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.mean_squared_error(y, model(x)))
+    grads = tape.gradient(loss, model.trainable_variables)
+    norms = {
+        v.path: float(tf.norm(g)) for v, g in zip(model.trainable_variables, grads, strict=True)
+    }
+    norms["global"] = float(tf.linalg.global_norm(grads))
+    return norms
+
+
+def layer_norm(norms: dict[str, float], layer: str) -> float:
+    return math.hypot(norms[f"{layer}/kernel"], norms[f"{layer}/bias"])
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_logged_norms_equal_gradient_tape_norms(mode):
+    x, y = regression_data(32)
+    model = mlp()
+    model.compile(keras.optimizers.SGD(0.0), "mse", **MODES[mode])
+    sink = MemorySink()
+    watch = GradWatch(log_dir=None, log_every_n_steps=4, sinks=[sink])
+    quiet_fit(model, x, y, [watch], batch_size=32, epochs=12)
+
+    expected = tape_norms(model, x, y)
+    assert [r.step for r in sink.records] == [0, 3, 7, 11]  # the steps Lightning logs too
+    for record in sink.records:
+        scalars = record.scalars
+        assert scalars["grad_norm_total/global"] == pytest.approx(expected["global"], rel=1e-5)
+        for layer in ("net/hidden", "net/middle", "net/head"):
+            norm = layer_norm(expected, layer)
+            assert scalars[f"grad_norm/{layer}"] == pytest.approx(norm, rel=1e-5)
+        kernel = model.get_layer("head").kernel.numpy()
+        bias = model.get_layer("head").bias.numpy()
+        param = math.hypot(np.linalg.norm(kernel), np.linalg.norm(bias))
+        assert scalars["param_norm/net/head"] == pytest.approx(param, rel=1e-5)
+        assert scalars["grad_nonfinite/net/head"] == 0.0
+    assert "apply" not in vars(model.optimizer)  # the user's optimizer is its own again
+
+
+def test_event_files_are_in_the_train_folder_beside_keras_tensorboard(tmp_path):
+    x, y = regression_data(64)
+    model = mlp()
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb"), update_freq=1)
+    watch = GradWatch(log_every_n_steps=2, histogram_every_n_steps=4, clip=1.0)
+    quiet_fit(model, x, y, [board, watch], batch_size=16, epochs=2)
+
+    events = EventAccumulator(str(tmp_path / "tb" / "train"), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "grad_norm_total/global" in tags["scalars"]
+    assert "clip/threshold" in tags["scalars"] and "clip/coefficient" in tags["scalars"]
+    assert "grad_hist/net/hidden" in tags["histograms"]
+    assert "batch_loss" in tags["tensors"] or "batch_loss" in tags["scalars"]  # Keras' own
+    steps = [e.step for e in events.Scalars("grad_norm_total/global")]
+    assert steps == [0, 1, 3, 5, 7]
+    histogram = events.Histograms("grad_hist/net/hidden")[0].histogram_value
+    assert histogram.num == 8 * 32 + 32  # the hidden layer's kernel and bias
+
+
+def test_group_by_variable_and_callable():
+    x, y = regression_data(32)
+    for group_by, expected in [
+        ("variable", "grad_norm/net/head/bias"),
+        (lambda path: path.split("/")[1], "grad_norm/head"),
+    ]:
+        model = mlp()
+        model.compile(keras.optimizers.SGD(0.0), "mse")
+        sink = MemorySink()
+        watch = GradWatch(log_dir=None, log_every_n_steps=1, group_by=group_by, sinks=[sink])
+        quiet_fit(model, x, y, [watch], batch_size=32, epochs=1)
+        assert expected in sink.records[0].scalars
+
+
+def test_a_spike_inside_an_execution_is_kept():
+    x, y = regression_data(64)
+    y[16:32] *= 1000.0  # the second batch of each epoch has huge gradients
+    model = mlp()
+    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=4)
+    sink = MemorySink()
+    watch = GradWatch(log_dir=None, log_every_n_steps=4, sinks=[sink], on_explosion="ignore")
+    quiet_fit(model, x, y, [watch], batch_size=16, epochs=2)
+    last = sink.records[-1].scalars  # logs step 7; the spike was at step 5
+    assert last["grad_norm_total/max_since_last_log"] > 100 * last["grad_norm_total/global"]
+
+
+def test_mixed_float16_statistics_are_on_unscaled_gradients():
+    x, y = regression_data(32)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = mlp()
+        model.compile(keras.optimizers.SGD(0.0), "mse")
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        sink = MemorySink()
+        watch = GradWatch(log_dir=None, log_every_n_steps=1, sinks=[sink])
+        quiet_fit(model, x, y, [watch], batch_size=32, epochs=2)
+        expected = tape_norms(model, x, y)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    logged = sink.records[-1].scalars["grad_norm_total/global"]
+    assert logged == pytest.approx(expected["global"], rel=2e-2)  # float16 arithmetic
+    assert float(model.optimizer.dynamic_scale.numpy()) > 1000  # the loss really was scaled
+
+
+# -- policies and actions --------------------------------------------------------------------
+
+SPIKE = 30
+
+
+class Spiking(keras.optimizers.schedules.LearningRateSchedule):
+    """0.05, then 200 times that from step SPIKE: the run diverges unless rescued."""
+
+    def __call__(self, step):
+        return tf.where(step < SPIKE, 0.05, 10.0)
+
+    def get_config(self):
+        return {}
+
+
+def spiking_run(watch: GradWatch | None, steps: int = 60) -> keras.Model:
+    x, y = regression_data(32 * steps)
+    model = mlp()
+    model.compile(keras.optimizers.SGD(Spiking()), "mse")
+    quiet_fit(model, x, y, [watch] if watch else [], batch_size=32, epochs=1)
+    return model
+
+
+def finite(model: keras.Model) -> bool:
+    return all(np.isfinite(v.numpy()).all() for v in model.weights)
+
+
+def test_explosion_stops_training_at_the_end_of_that_batch(tmp_path):
+    watch = GradWatch(log_dir=str(tmp_path), log_every_n_steps=10, on_explosion="stop")
+    model = spiking_run(watch)
+    (first,) = [e for e in watch.events if e["kind"] == "explosion" and e["group"] == "global"]
+    assert first["step"] == SPIKE + 1 and first["action"] == "stop"
+    assert watch.stopped_at == SPIKE + 2  # optimizer.iterations after that batch
+    assert int(model.optimizer.iterations.numpy()) == SPIKE + 2
+    events = EventAccumulator(str(tmp_path / "train"), size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors("gradwatch/events")
+    assert any(b"explosion" in t.tensor_proto.string_val[0] for t in text)
+
+
+@pytest.mark.parametrize("policy", [AutoClip(), ZClip(), ClipByValue(0.05), AGC(0.01)])
+def test_clipping_keeps_the_spiking_run_finite(policy):
+    assert not finite(spiking_run(None))
+    sink = MemorySink()
+    watch = GradWatch(log_dir=None, log_every_n_steps=5, clip=policy, sinks=[sink])
+    assert finite(spiking_run(watch))
+    clipped = [r.scalars["grad_norm_total/clipped"] for r in sink.records]
+    before = [r.scalars["grad_norm_total/global"] for r in sink.records]
+    assert any(c < 0.99 * b for c, b in zip(clipped, before, strict=True))  # it did clip
+
+
+class Snapshots(keras.callbacks.Callback):
+    """Every weight and optimizer variable at the end of every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: list[list[np.ndarray]] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        variables = [*self.model.weights, *self.model.optimizer.variables]
+        self.taken.append([np.array(v.numpy(), copy=True) for v in variables])
+
+
+@pytest.mark.parametrize("mode", ["auto", "jit", "eager"])
+def test_a_nonfinite_step_is_skipped_bit_for_bit(mode):
+    x, y = regression_data(32 * 8)
+    x[32 * 5] = np.nan  # batch 5 has non-finite gradients
+    model = mlp()
+    model.compile(keras.optimizers.AdamW(1e-2, weight_decay=0.1), "mse", **MODES[mode])
+    snapshots = Snapshots()
+    watch = GradWatch(log_dir=None, log_every_n_steps=2, on_nonfinite="skip")
+    quiet_fit(model, x, y, [watch, snapshots], batch_size=32, epochs=1)
+
+    before, skipped, after = snapshots.taken[4:7]
+    assert all(np.array_equal(a, b) for a, b in zip(before, skipped, strict=True))  # iterations too
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(skipped, after, strict=True)
+    )  # training goes on
+    assert finite(model)
+    assert [(e["kind"], e["step"], e["action"]) for e in watch.events][:1] == [
+        ("nonfinite", 5, "skip")
+    ]
+
+
+def test_vanishing_is_reported_for_a_deep_sigmoid_net_not_for_relu_residual():
+    def deep(residual: bool) -> keras.Model:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((16,))
+        h = inputs
+        for i in range(20):
+            out = keras.layers.Dense(
+                16, activation="relu" if residual else "sigmoid", name=f"layer{i:02d}"
+            )(h)
+            h = keras.layers.Add()([h, out]) if residual else out
+        return keras.Model(inputs, keras.layers.Dense(1, name="head")(h))
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16)).astype("float32")
+    y = x[:, :1].copy()
+    reported = {}
+    for residual in (False, True):
+        model = deep(residual)
+        model.compile(keras.optimizers.SGD(1e-3), "mse")
+        watch = GradWatch(log_dir=None, log_every_n_steps=10)
+        quiet_fit(model, x, y, [watch], batch_size=16, epochs=2)
+        reported[residual] = {e["group"] for e in watch.events if e["kind"] == "vanishing"}
+    assert "layer00" in reported[False]  # the first layers learn far slower than the head
+    assert reported[True] == set()
+
+
+def test_keras_own_clipping_alongside_gradwatch_warns():
+    x, y = regression_data(32)
+    model = mlp()
+    model.compile(keras.optimizers.SGD(0.01, global_clipnorm=1.0), "mse")
+    with pytest.warns(GradWatchWarning, match="global_clipnorm"):
+        model.fit(x, y, verbose=0, callbacks=[GradWatch(log_dir=None, clip=1.0)])
+
+
+def test_the_optimizer_works_without_gradwatch_after_fit(tmp_path):
+    x, y = regression_data(64)
+    model = mlp()
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    watch = GradWatch(log_dir=None, on_nonfinite="skip", clip=AutoClip())
+    quiet_fit(model, x, y, [watch], batch_size=16, epochs=1)
+    before = int(model.optimizer.iterations.numpy())
+    quiet_fit(model, x, y, [], batch_size=16, epochs=1)
+    assert int(model.optimizer.iterations.numpy()) == before + 4
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    assert np.array_equal(restored.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"on_explosion": "explode"}, "on_explosion"),
+        ({"on_vanishing": "skip"}, "on_vanishing"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps"),
+        ({"group_by": "module"}, "group_by"),
+        ({"clip": "yes"}, "clip"),
+        ({"clip": AutoClip}, "clip"),
+        ({"log_dir": 3}, "log_dir"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        GradWatch(**kwargs)
+
+
+# -- distribution and backends (fresh processes: devices and backends are fixed per process) --
+
+
+def run_script(name: str, *args: str, env: dict | None = None) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_statistics_and_clipping_are_those_of_the_aggregated_gradient():
+    found = run_script("keras_mirrored.py")
+    single, mirrored = found["single"], found["mirrored"]
+    for tag, value in single.items():
+        assert mirrored[tag] == pytest.approx(value, rel=1e-5), tag
+    assert found["gradwatch_update_norm"] == pytest.approx(1.0, rel=1e-5)
+    assert found["keras_update_norm"] > 1.05  # Keras' own clips each replica's half
+    assert found["skip_identical"]
+
+
+def test_other_backends_get_a_clear_error():
+    found = run_script("keras_backend.py", env={"KERAS_BACKEND": "torch"})
+    assert "TensorFlow backend" in found["error"] and "torch" in found["error"]
