@@ -347,3 +347,14 @@ def test_other_backends_get_a_clear_error():
     pytest.importorskip("torch")  # the one other backend installed with gradwatch[all]
     found = run_script("keras_backend.py", env={"KERAS_BACKEND": "torch"})
     assert "TensorFlow backend" in found["error"] and "torch" in found["error"]
+
+
+def test_the_quickstart_example_runs_as_a_user_runs_it(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "keras_quickstart.py"
+    command = [sys.executable, str(example), "--log-dir", str(tmp_path), "--epochs", "1"]
+    subprocess.run(command, check=True, timeout=300, capture_output=True)
+    events = EventAccumulator(str(tmp_path / "train"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("grad_norm/regressor/head")] == [0, 9, 19, 29]
+    assert "grad_hist/regressor/hidden1" in events.Tags()["histograms"]
+    assert "clip/threshold" in events.Tags()["scalars"]

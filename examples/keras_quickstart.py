@@ -1,0 +1,44 @@
+"""gradwatch in Keras' model.fit: one callback, beside Keras' own TensorBoard callback.
+
+python examples/keras_quickstart.py --log-dir logs/keras --epochs 5
+tensorboard --logdir logs/keras
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import keras
+import numpy as np
+
+from gradwatch.integrations.keras import GradWatch
+from gradwatch.policies import AutoClip
+
+
+def main(log_dir: str, epochs: int) -> None:
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2048, 32)).astype("float32")
+    y = (x[:, :4].sum(axis=1, keepdims=True) + 0.1 * rng.normal(size=(2048, 1))).astype("float32")
+    model = keras.Sequential(
+        [
+            keras.Input((32,)),
+            keras.layers.Dense(64, activation="relu", name="hidden1"),
+            keras.layers.Dense(64, activation="relu", name="hidden2"),
+            keras.layers.Dense(1, name="head"),
+        ],
+        name="regressor",
+    )
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    watch = GradWatch(log_every_n_steps=10, histogram_every_n_steps=50, clip=AutoClip())
+    board = keras.callbacks.TensorBoard(log_dir=log_dir, update_freq=10)  # gradwatch joins it
+    model.fit(x, y, batch_size=64, epochs=epochs, verbose=2, callbacks=[board, watch])
+    print(f"detections: {len(watch.events)}; TensorBoard: tensorboard --logdir {log_dir}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--log-dir", default="logs/keras")
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args()
+    main(args.log_dir, args.epochs)
