@@ -18,13 +18,19 @@ ROOT = "root"
 _NAMED_RULES = ("module", "parameter")
 
 
-def check_group_by(group_by: object) -> GroupBy:
-    """Validate a ``group_by`` argument, raising an error that says what is allowed."""
-    if callable(group_by) or group_by in _NAMED_RULES:
+def check_group_by(
+    group_by: object, rules: tuple[str, ...] = _NAMED_RULES, member: str = "parameter"
+) -> GroupBy:
+    """Validate a ``group_by`` argument, raising an error that says what is allowed.
+
+    ``rules`` are the named rules an adapter accepts; ``member`` names what a callable maps.
+    """
+    if callable(group_by) or group_by in rules:
         return group_by  # type: ignore[return-value]
+    named = ", ".join(repr(r) for r in rules)
     raise ValueError(
-        "`group_by` must be 'module', 'parameter', or a callable from parameter name to group"
-        f" name. Received: group_by={group_by!r}"
+        f"`group_by` must be one of {named}, or a callable from {member} name to group name."
+        f" Received: group_by={group_by!r}"
     )
 
 

@@ -24,7 +24,7 @@ from gradwatch.detectors import (
     new_latch,
 )
 from gradwatch.namespace import namespace_of
-from gradwatch.policies import Clip, ClipStats, Policy
+from gradwatch.policies import Clip, ClipStats, Policy, as_policy
 
 __all__ = [
     "ACTIONS",
@@ -94,6 +94,27 @@ class Guard:
             raise TypeError(f"`explosion` must be an Explosion. Received: {self.explosion!r}")
         if not isinstance(self.vanishing, Vanishing):
             raise TypeError(f"`vanishing` must be a Vanishing. Received: {self.vanishing!r}")
+
+    @classmethod
+    def configure(
+        cls,
+        clip: object = None,
+        on_nonfinite: str = "warn",
+        on_explosion: str = "warn",
+        on_vanishing: str = "warn",
+        explosion: Explosion | None = None,
+        vanishing: Vanishing | None = None,
+    ) -> Guard:
+        """A guard from a callback's arguments: ``clip`` as :func:`as_policy` takes it, and
+        None for the detectors' default settings."""
+        return cls(
+            policy=as_policy(clip),
+            on_nonfinite=on_nonfinite,
+            on_explosion=on_explosion,
+            on_vanishing=on_vanishing,
+            explosion=explosion or Explosion(),
+            vanishing=vanishing or Vanishing(),
+        )
 
     @property
     def active(self) -> tuple[tuple[str, Any, str], ...]:

@@ -23,11 +23,11 @@ from typing import Any
 import keras
 
 from gradwatch.detectors import Explosion, Vanishing
-from gradwatch.grouping import ROOT, Grouping
+from gradwatch.grouping import ROOT, Grouping, check_group_by
 from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_events
 from gradwatch.keys import EVENTS
 from gradwatch.monitor import Cadence, Monitor, check_count
-from gradwatch.policies import Policy, as_policy
+from gradwatch.policies import Policy
 from gradwatch.record import Record, Sink
 from gradwatch.sinks import TensorBoardSink
 
@@ -36,15 +36,6 @@ __all__ = ["GradWatch", "GradWatchWarning"]
 log = logging.getLogger(__name__)
 GroupBy = str | Callable[[str], str]
 _RULES = ("layer", "variable")
-
-
-def check_group_by(group_by: object) -> GroupBy:
-    if callable(group_by) or group_by in _RULES:
-        return group_by  # type: ignore[return-value]
-    raise ValueError(
-        "`group_by` must be 'layer', 'variable', or a callable from variable path to group name."
-        f" Received: group_by={group_by!r}"
-    )
 
 
 def _group_rule(group_by: GroupBy) -> Callable[[str], str]:
@@ -104,15 +95,10 @@ class GradWatch(keras.callbacks.Callback):
             raise TypeError(f"`log_dir` must be a path or None. Received: log_dir={log_dir!r}")
         self.log_dir = log_dir if log_dir is None else os.fspath(log_dir)
         self.cadence = Cadence(log_every_n_steps, histogram_every_n_steps)
-        self.group_by = check_group_by(group_by)
+        self.group_by = check_group_by(group_by, _RULES, "variable path")
         self.histogram_bins = check_count("histogram_bins", histogram_bins)
-        self.guard = Guard(
-            policy=as_policy(clip),
-            on_nonfinite=on_nonfinite,
-            on_explosion=on_explosion,
-            on_vanishing=on_vanishing,
-            explosion=explosion or Explosion(),
-            vanishing=vanishing or Vanishing(),
+        self.guard = Guard.configure(
+            clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
         )
         self.extra_sinks = tuple(sinks)
         self.events: list[dict] = []

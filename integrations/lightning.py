@@ -33,7 +33,7 @@ from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_eve
 from gradwatch.integrations.torch import TorchEngine
 from gradwatch.keys import EVENTS
 from gradwatch.monitor import Cadence, Monitor, check_count
-from gradwatch.policies import Policy, as_policy
+from gradwatch.policies import Policy
 from gradwatch.record import Record, Sink
 from gradwatch.sinks import TensorBoardSink
 
@@ -148,13 +148,8 @@ class GradWatch(Callback):
         self.log_dir = _check_log_dir(log_dir)
         self.track_update_ratio = _check_flag("track_update_ratio", track_update_ratio)
         self.histogram_bins = check_count("histogram_bins", histogram_bins)
-        self.guard = Guard(
-            policy=as_policy(clip),
-            on_nonfinite=on_nonfinite,
-            on_explosion=on_explosion,
-            on_vanishing=on_vanishing,
-            explosion=explosion or Explosion(),
-            vanishing=vanishing or Vanishing(),
+        self.guard = Guard.configure(
+            clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
         )
         self.events: list[dict] = []
         self.stopped_at: int | None = None

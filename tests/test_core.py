@@ -68,7 +68,7 @@ def test_grouping_rules(group_by, groups):
 
 @pytest.mark.parametrize("bad", ["layer", 3, None])
 def test_group_by_rejects_unknown_rules(bad):
-    with pytest.raises(ValueError, match=r"`group_by` must be 'module', 'parameter'.*Received"):
+    with pytest.raises(ValueError, match=r"`group_by` must be one of 'module', 'parameter'.*Received"):
         check_group_by(bad)
 
 
