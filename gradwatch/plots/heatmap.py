@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,9 +34,7 @@ def bin_columns(
     if columns <= max_columns:
         return steps, values
     edges = np.linspace(0, columns, max_columns + 1).round().astype(int)
-    binned = np.stack(
-        [_nanmax(values[:, a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)], axis=1
-    )
+    binned = np.stack([_nanmax(values[:, a:b]) for a, b in itertools.pairwise(edges)], axis=1)
     return steps[edges[1:] - 1], binned
 
 
@@ -83,7 +82,7 @@ def heatmap(flow: FlowMatrix, *, title: str = "gradient flow") -> Figure:
     bar = figure.colorbar(image, ax=axes, extend="min" if below else "neither", pad=0.01)
     bar.set_label("log10 gradient norm")
     _legend(axes, zero=bool((norm == 0).any()), nonfinite=nonfinite.any(), missing=np.isnan(norm))
-    span = f"steps {steps[0]}–{steps[-1]}" if len(steps) else "no steps"
+    span = f"steps {steps[0]} to {steps[-1]}" if len(steps) else "no steps"
     axes.set_title(f"{title}: log10 gradient norm per group ({span})", fontsize=11)
     axes.set_xlabel("step")
     axes.set_ylabel("group (input → output)")

@@ -51,7 +51,7 @@ def page(
         parts += [
             f'<section class="run"><h2>Run <code>{_e(run.name)}</code></h2>',
             f"<p>{len(matrix.groups)} groups, {len(matrix.steps)} logged steps"
-            f" ({int(matrix.steps[0])}–{int(matrix.steps[-1])}).</p>",
+            f" ({int(matrix.steps[0])} to {int(matrix.steps[-1])}).</p>",
         ]
         for name, png in figures[run.name].items():
             encoded = base64.b64encode(png).decode("ascii")
