@@ -203,7 +203,7 @@ def test_report_in_headless_chromium(report_html, tmp_path):
     )
     if browser is None:
         pytest.skip(
-            "Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it"
+            "Chromium is not on PATH (Debian: apt-get install chromium)"
         )
     common = [
         browser,
