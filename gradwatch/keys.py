@@ -14,7 +14,10 @@ import re
 from typing import Literal, NamedTuple
 
 __all__ = [
+    "DEPTH_PROFILE",
     "GLOBAL",
+    "HEATMAP",
+    "LAYOUT",
     "TAGS",
     "TagSpec",
     "clip_tag",
@@ -24,7 +27,7 @@ __all__ = [
     "total_tag",
 ]
 
-Kind = Literal["scalar", "histogram", "text"]
+Kind = Literal["scalar", "histogram", "text", "image", "layout"]
 
 
 class TagSpec(NamedTuple):
@@ -56,6 +59,11 @@ THRESHOLD = "threshold"
 COEFFICIENT = "coefficient"
 # Text events.
 EVENTS = "gradwatch/events"
+# Pictures of gradient flow, and TensorBoard's Custom Scalars layout.
+FLOW = "grad_flow"
+HEATMAP = f"{FLOW}/heatmap"
+DEPTH_PROFILE = f"{FLOW}/depth_profile"
+LAYOUT = "custom_scalars__config__"  # the tag TensorBoard's custom_scalars plugin reads
 
 LOGGING = "every `log_every_n_steps`"
 
@@ -114,6 +122,25 @@ TAGS: tuple[TagSpec, ...] = (
         "distribution of the group's finite gradient values",
     ),
     TagSpec(EVENTS, "text", "when a detector fires", "what was detected, where, and what was done"),
+    TagSpec(
+        HEATMAP,
+        "image",
+        "`histogram_every_n_steps`, with matplotlib",
+        "log10 gradient norm of every group (rows, in depth order) at every logged step",
+    ),
+    TagSpec(
+        DEPTH_PROFILE,
+        "image",
+        "`histogram_every_n_steps`, with matplotlib",
+        "gradient norm and gradient/parameter norm per group, in depth order, at the last"
+        " logged step",
+    ),
+    TagSpec(
+        LAYOUT,
+        "layout",
+        "once, with the first scalars",
+        "Custom Scalars dashboard: global norms and clipping, non-finite counts, per-group norms",
+    ),
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,13 +104,27 @@ def build_histogram_record(step: int, histograms: Mapping[str, Histogram]) -> Re
 
 
 class Monitor:
-    """Hands records to sinks, and closes them exactly once."""
+    """Hands records to sinks, and closes them exactly once.
 
-    def __init__(self, sinks: Sequence[Sink]) -> None:
+    Args:
+        sinks: where records go.
+        pictures: called on each record before the sinks see it, returning the record to
+            write (a :class:`gradwatch.pictures.FlowPictures` adds gradient-flow images).
+            Not called when there are no sinks (ranks other than 0).
+    """
+
+    def __init__(
+        self, sinks: Sequence[Sink], pictures: Callable[[Record], Record] | None = None
+    ) -> None:
         self.sinks = tuple(sinks)
+        self.pictures = pictures
         self.closed = False
 
     def write(self, record: Record) -> None:
+        if not self.sinks:
+            return
+        if self.pictures is not None:
+            record = self.pictures(record)
         if record:
             for sink in self.sinks:
                 sink.write(record)

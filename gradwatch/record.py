@@ -1,13 +1,19 @@
-"""What one logging step produces: named scalars, histograms and text, ready for a sink."""
+"""What one logging step produces: named scalars, histograms, text and images, ready for a sink."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Histogram", "Record", "Sink"]
+from gradwatch.layout import Layout
+
+__all__ = ["Histogram", "Image", "Record", "Sink"]
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_SIZE = struct.Struct(">II")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,30 @@ class Histogram:
         )
 
 
+@dataclass(frozen=True)
+class Image:
+    """A PNG image and its size in pixels, read from the PNG header.
+
+    Example:
+        >>> png = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000300000001008060000")
+        >>> Image.from_png(png).width, Image.from_png(png).height
+        (48, 16)
+    """
+
+    png: bytes
+    width: int
+    height: int
+
+    @classmethod
+    def from_png(cls, png: bytes) -> Image:
+        """Wrap PNG bytes; raises ``ValueError`` when they do not start like a PNG file."""
+        if not isinstance(png, bytes) or len(png) < 24 or not png.startswith(_PNG_SIGNATURE):
+            start = png[:8] if isinstance(png, bytes) else type(png).__name__
+            raise ValueError(f"Images must be PNG-encoded bytes. Received: {start!r}...")
+        width, height = _PNG_SIZE.unpack(png[16:24])  # the IHDR chunk comes first
+        return cls(png=png, width=width, height=height)
+
+
 @dataclass
 class Record:
     """Everything written for one step; a sink writes it as one event."""
@@ -55,9 +85,11 @@ class Record:
     histograms: dict[str, Histogram] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)  # detections, also in `texts` as Markdown
+    images: dict[str, Image] = field(default_factory=dict)
+    layout: Layout | None = None  # TensorBoard's custom-scalars layout, written once per run
 
     def __bool__(self) -> bool:
-        return bool(self.scalars or self.histograms or self.texts)
+        return bool(self.scalars or self.histograms or self.texts or self.images or self.layout)
 
 
 class Sink(Protocol):

@@ -27,6 +27,7 @@ from gradwatch.grouping import ROOT, Grouping, check_group_by
 from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_events
 from gradwatch.keys import EVENTS
 from gradwatch.monitor import Cadence, Monitor, check_count
+from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Record, Sink
 from gradwatch.sinks import TensorBoardSink
@@ -148,7 +149,8 @@ class GradWatch(keras.callbacks.Callback):
         self.events, self.stopped_at, self._marks = [], None, (-1, -1)
         log_dir = self._resolve_log_dir()
         sinks = [TensorBoardSink(Path(log_dir) / "train")] if log_dir is not None else []
-        self._monitor = Monitor([*sinks, *self.extra_sinks])
+        pictures = FlowPictures(images=self.cadence.histogram_every_n_steps > 0)
+        self._monitor = Monitor([*sinks, *self.extra_sinks], pictures=pictures)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._capture is None or self._monitor is None:

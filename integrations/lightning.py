@@ -33,6 +33,7 @@ from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_eve
 from gradwatch.integrations.torch import TorchEngine
 from gradwatch.keys import EVENTS
 from gradwatch.monitor import Cadence, Monitor, check_count
+from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Record, Sink
 from gradwatch.sinks import TensorBoardSink
@@ -62,13 +63,17 @@ class _LoggerSink:
 
 
 class _WithoutScalars:
-    """Passes histograms and text on, leaving scalars to the loggers."""
+    """Passes histograms, text and images on, leaving scalars (and their layout) to the loggers."""
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
     def write(self, record: Record) -> None:
-        self.sink.write(Record(record.step, histograms=record.histograms, texts=record.texts))
+        self.sink.write(
+            Record(
+                record.step, histograms=record.histograms, texts=record.texts, images=record.images
+            )
+        )
 
     def flush(self) -> None:
         self.sink.flush()
@@ -194,7 +199,11 @@ class GradWatch(Callback):
             self._loaded_state = None
         # Every rank resolves the directory: `trainer.log_dir` is a collective (a broadcast).
         log_dir = self.log_dir or self.default_log_dir(trainer)
-        self.monitor = Monitor(self._sinks(trainer, log_dir) if trainer.is_global_zero else [])
+        if trainer.is_global_zero:
+            pictures = FlowPictures(images=self.histogram_every_n_steps > 0)
+            self.monitor = Monitor(self._sinks(trainer, log_dir), pictures=pictures)
+        else:
+            self.monitor = Monitor([])
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

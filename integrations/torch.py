@@ -39,6 +39,7 @@ from gradwatch.monitor import (
     build_record,
     check_count,
 )
+from gradwatch.pictures import FlowPictures
 from gradwatch.record import Histogram, Record, Sink
 from gradwatch.sinks import TensorBoardSink
 from gradwatch.stats import StepSummary, TensorStats, global_norm, init_summary, update_summary
@@ -398,7 +399,8 @@ class TorchGradWatch:
             track_update_ratio=track_update_ratio,
         )
         outputs = [TensorBoardSink(log_dir)] if log_dir is not None else []
-        self.monitor = Monitor([*outputs, *sinks])
+        pictures = FlowPictures(images=histogram_every_n_steps > 0)
+        self.monitor = Monitor([*outputs, *sinks], pictures=pictures)
 
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, step: int | None = None

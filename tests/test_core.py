@@ -68,7 +68,8 @@ def test_grouping_rules(group_by, groups):
 
 @pytest.mark.parametrize("bad", ["layer", 3, None])
 def test_group_by_rejects_unknown_rules(bad):
-    with pytest.raises(ValueError, match=r"`group_by` must be one of 'module', 'parameter'.*Received"):
+    allowed = r"`group_by` must be one of 'module', 'parameter'.*Received"
+    with pytest.raises(ValueError, match=allowed):
         check_group_by(bad)
 
 

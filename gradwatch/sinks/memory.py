@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from gradwatch.record import Histogram, Record
+from gradwatch.record import Histogram, Image, Record
 
 __all__ = ["MemorySink"]
 
@@ -59,7 +59,7 @@ class MemorySink:
         """Return every scalar, histogram and text tag written."""
         tags: set[str] = set()
         for record in self.records:
-            tags.update(record.scalars, record.histograms, record.texts)
+            tags.update(record.scalars, record.histograms, record.texts, record.images)
         return tags
 
     def scalars(self, tag: str) -> list[tuple[int, float]]:
@@ -74,6 +74,10 @@ class MemorySink:
         """Return ``(step, text)`` for each record holding the text ``tag``."""
         return [(r.step, r.texts[tag]) for r in self.records if tag in r.texts]
 
+    def images(self, tag: str) -> list[tuple[int, Image]]:
+        """Return ``(step, image)`` for each record holding the image ``tag``."""
+        return [(r.step, r.images[tag]) for r in self.records if tag in r.images]
+
 
 def _copy(record: Record) -> Record:
     """Return a record with its own dicts (histograms are frozen and can be shared)."""
@@ -82,4 +86,7 @@ def _copy(record: Record) -> Record:
         scalars=dict(record.scalars),
         histograms=dict(record.histograms),
         texts=dict(record.texts),
+        events=list(record.events),
+        images=dict(record.images),
+        layout=record.layout,
     )

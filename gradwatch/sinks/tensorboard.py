@@ -24,14 +24,19 @@ from tensorboard.compat.proto import (
     tensor_shape_pb2,
     types_pb2,
 )
+from tensorboard.plugins.custom_scalar import layout_pb2
 
-from gradwatch.record import Histogram, Record
+from gradwatch import keys
+from gradwatch.layout import Layout
+from gradwatch.record import Histogram, Image, Record
 from gradwatch.sinks._crc32c import masked_crc32c
 
 __all__ = ["TensorBoardSink"]
 
 _FILE_VERSION = "brain.Event:2"
 _TEXT_PLUGIN = "text"
+_CUSTOM_SCALARS_PLUGIN = "custom_scalars"
+_RGBA = 4  # colour space of matplotlib's PNGs
 _LENGTH = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
 _file_counter = itertools.count()  # process-wide: unique names within one second and process
@@ -141,10 +146,13 @@ def _frame(event: event_pb2.Event) -> bytes:
 
 
 def _summary(record: Record) -> summary_pb2.Summary:
-    """Return one summary holding every scalar, histogram and text of ``record``."""
+    """Return one summary holding every scalar, histogram, text and image of ``record``."""
     values = [_scalar_value(tag, value) for tag, value in record.scalars.items()]
     values += [_histogram_value(tag, histogram) for tag, histogram in record.histograms.items()]
     values += [_text_value(tag, text) for tag, text in record.texts.items()]
+    values += [_image_value(tag, image) for tag, image in record.images.items()]
+    if record.layout is not None:
+        values.append(_layout_value(record.layout))
     return summary_pb2.Summary(value=values)
 
 
@@ -170,13 +178,59 @@ def _histogram_value(tag: str, histogram: Histogram) -> summary_pb2.Summary.Valu
     return summary_pb2.Summary.Value(tag=tag, histo=proto)
 
 
-def _text_value(tag: str, text: str) -> summary_pb2.Summary.Value:
+def _string_value(tag: str, plugin: str, data: bytes) -> summary_pb2.Summary.Value:
+    """A scalar string tensor owned by ``plugin``."""
     metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=_TEXT_PLUGIN)
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
     )
     tensor = tensor_pb2.TensorProto(
         dtype=types_pb2.DT_STRING,
-        string_val=[text.encode("utf-8")],
+        string_val=[data],
         tensor_shape=tensor_shape_pb2.TensorShapeProto(),  # no dimensions: a scalar
     )
     return summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
+
+
+def _text_value(tag: str, text: str) -> summary_pb2.Summary.Value:
+    """Text that TensorBoard's text dashboard renders as Markdown (tables included)."""
+    if not isinstance(text, str):
+        raise TypeError(
+            f"Texts must be str. Received: {tag}={text!r} of type {type(text).__name__}."
+        )
+    return _string_value(tag, _TEXT_PLUGIN, text.encode("utf-8"))
+
+
+def _image_value(tag: str, image: Image) -> summary_pb2.Summary.Value:
+    """A PNG as an image summary, which TensorBoard's images dashboard shows."""
+    if not isinstance(image, Image):
+        raise TypeError(
+            f"Images must be gradwatch.record.Image (see Image.from_png). Received: {tag}="
+            f"{type(image).__name__}."
+        )
+    proto = summary_pb2.Summary.Image(
+        height=image.height,
+        width=image.width,
+        colorspace=_RGBA,
+        encoded_image_string=image.png,
+    )
+    return summary_pb2.Summary.Value(tag=tag, image=proto)
+
+
+def _layout_value(layout: Layout) -> summary_pb2.Summary.Value:
+    """The Custom Scalars layout, under the one tag its plugin reads."""
+    proto = layout_pb2.Layout(
+        category=[
+            layout_pb2.Category(
+                title=category.title,
+                chart=[
+                    layout_pb2.Chart(
+                        title=chart.title,
+                        multiline=layout_pb2.MultilineChartContent(tag=list(chart.tags)),
+                    )
+                    for chart in category.charts
+                ],
+            )
+            for category in layout.categories
+        ]
+    )
+    return _string_value(keys.LAYOUT, _CUSTOM_SCALARS_PLUGIN, proto.SerializeToString())

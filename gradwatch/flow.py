@@ -1,0 +1,141 @@
+"""The history of per-group gradient norms that the gradient-flow pictures are drawn from.
+
+Fed with records (live, from an adapter's monitor) or with values read back from event files
+(``gradwatch report``), so both draw the same pictures from the same data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch import keys
+from gradwatch.monitor import check_count
+from gradwatch.record import Record
+
+__all__ = ["FlowHistory", "FlowMatrix"]
+
+_NORM_PREFIX = f"{keys.GRAD_NORM}/"
+_RATIO_PREFIX = f"{keys.GRAD_TO_PARAM}/"
+
+
+@dataclass(frozen=True)
+class FlowMatrix:
+    """Per-group values at logged steps, groups in depth order.
+
+    ``norm`` and ``ratio`` are ``[groups, steps]``: NaN where a group was not logged at a step,
+    ``inf`` where its gradient was not finite, 0 where it was exactly zero.
+    """
+
+    groups: tuple[str, ...]
+    steps: np.ndarray
+    norm: np.ndarray
+    ratio: np.ndarray
+
+
+class FlowHistory:
+    """Per-group gradient norms and gradient/parameter ratios at every logged step.
+
+    Groups keep the order in which they first appear, which is the order of the model's
+    parameters (depth order): records name them in that order. When more than ``max_columns``
+    steps have been logged, adjacent pairs of steps are merged, keeping the larger value of
+    each group (a spike, or a non-finite gradient, stays visible) at the later step.
+
+    Example:
+        >>> history = FlowHistory()
+        >>> history.add(0, {"grad_norm/emb": 1.0, "grad_norm/head": 0.5})
+        True
+        >>> history.add(5, {"loss": 0.1})  # not a logging step of gradwatch's
+        False
+        >>> _ = history.add(10, {"grad_norm/emb": float("nan"), "grad_norm/head": 0.0})
+        >>> m = history.matrix()
+        >>> m.groups, m.steps.tolist(), m.norm.tolist()
+        (('emb', 'head'), [0, 10], [[1.0, inf], [0.5, 0.0]])
+    """
+
+    def __init__(self, max_columns: int = 512) -> None:
+        self.max_columns = check_count("max_columns", max_columns)
+        if self.max_columns < 2:
+            raise ValueError(f"`max_columns` must be >= 2. Received: max_columns={max_columns!r}")
+        self._groups: dict[str, int] = {}
+        self._steps: list[int] = []
+        self._norm: list[dict[int, float]] = []
+        self._ratio: list[dict[int, float]] = []
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(self._groups)
+
+    def update(self, record: Record) -> bool:
+        """Add the per-group norms of a logging-step record; return whether it had any."""
+        return self.add(record.step, record.scalars)
+
+    def add(self, step: int, scalars: Mapping[str, float]) -> bool:
+        """Add one step's ``grad_norm/<group>`` and ``grad_to_param/<group>`` scalars.
+
+        A step equal to the last one logged (a second optimizer's record) joins its column.
+        """
+        norm, ratio = {}, {}
+        for tag, value in scalars.items():
+            if tag.startswith(_NORM_PREFIX):
+                norm[self._index(tag[len(_NORM_PREFIX) :])] = _finite_or_inf(value)
+            elif tag.startswith(_RATIO_PREFIX):
+                ratio[self._index(tag[len(_RATIO_PREFIX) :])] = _finite_or_inf(value)
+        if not norm:
+            return False
+        if self._steps and self._steps[-1] == step:
+            self._norm[-1].update(norm)
+            self._ratio[-1].update(ratio)
+        else:
+            self._steps.append(int(step))
+            self._norm.append(norm)
+            self._ratio.append(ratio)
+            if len(self._steps) > self.max_columns:
+                self._halve()
+        return True
+
+    def matrix(self) -> FlowMatrix:
+        """Everything logged so far, as ``[groups, steps]`` arrays."""
+        return FlowMatrix(
+            groups=self.groups,
+            steps=np.asarray(self._steps, dtype=np.int64),
+            norm=self._dense(self._norm),
+            ratio=self._dense(self._ratio),
+        )
+
+    def _index(self, group: str) -> int:
+        return self._groups.setdefault(group, len(self._groups))
+
+    def _dense(self, columns: list[dict[int, float]]) -> np.ndarray:
+        dense = np.full((len(self._groups), len(columns)), np.nan)
+        for j, column in enumerate(columns):
+            for i, value in column.items():
+                dense[i, j] = value
+        return dense
+
+    def _halve(self) -> None:
+        """Merge adjacent pairs of steps (the last one stays alone when the count is odd)."""
+        pairs = range(0, len(self._steps) - 1, 2)
+        rest = slice(2 * len(pairs), None)
+        self._steps = [self._steps[i + 1] for i in pairs] + self._steps[rest]
+        self._norm = [_merge(self._norm[i], self._norm[i + 1]) for i in pairs] + self._norm[rest]
+        self._ratio = [_merge(self._ratio[i], self._ratio[i + 1]) for i in pairs] + self._ratio[
+            rest
+        ]
+
+
+def _merge(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+    merged = dict(a)
+    for i, value in b.items():
+        merged[i] = max(merged.get(i, value), value)  # inf (non-finite) wins over any value
+    return merged
+
+
+def _finite_or_inf(value: float) -> float:
+    value = float(value)
+    return value if np.isfinite(value) else float("inf")

@@ -1,0 +1,166 @@
+"""The command line of ``gradwatch report``: arguments, reading, figures, output."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gradwatch.plots import MissingMatplotlib, require_matplotlib
+from gradwatch.plots._figure import SOFTWARE
+from gradwatch.report.figures import run_figures
+from gradwatch.report.html import GENERATOR, page
+from gradwatch.report.output import ReportError, write_safely
+from gradwatch.report.progress import ByteProgress
+from gradwatch.report.reader import event_files, read_runs
+from gradwatch.report.risk import at_risk
+
+__all__ = ["NoData", "add_arguments", "main", "report"]
+
+DEFAULT_HTML = "report.html"
+DEFAULT_PNG_DIR = "gradwatch-report"
+
+
+class NoData(ReportError):
+    """The log directory holds no gradwatch data (exit status 1)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``gradwatch report``."""
+    parser.add_argument("logdir", metavar="LOGDIR", help="directory of TensorBoard event files")
+    parser.add_argument(
+        "-o",
+        "--output",
+        help=f"the HTML file (default: {DEFAULT_HTML}), or with --format png the directory of "
+        f"the PNG files (default: {DEFAULT_PNG_DIR}); files gradwatch did not write are never "
+        "replaced",
+    )
+    parser.add_argument(
+        "--format", choices=("html", "png"), default="html", help="one HTML page, or PNG files"
+    )
+    parser.add_argument(
+        "--steps",
+        type=_steps,
+        default=None,
+        help="comma-separated steps for the depth profile (default: the last logged step); "
+        "the nearest logged steps are drawn",
+    )
+    parser.add_argument(
+        "--top", type=_positive, default=5, help="groups listed as most at risk (default: 5)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        steps = []
+    if not steps or any(s < 0 for s in steps):
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated steps >= 0, e.g. 0,500,1000. Received: {text!r}"
+        )
+    return steps
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1. Received: {text!r}")
+    return value
+
+
+def report(
+    log_dir: str | Path,
+    output: str | Path | None = None,
+    *,
+    format: str = "html",
+    steps: Sequence[int] | None = None,
+    top: int = 5,
+    quiet: bool = False,
+) -> list[Path]:
+    """Write the report of every run with gradwatch data below ``log_dir``; return the files.
+
+    Raises:
+        ReportError: a bad argument, or an output path holding a file gradwatch did not write.
+        NoData: no event file below ``log_dir`` holds gradwatch's per-group norms.
+    """
+    log_dir = Path(log_dir)
+    if format not in ("html", "png"):
+        raise ReportError(f"--format must be 'html' or 'png'. Received: {format!r}")
+    if not log_dir.is_dir():
+        raise ReportError(f"LOGDIR must be an existing directory. Received: {str(log_dir)!r}")
+    require_matplotlib()
+    files = event_files(log_dir)
+    with ByteProgress(sum(f.stat().st_size for f in files), quiet=quiet) as progress:
+        runs = read_runs(log_dir, progress)
+    if not runs:
+        raise NoData(_no_data_message(log_dir, len(files)))
+    figures = {run.name: run_figures(run, steps) for run in runs}
+    if format == "png":
+        return _write_pngs(Path(output or DEFAULT_PNG_DIR), figures)
+    risks = {run.name: at_risk(run.history.matrix(), top) for run in runs}
+    text = page(str(log_dir), runs, figures, risks)
+    path = Path(output or DEFAULT_HTML)
+    write_safely(path, text.encode("utf-8"), GENERATOR.encode(), "-o/--output")
+    return [path]
+
+
+def _write_pngs(directory: Path, figures: dict[str, dict[str, bytes]]) -> list[Path]:
+    if directory.exists() and not directory.is_dir():
+        raise ReportError(
+            f"-o/--output must be a directory with --format png. Received: {str(directory)!r}"
+        )
+    written = []
+    for run, pngs in figures.items():
+        prefix = "" if run == "." else re.sub(r"[^A-Za-z0-9_.-]+", "_", run) + "_"
+        for name, png in pngs.items():
+            path = directory / f"{prefix}{name}.png"
+            write_safely(path, png, SOFTWARE.encode(), "-o/--output")
+            written.append(path)
+    return written
+
+
+def _no_data_message(log_dir: Path, files: int) -> str:
+    if files == 0:
+        return f"No TensorBoard event files below {str(log_dir)!r}: nothing to report."
+    return (
+        f"No gradwatch data in {str(log_dir)!r}: {files} event file(s), but none holds "
+        "gradwatch's per-group gradient norms (grad_norm/<group>). With a Lightning Trainer "
+        "whose loggers include no TensorBoardLogger, gradwatch's scalars go to those loggers."
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "gradwatch report") -> int:
+    """Run ``gradwatch report``; return the exit status (0 done, 1 no data, 2 bad input)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Pictures of gradient flow.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed ``gradwatch report`` command line."""
+    try:
+        written = report(
+            args.logdir,
+            args.output,
+            format=args.format,
+            steps=args.steps,
+            top=args.top,
+            quiet=args.quiet,
+        )
+    except NoData as error:
+        print(f"gradwatch report: {error}", file=sys.stderr)
+        return 1
+    except (ReportError, MissingMatplotlib) as error:
+        print(f"gradwatch report: error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0

@@ -1,0 +1,111 @@
+"""One self-contained HTML page: images inline as base64, no scripts, no network."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping, Sequence
+
+from gradwatch.report.reader import Run
+from gradwatch.report.risk import GroupRisk
+
+__all__ = ["GENERATOR", "page"]
+
+GENERATOR = "gradwatch report"  # in every page, so gradwatch only ever overwrites its own
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+img { max-width: 100%; border: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code { font-size: 0.95em; }
+"""
+_CAPTIONS = {
+    "timeline": "Global gradient norm over time, with the clip threshold and detections marked.",
+    "heatmap": "Gradient flow: log10 gradient norm of every group (rows, input to output) at "
+    "every logged step. Black: zero; red: NaN/Inf; grey: not logged.",
+    "depth_profile": "Depth profile: gradient norm and gradient/parameter norm per group.",
+}
+
+
+def page(
+    log_dir: str,
+    runs: Sequence[Run],
+    figures: Mapping[str, Mapping[str, bytes]],
+    risks: Mapping[str, tuple[list[GroupRisk], list[GroupRisk]]],
+) -> str:
+    """The report of ``runs``: per run, its figures, detections and groups most at risk."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta name="generator" content="{GENERATOR}">',
+        f"<title>gradwatch report: {_e(log_dir)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>gradwatch report</h1><p>Log directory: <code>{_e(log_dir)}</code></p>",
+    ]
+    for run in runs:
+        smallest, largest = risks[run.name]
+        matrix = run.history.matrix()
+        parts += [
+            f'<section class="run"><h2>Run <code>{_e(run.name)}</code></h2>',
+            f"<p>{len(matrix.groups)} groups, {len(matrix.steps)} logged steps"
+            f" ({int(matrix.steps[0])} to {int(matrix.steps[-1])}).</p>",
+        ]
+        for name, png in figures[run.name].items():
+            encoded = base64.b64encode(png).decode("ascii")
+            parts.append(
+                f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
+                f"<figcaption>{_e(_CAPTIONS.get(name, name))}</figcaption></figure>"
+            )
+        parts += [
+            "<h3>Detections</h3>",
+            _events_table(run.events),
+            "<h3>Groups most at risk</h3>",
+            "<p>Median gradient norm over the run, in decades relative to the median group.</p>",
+            "<h4>Smallest (vanishing)</h4>",
+            _risk_table(smallest),
+            "<h4>Largest (exploding)</h4>",
+            _risk_table(largest),
+            "</section>",
+        ]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else str(value)
+
+
+def _events_table(events: Sequence[dict]) -> str:
+    if not events:
+        return '<p class="no-events">No detections.</p>'
+    head = "".join(
+        f"<th>{h}</th>" for h in ("step", "kind", "group", "value", "threshold", "action")
+    )
+    rows = [
+        f'<tr><td class="num">{e["step"]}</td><td>{_e(e["kind"])}</td>'
+        f'<td><code>{_e(e["group"])}</code></td><td class="num">{_number(e["value"])}</td>'
+        f'<td class="num">{_number(e["threshold"])}</td><td>{_e(e["action"])}</td></tr>'
+        for e in events
+    ]
+    return f'<table class="events"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
+def _risk_table(risks: Sequence[GroupRisk]) -> str:
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("group", "median norm", "decades vs. median group", "zero steps", "NaN/Inf steps")
+    )
+    rows = [
+        f'<tr><td><code>{_e(r.group)}</code></td><td class="num">{_number(r.median_norm)}</td>'
+        f'<td class="num">{r.decades:+.2f}</td><td class="num">{r.zero_steps}</td>'
+        f'<td class="num">{r.nonfinite_steps}</td></tr>'
+        for r in risks
+    ]
+    return f'<table class="risk"><tr>{head}</tr>{"".join(rows)}</table>'

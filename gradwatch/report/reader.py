@@ -1,0 +1,106 @@
+"""Read gradwatch's data back from TensorBoard event files, with TensorBoard's own reader.
+
+Events are streamed with ``tensorboard``'s ``LegacyEventFileLoader`` (the reader under its
+``EventAccumulator``, without the conversion of scalars to tensors) rather than with the
+accumulator itself, for two reasons: progress can be reported within a large file, and the tags
+of a step come in the order gradwatch wrote them, which is the depth order of the groups.
+Where TensorFlow is installed, TensorBoard's reader imports it (a few seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gradwatch import keys
+from gradwatch.flow import FlowHistory
+
+__all__ = ["Run", "event_files", "parse_events", "read_runs"]
+
+_FRAMING = 16  # bytes around each TFRecord: length, its CRC, and the data's CRC
+_TOTAL_PREFIX = f"{keys.TOTAL}/"
+_CLIP_PREFIX = f"{keys.CLIP}/"
+_ROW = re.compile(
+    r"^\|\s*(?P<step>-?\d+)\s*\|\s*(?P<kind>\w+)\s*\|\s*`?(?P<group>[^|`]*?)`?\s*\|"
+    r"\s*(?P<value>[^|]+?)\s*\|\s*(?P<threshold>[^|]+?)\s*\|\s*(?P<action>\w+)\s*\|$"
+)
+
+Progress = Callable[[int], None]  # called with the number of bytes just read
+
+
+@dataclass
+class Run:
+    """What one run directory holds: its flow history, whole-model series and detections."""
+
+    name: str
+    history: FlowHistory = field(default_factory=lambda: FlowHistory(max_columns=4096))
+    series: dict[str, dict[int, float]] = field(default_factory=dict)  # tag -> step -> value
+    events: list[dict] = field(default_factory=list)
+
+    def steps_and_values(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
+        """A whole-model series in step order (a step logged twice keeps its last value)."""
+        points = sorted(self.series.get(tag, {}).items())
+        return np.array([s for s, _ in points], dtype=np.int64), np.array([v for _, v in points])
+
+
+def event_files(log_dir: Path) -> list[Path]:
+    """Every TensorBoard event file below ``log_dir``, in name (creation time) order per run."""
+    found = [p for p in log_dir.rglob("*tfevents*") if p.is_file()]
+    return sorted(found, key=lambda p: (str(p.parent), p.name))
+
+
+def read_runs(log_dir: Path, progress: Progress | None = None) -> list[Run]:
+    """Runs below ``log_dir`` (one per directory of event files) that hold gradwatch data."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    runs: dict[Path, Run] = {}
+    for path in event_files(log_dir):
+        name = os.path.relpath(path.parent, log_dir)
+        run = runs.setdefault(path.parent, Run("." if name == os.curdir else name))
+        for event in LegacyEventFileLoader(str(path)).Load():
+            if progress is not None:
+                progress(event.ByteSize() + _FRAMING)
+            if event.HasField("summary"):
+                _add(run, event.step, event.summary)
+    return [run for run in runs.values() if len(run.history)]
+
+
+def _add(run: Run, step: int, summary) -> None:
+    scalars = {}
+    for value in summary.value:
+        kind = value.WhichOneof("value")
+        if kind == "simple_value":
+            scalars[value.tag] = value.simple_value
+            if value.tag.startswith((_TOTAL_PREFIX, _CLIP_PREFIX)):
+                run.series.setdefault(value.tag, {})[step] = value.simple_value
+        elif kind == "tensor" and value.tag == keys.EVENTS and value.tensor.string_val:
+            run.events.extend(parse_events(value.tensor.string_val[0].decode("utf-8")))
+    run.history.add(step, scalars)
+
+
+def parse_events(markdown: str) -> Iterator[dict]:
+    """The detections in a ``gradwatch/events`` Markdown table (see ``events_markdown``).
+
+    Example:
+        >>> text = "| step | kind |\\n| --- |\\n| 7 | explosion | `global` | 12 | 3 | warn |"
+        >>> list(parse_events(text))  # doctest: +NORMALIZE_WHITESPACE
+        [{'step': 7, 'kind': 'explosion', 'group': 'global', 'value': 12.0, 'threshold': 3.0,
+          'action': 'warn'}]
+    """
+    for line in markdown.splitlines():
+        match = _ROW.match(line.strip())
+        if match:
+            row = match.groupdict()
+            yield {
+                "step": int(row["step"]),
+                "kind": row["kind"],
+                "group": row["group"],
+                "value": float(row["value"]),
+                "threshold": float(row["threshold"]),
+                "action": row["action"],
+            }

@@ -1,0 +1,232 @@
+"""Gradient-flow pictures on synthetic records: history, heatmap, profile, layout, sink."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from gradwatch import keys
+from gradwatch.flow import FlowHistory
+from gradwatch.layout import Chart, default_layout
+from gradwatch.monitor import Monitor
+from gradwatch.pictures import FlowPictures
+from gradwatch.record import Histogram, Image, Record
+from gradwatch.sinks import MemorySink, TensorBoardSink
+
+GROUPS = ["embed"] + [f"encoder.layers.{i // 2}.{('attn', 'mlp')[i % 2]}" for i in range(48)]
+GROUPS += ["head"]
+DEAD, SPIKE, NAN = range(0, 12), 60, (75, 30)  # dead early layers (steps < 30), a spike, a NaN
+
+
+def synthetic_scalars(step: int, rng: np.random.Generator) -> dict[str, float]:
+    """A 50-group record: decay across depth, early layers dead at first, one spike, one NaN."""
+    log_norm = np.linspace(-1, -3, len(GROUPS)) + 0.2 * rng.normal(size=len(GROUPS))
+    if step < 30:
+        log_norm[list(DEAD)] = -9.0
+    if step == SPIKE:
+        log_norm += 3.5
+    norm = 10**log_norm
+    if step < 15:
+        norm[0] = 0.0
+    if step == NAN[0]:
+        norm[NAN[1]] = np.nan
+    scalars = {
+        keys.group_tag(keys.GRAD_NORM, g): float(v) for g, v in zip(GROUPS, norm, strict=True)
+    }
+    scalars.update(
+        {
+            keys.group_tag(keys.GRAD_TO_PARAM, g): float(v) / 3
+            for g, v in zip(GROUPS, norm, strict=True)
+        }
+    )
+    scalars[keys.total_tag(keys.GLOBAL)] = float(np.sqrt(np.nansum(norm**2)))
+    return scalars
+
+
+def histogram() -> Histogram:
+    return Histogram.from_counts(-1.0, 1.0, np.array([1.0, 2.0]), 0.0, 1.0)
+
+
+def history(steps=range(100)) -> FlowHistory:
+    rng = np.random.default_rng(0)
+    flow = FlowHistory()
+    for step in steps:
+        flow.add(step, synthetic_scalars(step, rng))
+    return flow
+
+
+# --- history -----------------------------------------------------------------------------------
+
+
+def test_history_keeps_depth_order_and_marks_zero_nan_and_missing():
+    flow = history().matrix()
+    assert flow.groups == tuple(GROUPS)
+    assert flow.norm.shape == (50, 100)
+    assert (flow.norm[0, :15] == 0).all()
+    assert np.isinf(flow.norm[NAN[1], NAN[0]])
+    flow = FlowHistory()
+    flow.add(0, {"grad_norm/a": 1.0})
+    flow.add(1, {"grad_norm/a": 1.0, "grad_norm/b": 2.0})
+    assert np.isnan(flow.matrix().norm[1, 0])  # "b" was not logged at step 0
+
+
+def test_history_merges_a_second_optimizer_and_halves_keeping_spikes():
+    flow = FlowHistory(max_columns=4)
+    flow.add(0, {"grad_norm/a": 1.0})
+    flow.add(0, {"grad_norm/b": 2.0})  # another optimizer's record of the same step
+    assert len(flow) == 1 and flow.matrix().norm[:, 0].tolist() == [1.0, 2.0]
+    for step, value in [(1, 50.0), (2, 1.0), (3, float("nan")), (4, 1.0)]:
+        flow.add(step, {"grad_norm/a": value})
+    m = flow.matrix()
+    assert m.steps.tolist() == [1, 3, 4]
+    assert m.norm[0].tolist() == [50.0, np.inf, 1.0]
+
+
+def test_history_rejects_bad_sizes():
+    with pytest.raises(ValueError, match=r"`max_columns` must be >= 2. Received: max_columns=1"):
+        FlowHistory(max_columns=1)
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+
+def test_heatmap_of_fifty_groups_labels_every_row_and_shows_the_anomalies():
+    pytest.importorskip("matplotlib")
+    from gradwatch.plots import heatmap
+
+    figure = heatmap(history().matrix())
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == GROUPS
+    shown = axes.images[0]
+    values, (lo, hi) = shown.get_array(), shown.get_clim()
+    assert (values[0, :15] < lo).all()  # zero: drawn in the "under" colour
+    assert values[DEAD.start, 10] < values[DEAD.stop, 10] - 5  # dead layers: 5+ decades darker
+    spike = values[:, SPIKE].mean()
+    assert spike > np.ma.median(values) + 3 and hi >= values[:, SPIKE].max()
+    red = axes.images[1].get_array()
+    assert not np.ma.is_masked(red[NAN[1], NAN[0]]) and red.count() == 1  # one NaN cell
+    assert "log10" in figure.axes[1].get_ylabel()  # the colour bar
+
+
+def test_heatmap_bins_long_histories_without_losing_a_spike():
+    from gradwatch.plots.heatmap import bin_columns
+
+    values = np.ones((2, 1000))
+    values[1, 777] = 1e6
+    steps, binned = bin_columns(np.arange(1000) * 10, values, max_columns=100)
+    assert binned.shape == (2, 100) and binned[1].max() == 1e6 and steps[-1] == 9990
+
+
+def test_depth_profile_draws_the_chosen_steps_and_marks_zero_and_nan():
+    pytest.importorskip("matplotlib")
+    from gradwatch.plots import depth_profile
+
+    figure = depth_profile(history().matrix(), steps=[0, SPIKE, NAN[0]])
+    left, right = figure.axes[:2]
+    assert [line.get_label() for line in left.lines] == ["step 0", f"step {SPIKE}", "step 75"]
+    assert len(right.lines) == 3 and right.get_xscale() == "log"
+    assert left.get_ylim()[0] > left.get_ylim()[1]  # first group on top
+    labels = {t.get_text() for t in figure.legends[0].get_texts()}
+    assert {"zero", "NaN / Inf"} <= labels
+
+
+def test_pictures_are_pngs_of_a_readable_size():
+    pytest.importorskip("matplotlib")
+    pictures = FlowPictures()
+    rng = np.random.default_rng(1)
+    for step in range(10):
+        pictures(Record(step, scalars=synthetic_scalars(step, rng)))
+    images = pictures.draw()
+    assert set(images) == {keys.HEATMAP, keys.DEPTH_PROFILE}
+    for image in images.values():
+        assert image.width == 1000 and 900 <= image.height <= 1800  # 50 rows of ~17 px
+
+
+# --- FlowPictures in a monitor -----------------------------------------------------------------
+
+
+def test_images_only_at_histogram_records_and_the_layout_once():
+    pytest.importorskip("matplotlib")
+    sink = MemorySink()
+    monitor = Monitor([sink], pictures=FlowPictures())
+    rng = np.random.default_rng(2)
+    first = Record(
+        0, scalars=synthetic_scalars(0, rng), histograms={"grad_hist/embed": histogram()}
+    )
+    monitor.write(first)
+    monitor.write(Record(1, scalars=synthetic_scalars(1, rng)))
+    monitor.write(Record(2, histograms={"grad_hist/embed": histogram()}))  # between logging steps
+    assert [bool(r.images) for r in sink.records] == [True, False, True]
+    assert [r.layout is not None for r in sink.records] == [True, False, False]
+    assert not first.images and first.layout is None  # the adapter's record is not changed
+
+
+def test_without_matplotlib_images_are_off_with_a_warning(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
+    )
+    with pytest.warns(UserWarning, match=r"pip install 'gradwatch\[report\]'"):
+        pictures = FlowPictures(images=True)
+    record = pictures(Record(0, scalars={"grad_norm/a": 1.0}, histograms={"h": histogram()}))
+    assert not record.images and record.layout is not None
+
+
+def test_no_sinks_no_pictures():
+    calls = []
+    Monitor([], pictures=lambda r: calls.append(r) or r).write(Record(0, scalars={"a": 1.0}))
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"images": "yes"}, r"`images` must be True or False"), ({"layout": {}}, r"`layout` must be")],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        FlowPictures(**kwargs)
+
+
+def test_chart_patterns_must_be_regular_expressions():
+    with pytest.raises(ValueError, match=r"regular expressions. Received: '\('"):
+        Chart("bad", ("(",))
+
+
+# --- the TensorBoard sink ----------------------------------------------------------------------
+
+
+def test_images_and_layout_read_back_by_tensorboard(tmp_path):
+    pytest.importorskip("matplotlib")
+    pictures = FlowPictures()
+    rng = np.random.default_rng(3)
+    with TensorBoardSink(tmp_path) as sink:
+        for step in range(3):
+            hist = {"grad_hist/embed": histogram()} if step == 2 else {}
+            sink.write(
+                pictures(Record(step, scalars=synthetic_scalars(step, rng), histograms=hist))
+            )
+    accumulator = event_accumulator.EventAccumulator(str(sink.path), size_guidance={"images": 0})
+    accumulator.Reload()
+    (heatmap,) = accumulator.Images(keys.HEATMAP)
+    assert heatmap.step == 2 and heatmap.width == 1000
+    assert heatmap.encoded_image_string.startswith(b"\x89PNG")
+    (config,) = accumulator.Tensors(keys.LAYOUT)
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    ours = default_layout()
+    assert [c.title for c in layout.category] == [c.title for c in ours.categories]
+    assert list(layout.category[1].chart[0].multiline.tag) == list(
+        ours.categories[1].charts[0].tags
+    )
+
+
+def test_bad_images_fail_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"PNG-encoded bytes. Received: b'GIF89a"):
+        Image.from_png(b"GIF89a" + bytes(30))
+    sink = TensorBoardSink(tmp_path)
+    with pytest.raises(TypeError, match=r"Images must be gradwatch.record.Image"):
+        sink.write(Record(0, images={"x": b"\x89PNG"}))
+    assert sink.path is None and not list(tmp_path.iterdir())
