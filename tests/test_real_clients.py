@@ -209,6 +209,12 @@ def test_report_in_headless_chromium(report_html, tmp_path):
         "--no-sandbox",
         "--disable-gpu",
         "--allow-file-access-from-files",
+        # No network here: no background connections, no component or sync updates.
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
     ]
     dom = subprocess.run(
         [*common, "--dump-dom", report_html.as_uri()], capture_output=True, text=True, timeout=120
