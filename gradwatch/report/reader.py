@@ -61,7 +61,7 @@ def read_runs(log_dir: Path, progress: Progress | None = None) -> list[Run]:
     runs: dict[Path, Run] = {}
     for path in event_files(log_dir):
         name = os.path.relpath(path.parent, log_dir)
-        run = runs.setdefault(path.parent, Run("." if name == os.curdir else name))
+        run = runs.setdefault(path.parent, Run(path.parent.name if name == os.curdir else name))
         for event in LegacyEventFileLoader(str(path)).Load():
             if progress is not None:
                 progress(event.ByteSize() + _FRAMING)
