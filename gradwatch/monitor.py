@@ -12,7 +12,14 @@ from gradwatch.grouping import Grouping
 from gradwatch.record import Histogram, Record, Sink
 from gradwatch.stats import TensorStats, aggregate, global_norm
 
-__all__ = ["Cadence", "Monitor", "build_histogram_record", "build_record", "check_count"]
+__all__ = [
+    "Cadence",
+    "Monitor",
+    "build_histogram_record",
+    "build_record",
+    "check_count",
+    "check_flag",
+]
 
 
 def check_count(name: str, value: object, *, allow_zero: bool = False) -> int:
@@ -24,6 +31,13 @@ def check_count(name: str, value: object, *, allow_zero: bool = False) -> int:
         meaning = " (0 turns it off)" if allow_zero else ""
         raise ValueError(f"`{name}` must be >= {smallest}{meaning}. Received: {name}={value!r}")
     return int(value)
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Validate a True/False argument."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return value
 
 
 @dataclass(frozen=True)

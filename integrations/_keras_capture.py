@@ -101,6 +101,7 @@ class Capture:
         cadence: Cadence,
         histogram_bins: int,
         strategy: tf.distribute.Strategy,
+        track_update_ratio: bool = False,
     ) -> None:
         _tf_namespace.install()
         self.optimizer = optimizer
@@ -109,6 +110,7 @@ class Capture:
         self.cadence = cadence
         self.bins = histogram_bins
         self.strategy = strategy
+        self.track_update_ratio = track_update_ratio
         self._position = {id(v): i for i, v in enumerate(variables)}
         self._variables = list(variables)
         tensors, groups = len(self._variables), len(grouping.groups)
@@ -116,8 +118,8 @@ class Capture:
         with strategy.scope():
             self.guard_state = _Stored(guard.init(like, groups), "guard")
             self.summary = _Stored(init_summary(like), "summary")
-            # [present, grad norm, max abs, non-finite count, param norm] per tensor
-            self.tensors = _Stored(tf.zeros((5, tensors)), "tensors")
+            # [present, grad norm, max abs, non-finite count, param norm, update norm] per tensor
+            self.tensors = _Stored(tf.zeros((6, tensors)), "tensors")
             self.clip = _Stored(tf.zeros((3,)), "clip")  # threshold, coefficient, clipped norm
             self.histograms = _Stored(tf.zeros((groups, histogram_bins + 4)), "histograms")
             self.marks = _Stored(tf.constant([-1, -1], tf.int64), "marks")  # logged, histogram
@@ -161,9 +163,13 @@ class Capture:
         if decision.clip is not None:  # each replica's share of the clipped aggregate
             for k, value in zip(present, clipped, strict=True):
                 out[k] = tf.cast(value / replicas, grads[k].dtype)
-        if not self.guard.reads_every_step:
-            return original(out, trainable_variables)
-        return self._unless_skipped(decision.skip, original, out, trainable_variables)
+        if self.guard.reads_every_step:
+            self._unless_skipped(decision.skip, original, out, trainable_variables)
+        else:
+            original(out, trainable_variables)
+        if self.track_update_ratio:  # `params` were read before the update
+            after = [tf.cast(variables[k], tf.float32) for k in present]
+            self._store_updates(step, index, after, params)
 
     def _clip_stats(self, total: tf.Tensor, values: list, params: list) -> ClipStats:
         if not isinstance(self.guard.policy, AGC):
@@ -218,6 +224,21 @@ class Capture:
         if self.cadence.histogram_every_n_steps:
             tf.cond(self.cadence.histograms(step), histogram_step, nothing)
 
+    def _store_updates(self, step, index, after, before) -> None:
+        def logging_step() -> tf.Tensor:
+            norms = tf.stack([tf.norm(a - b) for a, b in zip(after, before, strict=True)])
+            rows = self.tensors.read()
+            update = self._scatter(index, norms)
+            self.tensors.write(tf.concat([rows[:5], update[None]], 0))
+            return tf.constant(0)
+
+        tf.cond(self.cadence.logs(step), logging_step, lambda: tf.constant(0))
+
+    def _scatter(self, index, values) -> tf.Tensor:
+        """Per-tensor values of the present tensors, at their places among all tensors."""
+        columns = tf.constant(np.asarray(index)[:, None], tf.int32)
+        return tf.scatter_nd(columns, values, (len(self._variables),))
+
     def _store_tensors(self, index, values, params) -> None:
         rows = [
             tf.ones((len(values),)),
@@ -225,10 +246,9 @@ class Capture:
             tf.stack([tf.reduce_max(tf.abs(v)) for v in values]),
             tf.stack([tf.reduce_sum(tf.cast(~tf.math.is_finite(v), tf.float32)) for v in values]),
             tf.stack([tf.norm(p) for p in params]),
+            tf.zeros((len(values),)),  # the update norms come after the update
         ]
-        columns = tf.constant(np.asarray(index)[:, None], tf.int32)
-        total = len(self._variables)
-        self.tensors.write(tf.stack([tf.scatter_nd(columns, row, (total,)) for row in rows]))
+        self.tensors.write(tf.stack([self._scatter(index, row) for row in rows]))
 
     def _store_histograms(self, index, values) -> None:
         """Per group: [lo, hi, sum, sum of squares, counts...] over its finite values."""
@@ -310,13 +330,20 @@ class Capture:
         return self.guard.events(state.latches, self.grouping.groups)
 
     def _record(self, step: int, histograms: dict[str, Histogram]) -> Record:
-        present, grad_norm, max_abs, nonfinite, param_norm = self.tensors.host()
+        present, grad_norm, max_abs, nonfinite, param_norm, update_norm = self.tensors.host()
         summary = self.summary.host()
         self.summary.reset()
         record = build_record(
             step,
             self.grouping,
-            TensorStats(present > 0, grad_norm, max_abs, nonfinite, param_norm),
+            TensorStats(
+                present > 0,
+                grad_norm,
+                max_abs,
+                nonfinite,
+                param_norm,
+                update_norm if self.track_update_ratio else None,
+            ),
             max_global_norm=float(summary.max_global_norm),
             nonfinite_steps=float(summary.nonfinite_steps),
             histograms=histograms,

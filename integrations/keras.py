@@ -26,7 +26,7 @@ from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import ROOT, Grouping, check_group_by
 from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_events
 from gradwatch.keys import EVENTS
-from gradwatch.monitor import Cadence, Monitor, check_count
+from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Record, Sink
@@ -61,6 +61,8 @@ class GradWatch(keras.callbacks.Callback):
             none.
         group_by: ``"layer"`` (default: one group per layer owning variables),
             ``"variable"``, or a callable from variable path to group name.
+        track_update_ratio: also log ``update_to_param/<group>``, the norm of the update the
+            optimizer made at a logging step over the parameters' norm before it.
         histogram_bins: buckets per histogram.
         clip: ``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``, ``AGC``, a float for
             ``ClipByNorm(float)``, or None. Taken on the aggregated gradient under
@@ -82,6 +84,7 @@ class GradWatch(keras.callbacks.Callback):
         log_every_n_steps: int = 50,
         histogram_every_n_steps: int = 0,
         group_by: GroupBy = "layer",
+        track_update_ratio: bool = False,
         histogram_bins: int = 30,
         clip: Policy | float | None = None,
         on_nonfinite: str = "warn",
@@ -97,6 +100,7 @@ class GradWatch(keras.callbacks.Callback):
         self.log_dir = log_dir if log_dir is None else os.fspath(log_dir)
         self.cadence = Cadence(log_every_n_steps, histogram_every_n_steps)
         self.group_by = check_group_by(group_by, _RULES, "variable path")
+        self.track_update_ratio = check_flag("track_update_ratio", track_update_ratio)
         self.histogram_bins = check_count("histogram_bins", histogram_bins)
         self.guard = Guard.configure(
             clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
@@ -137,6 +141,7 @@ class GradWatch(keras.callbacks.Callback):
             self.cadence,
             self.histogram_bins,
             model.distribute_strategy,
+            self.track_update_ratio,
         )
         capture, original = self._capture, type(target).apply.__get__(target)
 

@@ -32,7 +32,7 @@ from gradwatch.grouping import GroupBy, check_group_by
 from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_events
 from gradwatch.integrations.torch import TorchEngine
 from gradwatch.keys import EVENTS
-from gradwatch.monitor import Cadence, Monitor, check_count
+from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Record, Sink
@@ -86,12 +86,6 @@ def _check_log_dir(log_dir: object) -> str | None:
     if log_dir is None or isinstance(log_dir, (str, os.PathLike)):
         return None if log_dir is None else os.fspath(log_dir)
     raise TypeError(f"`log_dir` must be a path or None. Received: log_dir={log_dir!r}")
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False. Received: {name}={value!r}")
-    return value
 
 
 class GradWatch(Callback):
@@ -151,7 +145,7 @@ class GradWatch(Callback):
         )
         self.group_by = check_group_by(group_by)
         self.log_dir = _check_log_dir(log_dir)
-        self.track_update_ratio = _check_flag("track_update_ratio", track_update_ratio)
+        self.track_update_ratio = check_flag("track_update_ratio", track_update_ratio)
         self.histogram_bins = check_count("histogram_bins", histogram_bins)
         self.guard = Guard.configure(
             clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing

@@ -124,6 +124,21 @@ def test_event_files_are_in_the_train_folder_beside_keras_tensorboard(tmp_path):
     assert histogram.num == 8 * 32 + 32  # the hidden layer's kernel and bias
 
 
+@pytest.mark.parametrize("mode", ["auto", "eager"])
+def test_update_ratio_is_the_sgd_step_over_the_parameter_norm(mode):
+    x, y = regression_data(32)
+    model = mlp()
+    model.compile(keras.optimizers.SGD(0.1), "mse", **MODES[mode])
+    sink = MemorySink()
+    watch = GradWatch(log_dir=None, log_every_n_steps=1, track_update_ratio=True, sinks=[sink])
+    quiet_fit(model, x, y, [watch], batch_size=32, epochs=3)
+    for record in sink.records:
+        s = record.scalars
+        for layer in ("net/hidden", "net/head"):
+            expected = 0.1 * s[f"grad_norm/{layer}"] / s[f"param_norm/{layer}"]
+            assert s[f"update_to_param/{layer}"] == pytest.approx(expected, rel=1e-3)
+
+
 def test_group_by_variable_and_callable():
     x, y = regression_data(32)
     for group_by, expected in [
@@ -310,6 +325,7 @@ def test_the_optimizer_works_without_gradwatch_after_fit(tmp_path):
         ({"clip": "yes"}, "clip"),
         ({"clip": AutoClip}, "clip"),
         ({"log_dir": 3}, "log_dir"),
+        ({"track_update_ratio": "yes"}, "track_update_ratio"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
