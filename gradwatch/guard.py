@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 from gradwatch.detectors import (
@@ -20,6 +21,7 @@ from gradwatch.detectors import (
     Latch,
     NonFinite,
     Vanishing,
+    entries_of,
     latch,
     new_latch,
 )
@@ -95,7 +97,7 @@ class Guard:
         if not isinstance(self.vanishing, Vanishing):
             raise TypeError(f"`vanishing` must be a Vanishing. Received: {self.vanishing!r}")
 
-    @property
+    @cached_property
     def active(self) -> tuple[tuple[str, Any, str], ...]:
         """``(kind, detector, action)`` of every kind not ignored, in a fixed order."""
         detectors = {
@@ -106,10 +108,15 @@ class Guard:
         actions = {k: getattr(self, f"on_{k}") for k in KINDS}
         return tuple((k, detectors[k], actions[k]) for k in KINDS if actions[k] != "ignore")
 
-    @property
+    @cached_property
     def reads_every_step(self) -> bool:
         """Whether an action needs the host to know this step's verdict before the step."""
         return any(action == "skip" for _, _, action in self.active)
+
+    @cached_property
+    def can_stop(self) -> bool:
+        """Whether a detector's action is ``"stop"`` (else ``Decision.stop`` is always false)."""
+        return any(action == "stop" for _, _, action in self.active)
 
     def init(self, like: Array, groups: int) -> GuardState:
         return GuardState(
@@ -122,20 +129,25 @@ class Guard:
         self, stats: DetectStats, clip_stats: ClipStats, state: GuardState, step: Array
     ) -> tuple[Decision, GuardState]:
         xp = namespace_of(stats.global_norm)
-        false = xp.zeros_like(stats.global_norm) != 0
-        skip, stop = false, false
+        acting: dict[str, list[Array]] = {"skip": [], "stop": []}
         detector_states, latches = [], []
+        shared = entries_of(stats) if self.active else None  # once for every detector
         for (kind, detector, action), d_state, l_state in zip(
             self.active, state.detectors, state.latches, strict=True
         ):
-            verdict, d_state = detector.update(stats, d_state)
-            # Group spikes are reported; only the whole gradient's norm acts (a small group's
-            # norm may jump tenfold harmlessly; a NaN anywhere makes the global norm NaN too).
-            fired = xp.any(verdict.flag) if kind == "vanishing" else verdict.flag[0]
-            skip = skip | (fired & (action == "skip"))
-            stop = stop | (fired & (action == "stop"))
+            verdict, d_state = detector.evaluate(shared, d_state)
+            if action in acting:
+                # Group spikes are reported; only the whole gradient's norm acts (a small
+                # group's norm may jump tenfold harmlessly; a NaN anywhere makes the global
+                # norm NaN too).
+                fired = xp.any(verdict.flag) if kind == "vanishing" else verdict.flag[0]
+                acting[action].append(fired)
             detector_states.append(d_state)
             latches.append(latch(l_state, verdict, step))
+        false = None
+        if not (acting["skip"] and acting["stop"]):
+            false = xp.zeros_like(stats.global_norm) != 0
+        skip, stop = (_any(flags, false) for flags in acting.values())
         clip, policy_state = None, state.policy
         if self.policy is not None:
             clip, policy_state = self.policy.update(clip_stats, state.policy)
@@ -159,6 +171,16 @@ class Guard:
                         }
                     )
         return sorted(found, key=lambda e: (e["step"], e["kind"], e["group"]))
+
+
+def _any(flags: list[Array], false: Array) -> Array:
+    """Whether any of the scalar bools ``flags`` is set (``false`` when there are none)."""
+    if not flags:
+        return false
+    found = flags[0]
+    for flag in flags[1:]:
+        found = found | flag
+    return found
 
 
 def events_markdown(events: list[dict]) -> str:

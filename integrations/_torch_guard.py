@@ -18,6 +18,7 @@ import torch
 from gradwatch.detectors import DetectStats, Latch, new_latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard, GuardState
+from gradwatch.integrations._shards import local
 from gradwatch.policies import AGC, ClipStats
 
 __all__ = ["GuardRun", "TorchGuard"]
@@ -84,14 +85,19 @@ class TorchGuard:
         step: int,
     ) -> bool:
         """Decide for this step and apply the decision; return whether the step is skipped."""
-        stats = DetectStats(global_norm, self._group_norms(run, indices, norms))
-        step_value = torch.full((), step, dtype=torch.int64, device=norms.device)
-        decision, run.state = self.guard.update(
+        guard = self.guard
+        if guard.active:
+            stats = DetectStats(global_norm, self._group_norms(run, indices, norms))
+            step_value = torch.full((), step, dtype=torch.int64, device=norms.device)
+        else:  # no detector looks at the groups or the step
+            stats, step_value = DetectStats(global_norm, norms[:0]), None
+        decision, run.state = guard.update(
             stats, self._clip_stats(grads, params, global_norm), run.state, step_value
         )
         run.last = decision
-        run.stop_flag.push(decision.stop)
-        if self.guard.reads_every_step and bool(decision.skip):
+        if guard.can_stop:
+            run.stop_flag.push(decision.stop)
+        if guard.reads_every_step and bool(decision.skip):
             return True
         if decision.clip is not None:
             _apply(decision, grads)
@@ -166,7 +172,7 @@ class TorchGuard:
         return ClipStats(
             global_norm,
             torch.cat([_unit_norms(g) for g in grads]),
-            torch.cat([_unit_norms(p.detach()) for p in params]),
+            torch.cat([_unit_norms(local(p).detach()) for p in params]),
         )
 
 
