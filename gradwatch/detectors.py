@@ -231,12 +231,15 @@ class Latch(NamedTuple):
     threshold: Array
 
 
-def new_latch(like: Array, entries: int) -> Latch:
-    """An empty latch; steps are int64 so that no step count is ever rounded."""
+def new_latch(like: Array, shape: int | tuple[int, ...]) -> Latch:
+    """An empty latch of ``shape`` (entries, or detectors x entries); steps are int64 so that
+    no step count is ever rounded."""
     xp = namespace_of(like)
-    zeros = _zeros(like, entries)
-    steps = xp.zeros((entries,), dtype=xp.int64, device=getattr(like, "device", None))
-    fired = xp.zeros((entries,), dtype=xp.bool, device=getattr(like, "device", None))
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    device = getattr(like, "device", None)
+    zeros = xp.zeros(shape, dtype=like.dtype, device=device)
+    steps = xp.zeros(shape, dtype=xp.int64, device=device)
+    fired = xp.zeros(shape, dtype=xp.bool, device=device)
     return Latch(fired, steps, zeros, zeros)
 
 

@@ -21,6 +21,7 @@ from gradwatch.detectors import (
     Latch,
     NonFinite,
     Vanishing,
+    Verdict,
     entries_of,
     latch,
     new_latch,
@@ -72,7 +73,13 @@ class Decision(NamedTuple):
 class GuardState(NamedTuple):
     policy: Any
     detectors: tuple[Any, ...]
-    latches: tuple[Latch, ...]
+    latch: Latch  # [active detectors, 1 + groups]: every detector's latch in one update
+
+    @property
+    def latches(self) -> tuple[Latch, ...]:
+        """The latch of each active detector, in the order of :attr:`Guard.active`."""
+        rows = self.latch.fired.shape[0]
+        return tuple(Latch(*(part[row] for part in self.latch)) for row in range(rows))
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ class Guard:
         return GuardState(
             policy=None if self.policy is None else self.policy.init(like),
             detectors=tuple(d.init(like, groups) for _, d, _ in self.active),
-            latches=tuple(new_latch(like, 1 + groups) for _ in self.active),
+            latch=new_latch(like, (len(self.active), 1 + groups)),
         )
 
     def update(
@@ -130,11 +137,9 @@ class Guard:
     ) -> tuple[Decision, GuardState]:
         xp = namespace_of(stats.global_norm)
         acting: dict[str, list[Array]] = {"skip": [], "stop": []}
-        detector_states, latches = [], []
+        detector_states, verdicts = [], []
         shared = entries_of(stats) if self.active else None  # once for every detector
-        for (kind, detector, action), d_state, l_state in zip(
-            self.active, state.detectors, state.latches, strict=True
-        ):
+        for (kind, detector, action), d_state in zip(self.active, state.detectors, strict=True):
             verdict, d_state = detector.evaluate(shared, d_state)
             if action in acting:
                 # Group spikes are reported; only the whole gradient's norm acts (a small
@@ -143,7 +148,11 @@ class Guard:
                 fired = xp.any(verdict.flag) if kind == "vanishing" else verdict.flag[0]
                 acting[action].append(fired)
             detector_states.append(d_state)
-            latches.append(latch(l_state, verdict, step))
+            verdicts.append(verdict)
+        latched = state.latch
+        if verdicts:  # one latch update for all detectors, on their stacked verdicts
+            stacked = Verdict(*(xp.stack(part) for part in zip(*verdicts, strict=True)))
+            latched = latch(latched, stacked, step)
         false = None
         if not (acting["skip"] and acting["stop"]):
             false = xp.zeros_like(stats.global_norm) != 0
@@ -152,7 +161,7 @@ class Guard:
         if self.policy is not None:
             clip, policy_state = self.policy.update(clip_stats, state.policy)
         decision = Decision(clip, skip, stop)
-        return decision, GuardState(policy_state, tuple(detector_states), tuple(latches))
+        return decision, GuardState(policy_state, tuple(detector_states), latched)
 
     def events(self, latches: tuple[Latch, ...], groups: tuple[str, ...]) -> list[dict]:
         """The detections in host copies of the latches, as plain records (step order)."""

@@ -134,18 +134,18 @@ class TorchGuard:
 
     def drain(self, run: GuardRun) -> list[dict]:
         """Read and reset the latched detections (one small host copy)."""
-        if not run.state.latches:
+        state = run.state.latch
+        if state.fired.shape[0] == 0:  # no detector
             return []
-        device_rows = [
-            torch.stack([s.fired.double(), s.step.double(), s.value.double(), s.threshold.double()])
-            for s in run.state.latches
-        ]
-        host = torch.stack(device_rows).cpu().numpy()  # [detectors, 4, entries]
-        latches = tuple(Latch(row[0] > 0, row[1], row[2], row[3]) for row in host)
-        like, size = run.state.latches[0].value, len(self.grouping.groups) + 1
-        run.state = run.state._replace(
-            latches=tuple(new_latch(like, size) for _ in run.state.latches)
+        parts = [state.fired.double(), state.step.double(), state.value.double()]
+        host = (
+            torch.stack([*parts, state.threshold.double()]).cpu().numpy()
+        )  # [4, detectors, entries]
+        latches = tuple(
+            Latch(host[0, row] > 0, host[1, row], host[2, row], host[3, row])
+            for row in range(host.shape[1])
         )
+        run.state = run.state._replace(latch=new_latch(state.value, tuple(state.fired.shape)))
         return self.guard.events(latches, self.grouping.groups)
 
     def clip_values(self, run: GuardRun, clipped_norm: torch.Tensor) -> torch.Tensor | None:
