@@ -6,6 +6,9 @@
 Prints, in milliseconds: the per-step call (host time, and device time measured with CUDA
 events), a bare ``torch._foreach_norm`` for reference, each part of a logging step, and the
 cost of writing one record through Lightning's TensorBoardLogger and through gradwatch's sink.
+Then the per-step call for each guard configuration against ``clip_grad_norm_(foreach=True)``,
+interleaved over ``--rounds`` rounds (median and min of the rounds: on a busy machine the min
+is the steadier figure).
 With CUDA it also runs the per-step calls under ``torch.cuda.set_sync_debug_mode("error")``,
 which raises on any host synchronisation.
 """
@@ -13,6 +16,7 @@ which raises on any host synchronisation.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from overhead import MODELS, CausalLM
+from torch.nn.utils import clip_grad_norm_
 
+from gradwatch.guard import Guard
 from gradwatch.integrations.torch import TorchEngine
 from gradwatch.monitor import Cadence
+from gradwatch.policies import AutoClip, ClipByNorm
 from gradwatch.sinks import TensorBoardSink
 
 
@@ -49,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=list(MODELS), default="small")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -100,6 +108,44 @@ def main() -> None:
     print(f"{'part':58} {'host ms':>9} {'device ms':>10}")
     for name, (host, dev) in rows.items():
         print(f"{name:58} {host:9.3f} {dev:10.3f}")
+    per_step(model, optimizer, args, cuda)
+
+
+def per_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace, cuda: bool
+) -> None:
+    """The per-step call by guard configuration, against clip_grad_norm_, rounds interleaved."""
+    params = list(model.parameters())
+    off = {"on_nonfinite": "ignore", "on_explosion": "ignore", "on_vanishing": "ignore"}
+    guards = {
+        "detection off": Guard(**off),
+        "defaults (3 detectors, warn)": Guard(),
+        "defaults + ClipByNorm": Guard(policy=ClipByNorm(1e9)),
+        "defaults + AutoClip": Guard(policy=AutoClip()),
+        "ClipByNorm, detection off": Guard(policy=ClipByNorm(1e9), **off),
+    }
+
+    def engine_call(guard: Guard) -> Callable[[], object]:
+        engine = TorchEngine(model.named_parameters(), cadence=Cadence(10**9), guard=guard)
+        engine.before_optimizer_step(optimizer)  # count 0: the logging step
+        engine.after_optimizer_step()
+
+        def call() -> None:
+            engine.before_optimizer_step(optimizer)
+            engine.should_stop()
+
+        return call
+
+    calls = {"clip_grad_norm_(foreach=True)": lambda: clip_grad_norm_(params, 1e9, foreach=True)}
+    calls.update({name: engine_call(guard) for name, guard in guards.items()})
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, fn in calls.items():
+            times[name].append(timed(fn, args.repeats, cuda)[1])
+    print(f"\nper-step call, {args.rounds} interleaved rounds of {args.repeats} calls")
+    print(f"{'configuration':58} {'median ms':>9} {'min ms':>10}")
+    for name, ms in times.items():
+        print(f"{name:58} {statistics.median(ms):9.3f} {min(ms):10.3f}")
 
 
 if __name__ == "__main__":

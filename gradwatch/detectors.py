@@ -19,11 +19,13 @@ from gradwatch.namespace import namespace_of
 
 __all__ = [
     "DetectStats",
+    "Entries",
     "Explosion",
     "Latch",
     "NonFinite",
     "Vanishing",
     "Verdict",
+    "entries_of",
     "latch",
     "new_latch",
 ]
@@ -47,9 +49,19 @@ class Verdict(NamedTuple):
     threshold: Array
 
 
-def _entries(stats: DetectStats) -> Array:
+class Entries(NamedTuple):
+    """What every detector looks at, taken once per step for all of them: the norms as one
+    vector ``[1 + groups]`` (the global norm, then each group) and which of them are finite."""
+
+    values: Array
+    finite: Array
+
+
+def entries_of(stats: DetectStats) -> Entries:
+    """The :class:`Entries` of one step's norms."""
     xp = namespace_of(stats.group_norms)
-    return xp.concat([xp.reshape(stats.global_norm, (1,)), stats.group_norms])
+    values = xp.concat([xp.reshape(stats.global_norm, (1,)), stats.group_norms])
+    return Entries(values, xp.isfinite(values))
 
 
 def _zeros(like: Array, size: int) -> Array:
@@ -69,10 +81,12 @@ class NonFinite:
         return NoState()
 
     def update(self, stats: DetectStats, state: NoState) -> tuple[Verdict, NoState]:
-        xp = namespace_of(stats.group_norms)
-        values = _entries(stats)
-        flag = ~xp.isfinite(values)
-        return Verdict(flag, values, xp.full_like(values, math.inf)), state
+        return self.evaluate(entries_of(stats), state)
+
+    def evaluate(self, entries: Entries, state: NoState) -> tuple[Verdict, NoState]:
+        """:meth:`update` on entries already taken (a guard takes them once for all detectors)."""
+        values, finite = entries
+        return Verdict(~finite, values, namespace_of(values).full_like(values, math.inf)), state
 
 
 class ExplosionState(NamedTuple):
@@ -125,20 +139,27 @@ class Explosion:
         return ExplosionState(_zeros(like, 1 + groups), _zeros(like, 1 + groups))
 
     def update(self, stats: DetectStats, state: ExplosionState) -> tuple[Verdict, ExplosionState]:
-        values = _entries(stats)
+        return self.evaluate(entries_of(stats), state)
+
+    def evaluate(self, entries: Entries, state: ExplosionState) -> tuple[Verdict, ExplosionState]:
+        """:meth:`update` on entries already taken (a guard takes them once for all detectors)."""
+        values, finite = entries
         xp = namespace_of(values)
-        finite = xp.isfinite(values)
-        log_value = xp.log(xp.maximum(xp.where(finite, values, 1.0), _TINY))
+        # log(max(norm, tiny)); a non-finite norm gives log(tiny) or inf here, never learnt from
+        log_value = xp.log(xp.where(values > _TINY, values, _TINY))
         warm = state.count >= self.warmup_steps
-        relative = xp.where(warm, xp.exp(state.log_mean) * self.factor, math.inf)
-        ceiling = math.inf if self.max_norm is None else self.max_norm
-        threshold = xp.minimum(relative, ceiling)
+        threshold = xp.where(warm, xp.exp(state.log_mean) * self.factor, math.inf)
+        if self.max_norm is not None:
+            threshold = xp.minimum(threshold, self.max_norm)
         flag = finite & (values > threshold)
-        learn = finite & ~flag
+        learn = finite ^ flag  # finite and not flagged
+        # Warm-up: the plain mean of the log norms learnt (their count is then count + 1);
+        # afterwards: an exponential moving average. Both move the mean by a step towards
+        # the new log norm.
+        weight = xp.where(warm, 1 - self.beta, 1.0 / (state.count + 1.0))
+        moved = state.log_mean + weight * (log_value - state.log_mean)
+        log_mean = xp.where(learn, moved, state.log_mean)
         count = state.count + xp.astype(learn, state.count.dtype)
-        plain = state.log_mean + (log_value - state.log_mean) / xp.maximum(count, 1.0)
-        moving = self.beta * state.log_mean + (1 - self.beta) * log_value
-        log_mean = xp.where(learn, xp.where(warm, moving, plain), state.log_mean)
         return Verdict(flag, values, threshold), ExplosionState(log_mean, count)
 
 
@@ -179,18 +200,19 @@ class Vanishing:
         return VanishingState(_zeros(like, 1 + groups))
 
     def update(self, stats: DetectStats, state: VanishingState) -> tuple[Verdict, VanishingState]:
-        values = _entries(stats)
+        return self.evaluate(entries_of(stats), state)
+
+    def evaluate(self, entries: Entries, state: VanishingState) -> tuple[Verdict, VanishingState]:
+        """:meth:`update` on entries already taken (a guard takes them once for all detectors)."""
+        values, finite = entries
         xp = namespace_of(values)
-        groups = stats.group_norms
-        largest = xp.max(xp.where(xp.isfinite(groups), groups, 0.0))
-        relative = xp.concat(
-            [
-                xp.zeros((1,), dtype=values.dtype, device=getattr(values, "device", None)),
-                self.ratio * largest * xp.ones_like(groups),
-            ]
+        groups = values[1:]
+        largest = xp.max(xp.where(finite[1:], groups, 0.0))
+        group_bound = xp.maximum(self.ratio * largest, self.floor)
+        threshold = xp.concat(
+            [xp.full_like(values[:1], self.floor), xp.zeros_like(groups) + group_bound]
         )
-        threshold = xp.maximum(relative, self.floor)
-        below = xp.isfinite(values) & ((values < threshold) | (values == 0))
+        below = finite & ((values < threshold) | (values == 0))
         run = xp.where(below, state.below + 1.0, 0.0)
         flag = run == float(self.patience)
         return Verdict(flag, values, threshold), VanishingState(run)
@@ -209,12 +231,15 @@ class Latch(NamedTuple):
     threshold: Array
 
 
-def new_latch(like: Array, entries: int) -> Latch:
-    """An empty latch; steps are int64 so that no step count is ever rounded."""
+def new_latch(like: Array, shape: int | tuple[int, ...]) -> Latch:
+    """An empty latch of ``shape`` (entries, or detectors x entries); steps are int64 so that
+    no step count is ever rounded."""
     xp = namespace_of(like)
-    zeros = _zeros(like, entries)
-    steps = xp.zeros((entries,), dtype=xp.int64, device=getattr(like, "device", None))
-    fired = xp.zeros((entries,), dtype=xp.bool, device=getattr(like, "device", None))
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    device = getattr(like, "device", None)
+    zeros = xp.zeros(shape, dtype=like.dtype, device=device)
+    steps = xp.zeros(shape, dtype=xp.int64, device=device)
+    fired = xp.zeros(shape, dtype=xp.bool, device=device)
     return Latch(fired, steps, zeros, zeros)
 
 

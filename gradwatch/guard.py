@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 from gradwatch.detectors import (
@@ -20,6 +21,8 @@ from gradwatch.detectors import (
     Latch,
     NonFinite,
     Vanishing,
+    Verdict,
+    entries_of,
     latch,
     new_latch,
 )
@@ -70,7 +73,13 @@ class Decision(NamedTuple):
 class GuardState(NamedTuple):
     policy: Any
     detectors: tuple[Any, ...]
-    latches: tuple[Latch, ...]
+    latch: Latch  # [active detectors, 1 + groups]: every detector's latch in one update
+
+    @property
+    def latches(self) -> tuple[Latch, ...]:
+        """The latch of each active detector, in the order of :attr:`Guard.active`."""
+        rows = self.latch.fired.shape[0]
+        return tuple(Latch(*(part[row] for part in self.latch)) for row in range(rows))
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,7 @@ class Guard:
             vanishing=vanishing or Vanishing(),
         )
 
-    @property
+    @cached_property
     def active(self) -> tuple[tuple[str, Any, str], ...]:
         """``(kind, detector, action)`` of every kind not ignored, in a fixed order."""
         detectors = {
@@ -127,41 +136,53 @@ class Guard:
         actions = {k: getattr(self, f"on_{k}") for k in KINDS}
         return tuple((k, detectors[k], actions[k]) for k in KINDS if actions[k] != "ignore")
 
-    @property
+    @cached_property
     def reads_every_step(self) -> bool:
         """Whether an action needs the host to know this step's verdict before the step."""
         return any(action == "skip" for _, _, action in self.active)
+
+    @cached_property
+    def can_stop(self) -> bool:
+        """Whether a detector's action is ``"stop"`` (else ``Decision.stop`` is always false)."""
+        return any(action == "stop" for _, _, action in self.active)
 
     def init(self, like: Array, groups: int) -> GuardState:
         return GuardState(
             policy=None if self.policy is None else self.policy.init(like),
             detectors=tuple(d.init(like, groups) for _, d, _ in self.active),
-            latches=tuple(new_latch(like, 1 + groups) for _ in self.active),
+            latch=new_latch(like, (len(self.active), 1 + groups)),
         )
 
     def update(
         self, stats: DetectStats, clip_stats: ClipStats, state: GuardState, step: Array
     ) -> tuple[Decision, GuardState]:
         xp = namespace_of(stats.global_norm)
-        false = xp.zeros_like(stats.global_norm) != 0
-        skip, stop = false, false
-        detector_states, latches = [], []
-        for (kind, detector, action), d_state, l_state in zip(
-            self.active, state.detectors, state.latches, strict=True
-        ):
-            verdict, d_state = detector.update(stats, d_state)
-            # Group spikes are reported; only the whole gradient's norm acts (a small group's
-            # norm may jump tenfold harmlessly; a NaN anywhere makes the global norm NaN too).
-            fired = xp.any(verdict.flag) if kind == "vanishing" else verdict.flag[0]
-            skip = skip | (fired & (action == "skip"))
-            stop = stop | (fired & (action == "stop"))
+        acting: dict[str, list[Array]] = {"skip": [], "stop": []}
+        detector_states, verdicts = [], []
+        shared = entries_of(stats) if self.active else None  # once for every detector
+        for (kind, detector, action), d_state in zip(self.active, state.detectors, strict=True):
+            verdict, d_state = detector.evaluate(shared, d_state)
+            if action in acting:
+                # Group spikes are reported; only the whole gradient's norm acts (a small
+                # group's norm may jump tenfold harmlessly; a NaN anywhere makes the global
+                # norm NaN too).
+                fired = xp.any(verdict.flag) if kind == "vanishing" else verdict.flag[0]
+                acting[action].append(fired)
             detector_states.append(d_state)
-            latches.append(latch(l_state, verdict, step))
+            verdicts.append(verdict)
+        latched = state.latch
+        if verdicts:  # one latch update for all detectors, on their stacked verdicts
+            stacked = Verdict(*(xp.stack(part) for part in zip(*verdicts, strict=True)))
+            latched = latch(latched, stacked, step)
+        false = None
+        if not (acting["skip"] and acting["stop"]):
+            false = xp.zeros_like(stats.global_norm) != 0
+        skip, stop = (_any(flags, false) for flags in acting.values())
         clip, policy_state = None, state.policy
         if self.policy is not None:
             clip, policy_state = self.policy.update(clip_stats, state.policy)
         decision = Decision(clip, skip, stop)
-        return decision, GuardState(policy_state, tuple(detector_states), tuple(latches))
+        return decision, GuardState(policy_state, tuple(detector_states), latched)
 
     def events(self, latches: tuple[Latch, ...], groups: tuple[str, ...]) -> list[dict]:
         """The detections in host copies of the latches, as plain records (step order)."""
@@ -180,6 +201,16 @@ class Guard:
                         }
                     )
         return sorted(found, key=lambda e: (e["step"], e["kind"], e["group"]))
+
+
+def _any(flags: list[Array], false: Array) -> Array:
+    """Whether any of the scalar bools ``flags`` is set (``false`` when there are none)."""
+    if not flags:
+        return false
+    found = flags[0]
+    for flag in flags[1:]:
+        found = found | flag
+    return found
 
 
 def events_markdown(events: list[dict]) -> str:

@@ -76,8 +76,8 @@ def _count(name: str, value: object, smallest: int) -> int:
 
 def _scale_to(xp: Any, norm: Array, threshold: Array) -> Array:
     """``min(1, threshold / norm)``; 1 where the norm is not finite (that is not clipping's job)."""
-    scale = xp.minimum(threshold / xp.maximum(norm, _TINY), 1.0)
-    return xp.where(xp.isfinite(norm), scale, xp.ones_like(scale))
+    over = (norm > threshold) & (norm < math.inf)
+    return xp.where(over, threshold / xp.where(norm > _TINY, norm, _TINY), 1.0)
 
 
 def _scalar(like: Array, value: float) -> Array:
@@ -185,21 +185,22 @@ class AutoClip:
         position = xp.astype(state.count % self.history, slots.dtype)
         history = xp.where((slots == position) & finite, norm, state.history)
         count = state.count + xp.astype(finite, state.count.dtype)
-        threshold = _percentile(
-            xp, history, xp.minimum(count, float(self.history)), self.percentile
-        )
-        threshold = xp.where(count > 0, threshold, xp.full_like(norm, math.inf))
+        threshold = _percentile(xp, history, count, self.percentile)
+        threshold = xp.where(count > 0, threshold, math.inf)
         return Clip(_scale_to(xp, norm, threshold), threshold), AutoClipState(history, count)
 
 
-def _percentile(xp: Any, values: Array, n: Array, percentile: float) -> Array:
-    """numpy's linear-interpolation percentile of the ``n`` finite entries of ``values``."""
+def _percentile(xp: Any, values: Array, count: Array, percentile: float) -> Array:
+    """numpy's linear-interpolation percentile of the finite entries of ``values``, of which
+    there are ``min(count, len(values))`` (at least one is assumed)."""
     ordered = xp.sort(values)  # +inf (empty slots) sort last
-    rank = xp.maximum(n - 1.0, 0.0) * (percentile / 100.0)
+    last = xp.minimum(xp.maximum(count, 1.0), float(values.shape[0])) - 1.0
+    rank = last * (percentile / 100.0)
     below = xp.floor(rank)
-    above = xp.minimum(below + 1.0, xp.maximum(n - 1.0, 0.0))
-    low = xp.take(ordered, xp.reshape(xp.astype(below, xp.int64), (1,)))[0]
-    high = xp.take(ordered, xp.reshape(xp.astype(above, xp.int64), (1,)))[0]
+    above = xp.minimum(below + 1.0, last)
+    index = xp.astype(xp.concat([xp.reshape(below, (1,)), xp.reshape(above, (1,))]), xp.int64)
+    pair = xp.take(ordered, index)  # one gather for both neighbours
+    low, high = pair[0], pair[1]
     return low + (high - low) * (rank - below)
 
 

@@ -324,9 +324,8 @@ class Capture:
         state = self.guard_state.host()
         if not state.latches:
             return []
-        entries = len(self.grouping.groups) + 1
-        fresh = tuple(new_latch(np.zeros((), np.float32), entries) for _ in state.latches)
-        self.guard_state.write(state._replace(latches=fresh))
+        fresh = new_latch(np.zeros((), np.float32), state.latch.fired.shape)
+        self.guard_state.write(state._replace(latch=fresh))
         return self.guard.events(state.latches, self.grouping.groups)
 
     def _record(self, step: int, histograms: dict[str, Histogram]) -> Record:

@@ -85,6 +85,10 @@ def concat(arrays: Any, axis: int = 0) -> tf.Tensor:
     return tf.concat(list(arrays), axis=axis)
 
 
+def stack(arrays: Any, axis: int = 0) -> tf.Tensor:
+    return tf.stack(list(arrays), axis=axis)
+
+
 def take(a: Any, indices: Any, axis: int | None = None) -> tf.Tensor:
     return tf.gather(a, indices, axis=axis or 0)
 

@@ -18,6 +18,7 @@ import torch
 from gradwatch.detectors import DetectStats, Latch, new_latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard, GuardState
+from gradwatch.integrations._shards import local
 from gradwatch.policies import AGC, ClipStats
 
 __all__ = ["GuardRun", "TorchGuard"]
@@ -84,14 +85,19 @@ class TorchGuard:
         step: int,
     ) -> bool:
         """Decide for this step and apply the decision; return whether the step is skipped."""
-        stats = DetectStats(global_norm, self._group_norms(run, indices, norms))
-        step_value = torch.full((), step, dtype=torch.int64, device=norms.device)
-        decision, run.state = self.guard.update(
+        guard = self.guard
+        if guard.active:
+            stats = DetectStats(global_norm, self._group_norms(run, indices, norms))
+            step_value = torch.full((), step, dtype=torch.int64, device=norms.device)
+        else:  # no detector looks at the groups or the step
+            stats, step_value = DetectStats(global_norm, norms[:0]), None
+        decision, run.state = guard.update(
             stats, self._clip_stats(grads, params, global_norm), run.state, step_value
         )
         run.last = decision
-        run.stop_flag.push(decision.stop)
-        if self.guard.reads_every_step and bool(decision.skip):
+        if guard.can_stop:
+            run.stop_flag.push(decision.stop)
+        if guard.reads_every_step and bool(decision.skip):
             return True
         if decision.clip is not None:
             _apply(decision, grads)
@@ -128,18 +134,18 @@ class TorchGuard:
 
     def drain(self, run: GuardRun) -> list[dict]:
         """Read and reset the latched detections (one small host copy)."""
-        if not run.state.latches:
+        state = run.state.latch
+        if state.fired.shape[0] == 0:  # no detector
             return []
-        device_rows = [
-            torch.stack([s.fired.double(), s.step.double(), s.value.double(), s.threshold.double()])
-            for s in run.state.latches
-        ]
-        host = torch.stack(device_rows).cpu().numpy()  # [detectors, 4, entries]
-        latches = tuple(Latch(row[0] > 0, row[1], row[2], row[3]) for row in host)
-        like, size = run.state.latches[0].value, len(self.grouping.groups) + 1
-        run.state = run.state._replace(
-            latches=tuple(new_latch(like, size) for _ in run.state.latches)
+        parts = [state.fired.double(), state.step.double(), state.value.double()]
+        host = (
+            torch.stack([*parts, state.threshold.double()]).cpu().numpy()
+        )  # [4, detectors, entries]
+        latches = tuple(
+            Latch(host[0, row] > 0, host[1, row], host[2, row], host[3, row])
+            for row in range(host.shape[1])
         )
+        run.state = run.state._replace(latch=new_latch(state.value, tuple(state.fired.shape)))
         return self.guard.events(latches, self.grouping.groups)
 
     def clip_values(self, run: GuardRun, clipped_norm: torch.Tensor) -> torch.Tensor | None:
@@ -166,7 +172,7 @@ class TorchGuard:
         return ClipStats(
             global_norm,
             torch.cat([_unit_norms(g) for g in grads]),
-            torch.cat([_unit_norms(p.detach()) for p in params]),
+            torch.cat([_unit_norms(local(p).detach()) for p in params]),
         )
 
 

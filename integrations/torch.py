@@ -160,9 +160,8 @@ class TorchEngine:
                 self.guard.load_state_dict(state.guard, self._restored_guards[state.index])
         state.summary = update_summary(state.summary, total)
         number = count if step is None else step
-        local_params = [local(p).detach() for p in params]
         assert state.guard is not None
-        if self.guard.step(state.guard, indices, local_params, local_grads, norms, total, number):
+        if self.guard.step(state.guard, indices, params, local_grads, norms, total, number):
             self.skipped.append(number)
             for p in params:
                 p.grad = None  # the optimizer leaves these parameters and their state alone
