@@ -42,8 +42,8 @@ def train(
     gradient-flow pictures.
     """
     sink, losses = MemorySink(), []
-    # histograms (and with them the pictures, which take a moment to draw) twice per run
-    options = {"log_every_n_steps": 5, "histogram_every_n_steps": max(steps // 2, 1)}
+    # histograms, and with them the pictures (a moment to draw), at the start and mid-run
+    options = {"log_every_n_steps": 5, "histogram_every_n_steps": steps // 2 + 1}
     options.update(watch_options)
     with warnings.catch_warnings():  # the lessons are about these: one warning per kind is enough
         warnings.simplefilter("once", GradWatchWarning)
@@ -75,10 +75,15 @@ def sci(x: float) -> str:
     return "nan" if not math.isfinite(x) else f"{x:.0e}"
 
 
-def write_report(log_dir: Path) -> Path:
-    """``gradwatch report LOGDIR -o LOGDIR/report.html``."""
-    (path,) = report(log_dir, log_dir / "report.html", quiet=True)
-    print(f"report: {path}   TensorBoard: tensorboard --logdir {log_dir}")
+def write_report(log_dir: Path) -> Path | None:
+    """``gradwatch report LOGDIR -o LOGDIR/report.html``; None without matplotlib."""
+    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    try:
+        (path,) = report(log_dir, log_dir / "report.html", quiet=True)
+    except ImportError as error:  # matplotlib is optional: pip install "gradwatch[report]"
+        print(f"no report: {error}")
+        return None
+    print(f"report: {path}")
     return path
 
 

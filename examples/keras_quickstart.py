@@ -45,8 +45,11 @@ def main(log_dir: str, epochs: int) -> None:
     scaled = sum(c < n for c, n in zip(clipped, norms, strict=True))  # AutoClip's 10th percentile
     print(f"global gradient norm {norms[0]:.3g} at the start, {norms[-1]:.3g} at the end; ", end="")
     print(f"clipped at {scaled} of {len(norms)} logged steps; detections: {len(watch.events)}")
-    (path,) = report(log_dir, f"{log_dir}/report.html", quiet=True)
-    print(f"report: {path}; TensorBoard: tensorboard --logdir {log_dir}")
+    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    try:
+        print("report:", *report(log_dir, f"{log_dir}/report.html", quiet=True))
+    except ImportError as error:  # matplotlib is optional: pip install "gradwatch[report]"
+        print(f"no report: {error}")
 
 
 if __name__ == "__main__":

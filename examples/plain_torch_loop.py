@@ -47,8 +47,11 @@ def main(log_dir: str, steps: int) -> None:
         if tag.startswith("grad_norm/"):
             print(f" {tag.removeprefix('grad_norm/')}: {value:.2g}", end="")
     print()
-    (path,) = report(log_dir, f"{log_dir}/report.html", quiet=True)
-    print(f"report: {path}; event files in {log_dir}")
+    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    try:
+        print("report:", *report(log_dir, f"{log_dir}/report.html", quiet=True))
+    except ImportError as error:  # matplotlib is optional: pip install "gradwatch[report]"
+        print(f"no report: {error}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def main(log_dir: str, steps: int, seed: int = 0) -> dict[str, dict]:
         data = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
         model = Regressor(spike_at)
         watch = GradWatch(
-            log_dir=str(Path(log_dir) / name), histogram_every_n_steps=steps // 2, **options
+            log_dir=str(Path(log_dir) / name), histogram_every_n_steps=steps // 2 + 1, **options
         )
         trainer = L.Trainer(
             max_steps=steps,
