@@ -7,7 +7,8 @@ gradient step after step; the LSTM's cell state and the GRU's update path are ad
 gates learn to keep them open. gradwatch's per-layer norms cannot show time steps (the weights
 are shared across them), so this script measures d loss / d input_t for each t itself, at the
 start and after training, and writes it to TensorBoard with the time step t on the x axis
-(run `<net>/by_time_step`, tags `input_grad/start` and `input_grad/trained`).
+(run `<net>/by_time_step`, tags `input_grad/start` and `input_grad/trained`), and draws it in
+`by_time_step.png`.
 
 python examples/recurrent.py --log-dir logs/recurrent --steps 200
 tensorboard --logdir logs/recurrent     # or open logs/recurrent/report.html
@@ -48,9 +49,24 @@ def input_gradients(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.grad.norm(dim=(0, 2))
 
 
+def draw(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], steps: int, path: Path) -> None:
+    """``|d loss / d x_t|`` against t, one colour per net: dashed at the start, solid trained."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:  # matplotlib is optional: pip install "gradwatch[report]"
+        return
+    axes = (figure := Figure(figsize=(6.4, 3.6), layout="constrained")).subplots()
+    for (name, (start, end)), colour in zip(curves.items(), ("C3", "C0", "C2"), strict=False):
+        axes.semilogy(start, "--", color=colour, label=f"{name}, step 0")
+        axes.semilogy(end, color=colour, label=f"{name}, step {steps}")
+    axes.set(xlabel="time step t", ylabel="|d loss / d input_t|", title="gradient through time")
+    axes.legend(fontsize=8, ncols=3)
+    figure.savefig(path, dpi=80)
+
+
 def main(log_dir: str, steps: int, seed: int = 0, length: int = 50) -> dict[str, list[float]]:
     """Train each net; return ``|d loss / d x_0| / |d loss / d x_last|`` at the start and end."""
-    found = {}
+    found, curves = {}, {}
     for name, cell in {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}.items():
         torch.manual_seed(seed)
         model, probe = Reader(cell), torch.randn(128, length, FEATURES)
@@ -68,11 +84,13 @@ def main(log_dir: str, steps: int, seed: int = 0, length: int = 50) -> dict[str,
                 scalars = {"input_grad/start": float(start[t]), "input_grad/trained": float(end[t])}
                 sink.write(Record(step=t, scalars=scalars))
         found[name] = [float(start[0] / start[-1]), float(end[0] / end[-1])]
+        curves[name] = (start, end)
         print(
             f"{name:>4}: gradient reaching step 0 is {sci(found[name][0])} of the last step's "
             f"at the start, {sci(found[name][1])} after {steps} steps; "
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
         )
+    draw(curves, steps, Path(log_dir) / "by_time_step.png")
     write_report(Path(log_dir))
     return found
 

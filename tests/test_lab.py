@@ -74,6 +74,7 @@ def test_recurrent_the_plain_rnns_gradient_decays_fastest_through_time(example, 
 
     by_time = read_events(str(next((tmp_path / "rnn" / "by_time_step").glob("events.*"))))
     assert len(by_time.Scalars("input_grad/start")) == 50
+    assert (tmp_path / "by_time_step.png").exists() == HAS_MATPLOTLIB
 
 
 def test_transformers_post_norm_starves_the_early_blocks(example, tmp_path):
