@@ -10,7 +10,7 @@ learning (Xiong et al. 2020, "On Layer Normalization in the Transformer Architec
 Each block is one gradwatch group (``group_by`` takes a callable), so the depth profile has one
 point per block.
 
-python examples/transformers_depth.py --log-dir logs/transformers --steps 100
+python examples/transformers_depth.py --log-dir logs/transformers --steps 60
 tensorboard --logdir logs/transformers     # or open logs/transformers/report.html
 """
 
@@ -86,6 +86,6 @@ def ratio(step_norms: dict[str, float], blocks: list[str]) -> float:
 
 
 if __name__ == "__main__":
-    parser = arguments(__doc__, steps=100, log_dir="logs/transformers")
+    parser = arguments(__doc__, steps=60, log_dir="logs/transformers")
     parser.add_argument("--depth", type=int, default=24)
     main(**vars(parser.parse_args()))
