@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from gradwatch import MemorySink
-from gradwatch.guard import GradWatchWarning
 from gradwatch.integrations.torch import TorchGradWatch
 from gradwatch.report import report
 
@@ -45,18 +44,22 @@ def train(
     # histograms, and with them the pictures (a moment to draw), at the start and mid-run
     options = {"log_every_n_steps": 5, "histogram_every_n_steps": steps // 2 + 1}
     options.update(watch_options)
-    with warnings.catch_warnings():  # the lessons are about these: one warning per kind is enough
-        warnings.simplefilter("once", GradWatchWarning)
-        with TorchGradWatch(model, log_dir, sinks=[sink], **options) as watch:  # type: ignore[arg-type]
-            for _ in range(steps):
-                value = loss()
-                optimizer.zero_grad()
-                value.backward()
-                watch.before_optimizer_step(optimizer)
-                optimizer.step()
-                watch.after_optimizer_step()
-                losses.append(value.item())
+    with TorchGradWatch(model, log_dir, sinks=[sink], **options) as watch:  # type: ignore[arg-type]
+        for _ in range(steps):
+            value = loss()
+            optimizer.zero_grad()
+            value.backward()
+            watch.before_optimizer_step(optimizer)
+            optimizer.step()
+            watch.after_optimizer_step()
+            losses.append(value.item())
     return sink, losses
+
+
+def detections(sink: MemorySink) -> str:
+    """What gradwatch's detectors flagged, e.g. ``16 vanishing``, or ``none``."""
+    kinds = Counter(event["kind"] for record in sink.records for event in record.events)
+    return ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "none"
 
 
 def norms(sink: MemorySink, step: int = 0) -> dict[str, float]:

@@ -15,7 +15,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from _lab import DeepMLP, arguments, batches, linears, norms, regression, sci, train, write_report
+from _lab import (
+    DeepMLP,
+    arguments,
+    batches,
+    detections,
+    linears,
+    norms,
+    regression,
+    sci,
+    train,
+    write_report,
+)
 from torch import nn
 
 NETS = {
@@ -48,7 +59,8 @@ def main(log_dir: str, steps: int, seed: int = 0, depth: int = 20) -> dict[str, 
         ratios[name] = first / last
         print(
             f"{name:>17}: layer 1 gradient is {sci(first / last)} of layer {depth}'s "
-            f"({sci(first)} vs {sci(last)}); loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            f"({sci(first)} vs {sci(last)}); loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+            f"detections: {detections(sink)}"
         )
     write_report(Path(log_dir))
     return ratios

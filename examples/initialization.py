@@ -15,7 +15,18 @@ import math
 from pathlib import Path
 
 import torch
-from _lab import DeepMLP, arguments, batches, linears, norms, regression, sci, train, write_report
+from _lab import (
+    DeepMLP,
+    arguments,
+    batches,
+    detections,
+    linears,
+    norms,
+    regression,
+    sci,
+    train,
+    write_report,
+)
 from torch import nn
 
 INITS = {  # name: (activation, gain)
@@ -51,7 +62,7 @@ def main(log_dir: str, steps: int, seed: int = 0) -> dict[str, dict[str, float]]
         print(
             f"{name:>11} (gain {gain:.2f}): gradient norm {sci(total)} at step 0, "
             f"layer 1 gets {sci(first / last)} of layer 20's; loss {losses[0]:.3g} -> "
-            f"{losses[-1]:.3g}"
+            f"{losses[-1]:.3g}; detections: {detections(sink)}"
         )
     write_report(Path(log_dir))
     return found
