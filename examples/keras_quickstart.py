@@ -1,7 +1,9 @@
 """gradwatch in Keras' model.fit: one callback, beside Keras' own TensorBoard callback.
 
+A MemorySink keeps the same records in Python for the verdict; `gradwatch report` draws them.
+
 python examples/keras_quickstart.py --log-dir logs/keras --epochs 5
-tensorboard --logdir logs/keras
+tensorboard --logdir logs/keras     # or open logs/keras/report.html
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import argparse
 import keras
 import numpy as np
 
+from gradwatch import MemorySink
 from gradwatch.integrations.keras import GradWatch
 from gradwatch.policies import AutoClip
+from gradwatch.report import report
 
 
 def main(log_dir: str, epochs: int) -> None:
@@ -30,10 +34,22 @@ def main(log_dir: str, epochs: int) -> None:
         name="regressor",
     )
     model.compile(keras.optimizers.Adam(1e-3), "mse")
-    watch = GradWatch(log_every_n_steps=10, histogram_every_n_steps=50, clip=AutoClip())
+    sink = MemorySink()
+    watch = GradWatch(
+        log_every_n_steps=10, histogram_every_n_steps=50, clip=AutoClip(), sinks=[sink]
+    )
     board = keras.callbacks.TensorBoard(log_dir=log_dir, update_freq=10)  # gradwatch joins it
     model.fit(x, y, batch_size=64, epochs=epochs, verbose=2, callbacks=[board, watch])
-    print(f"detections: {len(watch.events)}; TensorBoard: tensorboard --logdir {log_dir}")
+    norms = [value for _, value in sink.scalars("grad_norm_total/global")]
+    clipped = [value for _, value in sink.scalars("grad_norm_total/clipped")]
+    scaled = sum(c < n for c, n in zip(clipped, norms, strict=True))  # AutoClip's 10th percentile
+    print(f"global gradient norm {norms[0]:.3g} at the start, {norms[-1]:.3g} at the end; ", end="")
+    print(f"clipped at {scaled} of {len(norms)} logged steps; detections: {len(watch.events)}")
+    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    try:
+        print("report:", *report(log_dir, f"{log_dir}/report.html", quiet=True))
+    except ImportError as error:  # matplotlib is optional: pip install "gradwatch[report]"
+        print(f"no report: {error}")
 
 
 if __name__ == "__main__":
