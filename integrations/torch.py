@@ -20,6 +20,7 @@ In a plain PyTorch loop, two calls are all it takes::
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 
 from gradwatch import keys
+from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, Grouping
-from gradwatch.guard import Guard, events_markdown
+from gradwatch.guard import Guard, events_markdown, report_events
 from gradwatch.integrations._shards import ShardReducer, local
 from gradwatch.integrations._torch_guard import GuardRun, TorchGuard
 from gradwatch.monitor import (
@@ -43,6 +45,8 @@ from gradwatch.pictures import FlowPictures
 from gradwatch.record import Histogram, Record, Sink
 from gradwatch.sinks import TensorBoardSink
 from gradwatch.stats import StepSummary, TensorStats, global_norm, init_summary, update_summary
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TorchEngine", "TorchGradWatch"]
 
@@ -378,6 +382,12 @@ class TorchGradWatch:
         group_by: see :class:`TorchEngine`.
         track_update_ratio: see :class:`TorchEngine`.
         sinks: extra sinks (for example a :class:`gradwatch.sinks.MemorySink`).
+        clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing: as for the
+            Lightning callback. ``"skip"`` drops the step inside ``before_optimizer_step``
+            (every ``p.grad`` set to None, so ``optimizer.step()`` leaves the parameters and
+            their state alone); ``"stop"`` makes :attr:`should_stop` true: end your loop then.
+
+    Detections are kept on ``events`` and warned as :class:`GradWatchWarning`.
     """
 
     def __init__(
@@ -390,16 +400,28 @@ class TorchGradWatch:
         group_by: GroupBy = "module",
         track_update_ratio: bool = False,
         sinks: Sequence[Sink] = (),
+        clip: object = None,
+        on_nonfinite: str = "warn",
+        on_explosion: str = "warn",
+        on_vanishing: str = "warn",
+        explosion: Explosion | None = None,
+        vanishing: Vanishing | None = None,
     ) -> None:
+        guard = Guard.configure(
+            clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
+        )
         self.engine = TorchEngine(
             model.named_parameters(),
             group_by=group_by,
             cadence=Cadence(log_every_n_steps, histogram_every_n_steps),
             track_update_ratio=track_update_ratio,
+            guard=guard,
         )
         outputs = [TensorBoardSink(log_dir)] if log_dir is not None else []
         pictures = FlowPictures(images=histogram_every_n_steps > 0)
         self.monitor = Monitor([*outputs, *sinks], pictures=pictures)
+        self.events: list[dict] = []
+        self.should_stop = False
 
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, step: int | None = None
@@ -408,7 +430,19 @@ class TorchGradWatch:
 
     def after_optimizer_step(self) -> None:
         for record in self.engine.after_optimizer_step():
+            self._report(record.events)
             self.monitor.write(record)
+        if not self.should_stop and self.engine.should_stop():
+            self.should_stop = True
+            events = self.engine.drain_events()
+            self._report(events)
+            if events:
+                step = max(e["step"] for e in events)
+                self.monitor.write(Record(step, texts={keys.EVENTS: events_markdown(events)}))
+
+    def _report(self, events: list[dict]) -> None:
+        self.events.extend(events)
+        report_events(events, log)
 
     def close(self) -> None:
         self.monitor.close()

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradwatch.detectors import Explosion
+from gradwatch.guard import GradWatchWarning
 from gradwatch.integrations.torch import TorchEngine, TorchGradWatch
 from gradwatch.monitor import Cadence
 from gradwatch.sinks import MemorySink
@@ -182,3 +184,40 @@ def test_several_optimizers_get_their_own_total_tags():
     assert "grad_norm_total/global" in one.scalars and "grad_norm/2" not in one.scalars
     assert "grad_norm_total/global_optimizer1" in two.scalars and "grad_norm/0" not in two.scalars
     assert engine.state_dict()["optimizer_steps"] == [1, 1]
+
+
+def test_plain_loop_wrapper_skips_stops_and_warns():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    watch = TorchGradWatch(
+        model,
+        None,
+        log_every_n_steps=1,
+        on_nonfinite="skip",
+        on_explosion="stop",
+        explosion=Explosion(warmup_steps=3),
+    )
+    stopped_at = None
+    with pytest.warns(GradWatchWarning, match="nonfinite"):
+        for step in range(12):
+            optimizer.zero_grad()
+            scale = 1e6 if step == 8 else 1.0
+            torch.nn.functional.mse_loss(model(x * scale), y * scale).backward()
+            if step == 5:
+                model[2].weight.grad[0, 0] = float("nan")
+                before = [p.detach().clone() for p in model.parameters()]
+            watch.before_optimizer_step(optimizer)
+            optimizer.step()
+            if step == 5:
+                assert all(
+                    torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+                )
+            watch.after_optimizer_step()
+            if watch.should_stop:
+                stopped_at = step
+                break
+    kinds = {(e["kind"], e["step"]) for e in watch.events}
+    assert ("nonfinite", 5) in kinds and ("explosion", 8) in kinds
+    assert stopped_at == 8
