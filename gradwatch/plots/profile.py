@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = ["depth_profile", "nearest_columns"]
 
-_GAP = 0.3  # inches between the two panels
+_GAP = 0.5  # inches between the two panels: room for both edge tick labels
 _ROW_LINES = {"colors": "#b0b0b0", "linewidths": 0.8, "alpha": 0.3, "zorder": 0.5}
 
 
