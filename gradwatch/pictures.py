@@ -4,17 +4,25 @@ Every adapter builds the same records, so one :class:`FlowPictures` in the monit
 Lightning, Keras and plain loops the same pictures::
 
     monitor = Monitor(sinks, pictures=FlowPictures(images=histogram_every_n_steps > 0))
+
+Drawing two pictures costs a few hundred milliseconds of matplotlib, so by default they are
+drawn by one background thread (matplotlib's object-oriented API on the Agg canvas, never
+pyplot) from a snapshot of the history; the monitor writes them, from its own thread, at a
+later write or at close.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import importlib.util
 import warnings
 
 from gradwatch import keys
-from gradwatch.flow import FlowHistory
+from gradwatch.flow import FlowHistory, FlowMatrix
 from gradwatch.layout import Layout, default_layout
+from gradwatch.monitor import check_flag
 from gradwatch.record import Image, Record
 
 __all__ = ["FlowPictures"]
@@ -23,19 +31,25 @@ _NO_MATPLOTLIB = (
     "gradwatch draws its gradient-flow images with matplotlib, which is not installed; "
     "histograms are still written. Install it with: pip install 'gradwatch[report]'"
 )
+_MAX_PENDING = 2  # pictures the worker may be behind by; one more waits for the oldest
+FINISH_TIMEOUT_S = 120.0  # how long closing waits for pictures still being drawn
 
 
 class FlowPictures:
     """Remember each logging step's per-group norms; draw the pictures at the histogram cadence.
 
-    A record holding histograms gets the heatmap (every logged step so far) and the depth
-    profile (the last logged step) as images. The first record holding scalars gets the
-    Custom Scalars ``layout``. Records passed in are not changed: a copy is returned.
+    At a record holding histograms, the heatmap (every logged step so far) and the depth
+    profile (the last logged step) are drawn. With ``background=True`` (the default) a worker
+    thread draws them and :meth:`ready` / :meth:`finish` return them later as records of their
+    own, at that record's step (a :class:`~gradwatch.monitor.Monitor` writes those); with
+    ``background=False`` they are added to the record itself. The first record holding scalars
+    gets the Custom Scalars ``layout``. Records passed in are not changed: a copy is returned.
 
     Args:
         images: draw the images (needs matplotlib: without it, a warning and no images).
         layout: the Custom Scalars layout to write once, or None for none.
         max_columns: logged steps kept for the heatmap (older ones are merged in pairs).
+        background: draw on a worker thread instead of the caller's.
 
     Example:
         >>> pictures = FlowPictures(images=False)
@@ -49,6 +63,7 @@ class FlowPictures:
         images: bool = True,
         layout: Layout | None = default_layout(),  # noqa: B008 (immutable)
         max_columns: int = 512,
+        background: bool = True,
     ) -> None:
         if not isinstance(images, bool):
             raise TypeError(f"`images` must be True or False. Received: images={images!r}")
@@ -58,8 +73,13 @@ class FlowPictures:
             warnings.warn(_NO_MATPLOTLIB, stacklevel=2)
             images = False
         self.images = images
+        self.background = check_flag("background", background)
         self.history = FlowHistory(max_columns)
         self._layout = layout
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: collections.deque[tuple[int, concurrent.futures.Future]] = (
+            collections.deque()
+        )
 
     def __call__(self, record: Record) -> Record:
         """Return ``record`` with the pictures (and the layout) it should carry."""
@@ -68,15 +88,82 @@ class FlowPictures:
         if self._layout is not None and record.scalars:
             changes["layout"], self._layout = self._layout, None
         if self.images and record.histograms and len(self.history):
-            changes["images"] = {**record.images, **self.draw()}
+            if self.background:
+                self._submit(record.step)
+            else:
+                changes["images"] = {**record.images, **self.draw()}
         return dataclasses.replace(record, **changes) if changes else record
 
     def draw(self, steps: list[int] | None = None) -> dict[str, Image]:
         """The heatmap and the depth profile (at ``steps``, default the last logged) now."""
-        from gradwatch import plots
+        return _draw(self.history.matrix(), steps)
 
-        flow = self.history.matrix()
-        return {
-            keys.HEATMAP: Image.from_png(plots.png_bytes(plots.heatmap(flow))),
-            keys.DEPTH_PROFILE: Image.from_png(plots.png_bytes(plots.depth_profile(flow, steps))),
-        }
+    @property
+    def pending(self) -> int:
+        """Pictures handed to the worker and not yet returned by :meth:`ready` or :meth:`finish`."""
+        return len(self._pending)
+
+    def ready(self) -> list[Record]:
+        """Records of the pictures the worker has finished, oldest first, without waiting."""
+        records = []
+        while self._pending and self._pending[0][1].done():
+            records.extend(_collect(*self._pending.popleft()))
+        return records
+
+    def finish(self, timeout: float = FINISH_TIMEOUT_S) -> list[Record]:
+        """Wait (at most ``timeout`` seconds) for the pictures still being drawn; return their
+        records, oldest first, and stop the worker (a later picture starts a new one).
+
+        Pictures not finished in time are dropped with a warning, so that closing after an
+        error never hangs; a picture that failed to draw is reported the same way.
+        """
+        futures = [future for _, future in self._pending]
+        _, late = concurrent.futures.wait(futures, timeout=timeout)
+        records = []
+        while self._pending:
+            step, future = self._pending.popleft()
+            if future in late:
+                future.cancel()
+                warnings.warn(
+                    f"gradwatch dropped the gradient-flow pictures of step {step}: still drawing "
+                    f"after {timeout:g} s",
+                    stacklevel=2,
+                )
+            else:
+                records.extend(_collect(step, future))
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
+        return records
+
+    def _submit(self, step: int) -> None:
+        flow = self.history.matrix()  # a snapshot: the worker never reads the live history
+        drawing = [future for _, future in self._pending if not future.done()]
+        if len(drawing) >= _MAX_PENDING:  # drawing is slower than the cadence: wait, not queue
+            concurrent.futures.wait(drawing[:1])
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="gradwatch-pictures"
+            )
+        self._pending.append((step, self._worker.submit(_draw, flow)))
+
+
+def _draw(flow: FlowMatrix, steps: list[int] | None = None) -> dict[str, Image]:
+    from gradwatch import plots
+
+    return {
+        keys.HEATMAP: Image.from_png(plots.png_bytes(plots.heatmap(flow))),
+        keys.DEPTH_PROFILE: Image.from_png(plots.png_bytes(plots.depth_profile(flow, steps))),
+    }
+
+
+def _collect(step: int, future: concurrent.futures.Future) -> list[Record]:
+    """The record of a finished drawing, or none (and a warning) when it failed."""
+    error = future.exception()
+    if error is not None:
+        warnings.warn(
+            f"gradwatch could not draw the gradient-flow pictures of step {step}: {error!r}",
+            stacklevel=3,
+        )
+        return []
+    return [Record(step, images=future.result())]

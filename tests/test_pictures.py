@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -150,7 +153,7 @@ def test_pictures_are_pngs_of_a_readable_size():
 def test_images_only_at_histogram_records_and_the_layout_once():
     pytest.importorskip("matplotlib")
     sink = MemorySink()
-    monitor = Monitor([sink], pictures=FlowPictures())
+    monitor = Monitor([sink], pictures=FlowPictures(background=False))
     rng = np.random.default_rng(2)
     first = Record(
         0, scalars=synthetic_scalars(0, rng), histograms={"grad_hist/embed": histogram()}
@@ -161,6 +164,111 @@ def test_images_only_at_histogram_records_and_the_layout_once():
     assert [bool(r.images) for r in sink.records] == [True, False, True]
     assert [r.layout is not None for r in sink.records] == [True, False, False]
     assert not first.images and first.layout is None  # the adapter's record is not changed
+
+
+class ThreadSink(MemorySink):
+    """A memory sink that remembers which thread wrote each record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def write(self, record: Record) -> None:
+        self.threads.append(threading.get_ident())
+        super().write(record)
+
+
+def write_run(monitor: Monitor, steps=range(12), every=4) -> None:
+    rng = np.random.default_rng(4)
+    for step in steps:
+        hist = {"grad_hist/embed": histogram()} if (step + 1) % every == 0 else {}
+        monitor.write(Record(step, scalars=synthetic_scalars(step, rng), histograms=hist))
+
+
+def test_background_pictures_are_written_by_the_caller_at_their_steps_and_all_by_close():
+    pytest.importorskip("matplotlib")
+    sink, pictures = ThreadSink(), FlowPictures()
+    monitor = Monitor([sink], pictures=pictures)
+    write_run(monitor)
+    monitor.close()
+    assert pictures.pending == 0 and sink._closed
+    drawn = [r for r in sink.records if r.images]
+    assert [r.step for r in drawn] == [3, 7, 11]  # the histogram steps, in order
+    assert all(set(r.images) == {keys.HEATMAP, keys.DEPTH_PROFILE} for r in drawn)
+    assert all(not r.scalars and not r.histograms for r in drawn)  # records of their own
+    assert set(sink.threads) == {threading.get_ident()}  # never written by the worker
+
+    synchronous = MemorySink()
+    write_run(Monitor([synchronous], pictures=FlowPictures(background=False)))
+    same = {r.step: r.images for r in synchronous.records if r.images}
+    assert {r.step: r.images for r in drawn} == same  # the same PNG bytes
+
+
+def gated_draw(monkeypatch) -> threading.Event:
+    """Make the worker wait for the returned event before drawing."""
+    import gradwatch.pictures
+
+    gate, real = threading.Event(), gradwatch.pictures._draw
+
+    def draw(flow, steps=None):
+        gate.wait()
+        return real(flow, steps)
+
+    monkeypatch.setattr(gradwatch.pictures, "_draw", draw)
+    return gate
+
+
+def test_finished_pictures_are_written_at_the_next_write(monkeypatch):
+    pytest.importorskip("matplotlib")
+    gate = gated_draw(monkeypatch)
+    sink, pictures = MemorySink(), FlowPictures()
+    monitor = Monitor([sink], pictures=pictures)
+    write_run(monitor, steps=range(4))
+    assert pictures.pending == 1 and not any(r.images for r in sink.records)
+    gate.set()
+    concurrent.futures.wait([future for _, future in pictures._pending])
+    write_run(monitor, steps=[4])
+    assert pictures.pending == 0 and [r.step for r in sink.records if r.images] == [3]
+    monitor.close()
+
+
+def test_closing_never_waits_past_the_timeout_and_failures_only_warn(monkeypatch):
+    pytest.importorskip("matplotlib")
+    import gradwatch.pictures
+
+    release = gated_draw(monkeypatch)
+    pictures = FlowPictures()
+    monitor = Monitor([MemorySink()], pictures=pictures)
+    write_run(monitor, steps=range(4))
+    with pytest.warns(UserWarning, match=r"dropped the gradient-flow pictures of step 3"):
+        assert pictures.finish(timeout=0.01) == []
+    release.set()
+
+    def broken(flow, steps=None):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(gradwatch.pictures, "_draw", broken)
+    sink = MemorySink()
+    monitor = Monitor([sink], pictures=FlowPictures())
+    # Reported at the write after the failure, or at close: whichever sees it first.
+    with pytest.warns(UserWarning, match=r"could not draw .* step 3: RuntimeError\('no fonts'\)"):
+        write_run(monitor, steps=range(4))
+        monitor.close()
+    assert sink._closed and not any(r.images for r in sink.records)
+
+
+def test_the_worker_never_runs_more_than_two_pictures_behind(monkeypatch):
+    pytest.importorskip("matplotlib")
+    release = gated_draw(monkeypatch)
+    pictures = FlowPictures()
+    rng = np.random.default_rng(5)
+    for step in range(2):
+        pictures(Record(step, scalars=synthetic_scalars(step, rng), histograms={"h": histogram()}))
+    assert pictures.pending == 2
+    threading.Timer(0.05, release.set).start()  # the third waits for the first to finish
+    pictures(Record(2, scalars=synthetic_scalars(2, rng), histograms={"h": histogram()}))
+    assert pictures.pending == 3 and pictures._pending[0][1].done()
+    assert [r.step for r in pictures.finish()] == [0, 1, 2]
 
 
 def test_without_matplotlib_images_are_off_with_a_warning(monkeypatch):
@@ -184,7 +292,11 @@ def test_no_sinks_no_pictures():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"images": "yes"}, r"`images` must be True or False"), ({"layout": {}}, r"`layout` must be")],
+    [
+        ({"images": "yes"}, r"`images` must be True or False"),
+        ({"layout": {}}, r"`layout` must be"),
+        ({"background": 1}, r"`background` must be True or False. Received: background=1"),
+    ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(TypeError, match=message):
@@ -201,7 +313,7 @@ def test_chart_patterns_must_be_regular_expressions():
 
 def test_images_and_layout_read_back_by_tensorboard(tmp_path):
     pytest.importorskip("matplotlib")
-    pictures = FlowPictures()
+    pictures = FlowPictures(background=False)
     rng = np.random.default_rng(3)
     with TensorBoardSink(tmp_path) as sink:
         for step in range(3):

@@ -9,7 +9,7 @@ import numpy as np
 
 from gradwatch.flow import FlowMatrix
 from gradwatch.plots import _scale
-from gradwatch.plots._figure import new_figure, short_label
+from gradwatch.plots._figure import axes_box, new_figure, text_width
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 __all__ = ["bin_columns", "heatmap"]
 
 MAX_COLUMNS = 400  # about two pixels per column at the figure's width
+_BAR_WIDTH = 0.25  # inches: the colour bar
+_BAR_MARGIN = 1.2  # inches right of the heatmap: gap, colour bar, its ticks and label
 
 
 def bin_columns(
@@ -56,7 +58,14 @@ def heatmap(flow: FlowMatrix, *, title: str = "gradient flow") -> Figure:
     rows = len(flow.groups)
     lo, hi = _scale.log_limits(norm)
     figure = new_figure(10.0, _scale.rows_height(rows))
-    axes = figure.add_subplot()
+    labels = _scale.row_labels(flow.groups)
+    size = _scale.label_size(rows)
+    label_width = text_width(figure, labels.values(), size)
+    left = _scale.left_margin(label_width)
+    x, y, width, height = axes_box(
+        figure, left=left, right=_BAR_MARGIN, top=_scale.TOP, bottom=_scale.BOTTOM
+    )
+    axes = figure.add_axes((x, y, width, height))
     with np.errstate(divide="ignore"):
         logs = np.log10(np.where(np.isfinite(norm), norm, np.nan))
     logs[norm == 0] = lo - 1.0  # drawn in the "under" colour
@@ -76,16 +85,24 @@ def heatmap(flow: FlowMatrix, *, title: str = "gradient flow") -> Figure:
             interpolation="nearest",
             cmap=_single(_scale.NONFINITE),
         )
-    _label_rows(axes, flow.groups)
+    axes.set_yticks(list(labels), list(labels.values()), fontsize=size)
     _label_steps(axes, steps)
+    inch = figure.get_size_inches()
+    bar_axes = figure.add_axes((x + width + 0.1 / inch[0], y, _BAR_WIDTH / inch[0], height))
     below = bool((np.nan_to_num(logs, nan=np.inf) < lo).any())
-    bar = figure.colorbar(image, ax=axes, extend="min" if below else "neither", pad=0.01)
+    bar = figure.colorbar(image, cax=bar_axes, extend="min" if below else "neither")
     bar.set_label("log10 gradient norm")
-    _legend(axes, zero=bool((norm == 0).any()), nonfinite=nonfinite.any(), missing=np.isnan(norm))
+    _legend(
+        axes,
+        x,
+        zero=bool((norm == 0).any()),
+        nonfinite=bool(nonfinite.any()),
+        missing=bool(np.isnan(norm).any()),
+    )
     span = f"steps {steps[0]} to {steps[-1]}" if len(steps) else "no steps"
     axes.set_title(f"{title}: log10 gradient norm per group ({span})", fontsize=11)
     axes.set_xlabel("step")
-    axes.set_ylabel("group (input → output)")
+    _scale.place_axis_labels(axes, label_width)
     return figure
 
 
@@ -102,13 +119,6 @@ def _single(colour: str):
     return ListedColormap([colour])
 
 
-def _label_rows(axes, groups: tuple[str, ...]) -> None:
-    every = _scale.label_every(len(groups))
-    rows = np.arange(0, len(groups), every)
-    axes.set_yticks(rows, [short_label(groups[i]) for i in rows])
-    axes.tick_params(axis="y", labelsize=_scale.label_size(len(groups)))
-
-
 def _label_steps(axes, steps: np.ndarray) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -118,7 +128,7 @@ def _label_steps(axes, steps: np.ndarray) -> None:
     axes.set_xticks(ticks, [str(int(steps[t])) for t in ticks])
 
 
-def _legend(axes, *, zero: bool, nonfinite: bool, missing: np.ndarray) -> None:
+def _legend(axes, x: float, *, zero: bool, nonfinite: bool, missing: bool) -> None:
     from matplotlib.patches import Patch
 
     handles = []
@@ -126,13 +136,14 @@ def _legend(axes, *, zero: bool, nonfinite: bool, missing: np.ndarray) -> None:
         handles.append(Patch(color=_scale.ZERO, label="zero (or far below the scale)"))
     if nonfinite:
         handles.append(Patch(color=_scale.NONFINITE, label="NaN / Inf"))
-    if missing.any():
+    if missing:
         handles.append(Patch(color=_scale.MISSING, label="not logged"))
     if handles:
         axes.legend(
             handles=handles,
-            loc="upper left",
-            bbox_to_anchor=(0.0, -0.08 if len(handles) else 0.0),
+            loc="lower left",
+            bbox_to_anchor=(x, 0.0),
+            bbox_transform=axes.figure.transFigure,
             ncols=len(handles),
             fontsize=8,
             frameon=False,

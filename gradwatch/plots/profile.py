@@ -9,13 +9,16 @@ import numpy as np
 
 from gradwatch.flow import FlowMatrix
 from gradwatch.plots import _scale
-from gradwatch.plots._figure import new_figure, short_label
+from gradwatch.plots._figure import axes_box, new_figure, text_width
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = ["depth_profile", "nearest_columns"]
+
+_GAP = 0.5  # inches between the two panels: room for both edge tick labels
+_ROW_LINES = {"colors": "#b0b0b0", "linewidths": 0.8, "alpha": 0.3, "zorder": 0.5}
 
 
 def nearest_columns(logged: np.ndarray, steps: Sequence[int] | None) -> list[int]:
@@ -39,19 +42,31 @@ def depth_profile(flow: FlowMatrix, steps: Sequence[int] | None = None) -> Figur
     rows = len(flow.groups)
     columns = nearest_columns(flow.steps, steps)
     figure = new_figure(10.0, _scale.rows_height(rows))
-    left, right = figure.subplots(1, 2, sharey=True)
+    labels = _scale.row_labels(flow.groups)
+    size = _scale.label_size(rows)
+    label_width = text_width(figure, labels.values(), size)
+    x, y, width, height = axes_box(
+        figure,
+        left=_scale.left_margin(label_width),
+        right=0.25,
+        top=_scale.TOP,
+        bottom=_scale.BOTTOM,
+    )
+    gap = _GAP / figure.get_size_inches()[0]
+    panel = (width - gap) / 2
+    left = figure.add_axes((x, y, panel, height))
+    right = figure.add_axes((x + panel + gap, y, panel, height))
     for axes, values, name in (
         (left, flow.norm, "gradient norm"),
         (right, flow.ratio, "gradient norm / parameter norm"),
     ):
-        _panel(axes, values, columns, flow.steps)
+        _panel(axes, values, columns, flow.steps, list(labels))
+        axes.set_ylim(rows - 0.5, -0.5)  # depth goes down, like the heatmap
         axes.set_xlabel(f"{name} (log scale)")
-    every = _scale.label_every(rows)
-    labelled = np.arange(0, rows, every)
-    left.set_yticks(labelled, [short_label(flow.groups[i]) for i in labelled])
-    left.tick_params(axis="y", labelsize=_scale.label_size(rows))
-    left.set_ylim(rows - 0.5, -0.5)  # depth goes down, like the heatmap
-    left.set_ylabel("group (input → output)")
+    left.set_yticks(list(labels), list(labels.values()), fontsize=size)
+    right.set_yticks([])
+    _scale.place_axis_labels(left, label_width)
+    right.xaxis.set_label_coords(*left.xaxis.label.get_position())
     shown = ", ".join(str(int(flow.steps[c])) for c in columns) or "none logged"
     figure.suptitle(f"depth profile at step {shown}", fontsize=11)
     legend = {}
@@ -60,12 +75,21 @@ def depth_profile(flow: FlowMatrix, steps: Sequence[int] | None = None) -> Figur
             legend.setdefault(label, handle)
     if legend:
         figure.legend(
-            legend.values(), legend.keys(), loc="outside lower center", ncols=6, fontsize=8
+            legend.values(),
+            legend.keys(),
+            loc="lower center",
+            bbox_to_anchor=(x + width / 2, 0.0),
+            ncols=6,
+            fontsize=8,
         )
     return figure
 
 
-def _panel(axes: Axes, values: np.ndarray, columns: list[int], steps: np.ndarray) -> None:
+def _panel(
+    axes: Axes, values: np.ndarray, columns: list[int], steps: np.ndarray, labelled: list[int]
+) -> None:
+    from matplotlib.ticker import LogLocator, NullFormatter
+
     rows = np.arange(values.shape[0])
     lo, hi = _scale.log_limits(values[:, columns] if columns else values)
     left_edge, right_edge = 10 ** (lo - 0.3), 10 ** (hi + 0.3)
@@ -95,5 +119,11 @@ def _panel(axes: Axes, values: np.ndarray, columns: list[int], steps: np.ndarray
             label="NaN / Inf",
         )
     axes.set_xscale("log")
+    # Minor ticks at 2 and 5 only: each tick is an object to build and draw, 8 a decade cost most
+    # of the panel's time across many decades.
+    axes.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlim(left_edge / 2, right_edge * 2)
-    axes.grid(True, which="major", alpha=0.3)
+    axes.grid(True, axis="x", which="major", alpha=0.3)
+    # Row lines as one collection: a grid of 50 y ticks per panel costs a tick object each.
+    axes.hlines(labelled, 0, 1, transform=axes.get_yaxis_transform(), **_ROW_LINES)

@@ -32,7 +32,7 @@ def timeline(series: Mapping[str, Series], events: Sequence[dict] = ()) -> Figur
     ``series`` keys are ``"global"``, ``"max since last log"``, ``"clipped"`` and
     ``"threshold"`` (each optional). Non-finite values are drawn as red ticks on the top edge.
     """
-    figure = new_figure(10.0, 4.2)
+    figure = new_figure(10.0, 4.2, layout="constrained")  # drawn once, for the report
     axes = figure.add_subplot()
     finite = [v[np.isfinite(v) & (v > 0)] for _, v in series.values()]
     lo, hi = _scale.log_limits(np.concatenate(finite) if finite else np.array([]))

@@ -129,7 +129,9 @@ class Probe(Callback):
             self.local_sizes[name] = _local(p.grad).numel()
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        records = [as_json(r) for r in self.memory.records]
+        # The engine's records; rank 0 also writes its pictures, drawn in the background, as
+        # records of their own.
+        records = [as_json(r) for r in self.memory.records if r.scalars or r.histograms]
         result = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
