@@ -38,9 +38,9 @@ from gradwatch.stats import TensorStats, global_norm, init_summary, update_summa
 __all__ = ["Capture"]
 
 _ON_READ = {
-    "trainable": False,
     # Every replica computes the same value (from the all-reduced gradient) and keeps its own
-    # copy; a read outside the step returns the first replica's.
+    # copy; a read outside the step returns the first replica's. Only under a strategy with
+    # several replicas: on one device plain variables need no distribution machinery.
     "synchronization": tf.VariableSynchronization.ON_READ,
     "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
 }
@@ -49,11 +49,14 @@ _ON_READ = {
 class _Stored:
     """A (nested) NamedTuple of arrays kept in variables between steps; ``None`` stays None."""
 
-    def __init__(self, value: Any, name: str) -> None:
+    def __init__(self, value: Any, name: str, replicated: bool) -> None:
         self._structure = value
         self._initial = tf.nest.flatten(value)
+        options = _ON_READ if replicated else {}
         self.variables = [
-            None if leaf is None else tf.Variable(leaf, name=f"gradwatch_{name}_{i}", **_ON_READ)
+            None
+            if leaf is None
+            else tf.Variable(leaf, name=f"gradwatch_{name}_{i}", trainable=False, **options)
             for i, leaf in enumerate(self._initial)
         ]
 
@@ -115,15 +118,19 @@ class Capture:
         self._variables = list(variables)
         tensors, groups = len(self._variables), len(grouping.groups)
         like = tf.zeros((), tf.float32)
+
+        def stored(value: Any, name: str) -> _Stored:
+            return _Stored(value, name, replicated=strategy.num_replicas_in_sync > 1)
+
         with strategy.scope():
-            self.guard_state = _Stored(guard.init(like, groups), "guard")
-            self.summary = _Stored(init_summary(like), "summary")
+            self.guard_state = stored(guard.init(like, groups), "guard")
+            self.summary = stored(init_summary(like), "summary")
             # [present, grad norm, max abs, non-finite count, param norm, update norm] per tensor
-            self.tensors = _Stored(tf.zeros((6, tensors)), "tensors")
-            self.clip = _Stored(tf.zeros((3,)), "clip")  # threshold, coefficient, clipped norm
-            self.histograms = _Stored(tf.zeros((groups, histogram_bins + 4)), "histograms")
-            self.marks = _Stored(tf.constant([-1, -1], tf.int64), "marks")  # logged, histogram
-            self.stop = _Stored(tf.constant(False), "stop")
+            self.tensors = stored(tf.zeros((6, tensors)), "tensors")
+            self.clip = stored(tf.zeros((3,)), "clip")  # threshold, coefficient, clipped norm
+            self.histograms = stored(tf.zeros((groups, histogram_bins + 4)), "histograms")
+            self.marks = stored(tf.constant([-1, -1], tf.int64), "marks")  # logged, histogram
+            self.stop = stored(tf.constant(False), "stop")
 
     # -- in the train step -------------------------------------------------------------------
 
