@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from gradwatch import keys
 from gradwatch.detectors import (
     DetectStats,
     Explosion,
@@ -28,6 +29,7 @@ from gradwatch.detectors import (
 )
 from gradwatch.namespace import namespace_of
 from gradwatch.policies import Clip, ClipStats, Policy, as_policy
+from gradwatch.record import Record
 
 __all__ = [
     "ACTIONS",
@@ -36,6 +38,7 @@ __all__ = [
     "Guard",
     "GuardState",
     "check_action",
+    "attach_events",
     "events_markdown",
     "report_events",
 ]
@@ -211,6 +214,14 @@ def _any(flags: list[Array], false: Array) -> Array:
     for flag in flags[1:]:
         found = found | flag
     return found
+
+
+def attach_events(record: Record, events: list[dict]) -> Record:
+    """Put detections on ``record``: kept as data, and written as a Markdown table."""
+    record.events = events
+    if events:
+        record.texts[keys.EVENTS] = events_markdown(events)
+    return record
 
 
 def events_markdown(events: list[dict]) -> str:

@@ -24,8 +24,7 @@ import keras
 
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import ROOT, Grouping, check_group_by
-from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_events
-from gradwatch.keys import EVENTS
+from gradwatch.guard import GradWatchWarning, Guard, attach_events, report_events
 from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
@@ -113,7 +112,6 @@ class GradWatch(keras.callbacks.Callback):
         self._target: Any = None
         self._monitor: Monitor | None = None
         self._marks = (-1, -1)
-        self._reads_stop = any(action == "stop" for _, _, action in self.guard.active)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -164,20 +162,15 @@ class GradWatch(keras.callbacks.Callback):
         self._marks = tuple(marks)
         for record in records:
             if record.scalars:  # a logging step: its detections go with it
-                record.events = self._capture.drain()
-                if record.events:
-                    record.texts[EVENTS] = events_markdown(record.events)
+                attach_events(record, self._capture.drain())
             self._report(record.events)
             self._monitor.write(record)
-        if self._reads_stop and not self.model.stop_training and self._capture.should_stop():
+        if self.guard.can_stop and not self.model.stop_training and self._capture.should_stop():
             self.model.stop_training = True
             self.stopped_at = int(self.model.optimizer.iterations.numpy())
             events = self._capture.drain()
             self._report(events)
-            if events:
-                self._monitor.write(
-                    Record(self.stopped_at, texts={EVENTS: events_markdown(events)})
-                )
+            self._monitor.write(attach_events(Record(self.stopped_at), events))
             log.warning("GradWatch stopped training at step %d: %s", self.stopped_at, events)
 
     def on_train_end(self, logs: dict | None = None) -> None:

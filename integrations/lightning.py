@@ -29,9 +29,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, check_group_by
-from gradwatch.guard import GradWatchWarning, Guard, events_markdown, report_events
+from gradwatch.guard import GradWatchWarning, Guard, attach_events, report_events
 from gradwatch.integrations.torch import TorchEngine
-from gradwatch.keys import EVENTS
 from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
@@ -219,10 +218,7 @@ class GradWatch(Callback):
             self.stopped_at = trainer.global_step
             events = self.engine.drain_events()
             self._report(events)
-            if events:
-                self.monitor.write(
-                    Record(trainer.global_step, texts={EVENTS: events_markdown(events)})
-                )
+            self.monitor.write(attach_events(Record(trainer.global_step), events))
             log.warning("GradWatch stopped training at step %d: %s", trainer.global_step, events)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

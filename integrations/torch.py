@@ -31,7 +31,7 @@ import torch
 from gradwatch import keys
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, Grouping
-from gradwatch.guard import Guard, events_markdown, report_events
+from gradwatch.guard import Guard, attach_events, report_events
 from gradwatch.integrations._shards import ShardReducer, local
 from gradwatch.integrations._torch_guard import GuardRun, TorchGuard
 from gradwatch.monitor import (
@@ -348,10 +348,7 @@ class TorchEngine:
             record.scalars[keys.clip_tag(keys.COEFFICIENT, optimizer)] = float(clip[1])
             record.scalars[keys.total_tag(keys.CLIPPED, optimizer)] = float(clip[2])
         assert pending.optimizer.guard is not None
-        record.events = self.guard.drain(pending.optimizer.guard)
-        if record.events:
-            record.texts[keys.EVENTS] = events_markdown(record.events)
-        return record
+        return attach_events(record, self.guard.drain(pending.optimizer.guard))
 
     def should_stop(self) -> bool:
         """Whether a ``"stop"`` action fired (read one step late on a GPU, at once on a CPU)."""
@@ -438,7 +435,7 @@ class TorchGradWatch:
             self._report(events)
             if events:
                 step = max(e["step"] for e in events)
-                self.monitor.write(Record(step, texts={keys.EVENTS: events_markdown(events)}))
+                self.monitor.write(attach_events(Record(step), events))
 
     def _report(self, events: list[dict]) -> None:
         self.events.extend(events)
