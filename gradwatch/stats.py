@@ -24,6 +24,7 @@ __all__ = [
     "TensorStats",
     "aggregate",
     "global_norm",
+    "group_norms",
     "init_summary",
     "update_summary",
 ]
@@ -102,10 +103,22 @@ class GroupStats(NamedTuple):
     update_to_param: np.ndarray | None
 
 
+def group_norms(tensor_norms: np.ndarray, group_of: np.ndarray, groups: int) -> np.ndarray:
+    """Per group, the L2 norm of its tensors together: the root of their summed squared norms.
+
+    ``group_of[i]`` is the group of tensor ``i``. A NaN or Inf norm makes only its group's norm
+    non-finite.
+
+    Example:
+        >>> group_norms(np.array([3.0, 4.0, 1.0]), np.array([0, 0, 2]), 3).tolist()
+        [5.0, 0.0, 1.0]
+    """
+    squares = np.square(tensor_norms, dtype=np.float64)
+    return np.sqrt(np.bincount(group_of, weights=squares, minlength=groups))
+
+
 def _root_sum_square(grouping: Grouping, values: np.ndarray, present: np.ndarray) -> np.ndarray:
-    sq = np.zeros(len(grouping.groups), dtype=np.float64)
-    np.add.at(sq, grouping.index[present], np.square(values[present], dtype=np.float64))
-    return np.sqrt(sq)
+    return group_norms(values[present], grouping.index[present], len(grouping.groups))
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

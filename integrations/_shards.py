@@ -24,12 +24,16 @@ try:  # DTensor is public from torch 2.5; older builds keep it under _tensor.
 except ImportError:  # pragma: no cover - depends on the torch build
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["ShardReducer", "local"]
+__all__ = ["ShardReducer", "has_dtensors", "local"]
 
 _CACHE_SIZE = 16
 # Reducers by (id(mesh), placements, device), each kept beside its mesh so that the id stays
 # valid; equal meshes of another process-group incarnation hold other groups, hence the id.
 _REDUCERS: dict[tuple, tuple[object, ShardReducer]] = {}
+
+
+def has_dtensors(tensors: Sequence[torch.Tensor]) -> bool:
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -65,7 +69,7 @@ class ShardReducer:
     @classmethod
     def for_tensors(cls, tensors: Sequence[torch.Tensor]) -> ShardReducer:
         """Read the sharding from the tensors; all DTensors must share one device mesh."""
-        if DTensor is None or not any(isinstance(t, DTensor) for t in tensors):
+        if not has_dtensors(tensors):
             return cls(())
         meshes = {t.device_mesh for t in tensors if isinstance(t, DTensor)}
         if len(meshes) > 1:

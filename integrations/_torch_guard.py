@@ -1,7 +1,10 @@
 """The core's :class:`~gradwatch.guard.Guard` on torch tensors: decide, clip, skip, stop.
 
-The decision is the core's pure array code, run on the gradients' device. This module only
-gathers its inputs (per-group norms, AGC's per-unit norms) and applies its outputs with torch
+The decision is the core's pure array code, run where the gradients are: on a GPU on torch
+tensors (no host synchronisation), on the CPU on numpy views of the same memory (the core's
+few dozen operations on arrays of a few dozen numbers cost ~1 µs each in numpy against 3 to 8 µs
+of torch dispatch, which made the decision cost more than the norms). This module only gathers
+the decision's inputs (per-group norms, AGC's per-unit norms) and applies its outputs with torch
 kernels: scaling or clamping gradients in place, and dropping a step by setting every
 ``p.grad = None`` (torch optimizers then leave those parameters and their state untouched,
 bit for bit). Host reads: every step only when an action is ``"skip"`` (the step cannot be
@@ -11,6 +14,7 @@ dropped without knowing); ``"stop"`` is read one step late from a non-blocking c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +23,13 @@ from gradwatch.detectors import DetectStats, Latch, new_latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard, GuardState
 from gradwatch.integrations._shards import local
+from gradwatch.namespace import namespace_of
 from gradwatch.policies import AGC, ClipStats
+from gradwatch.stats import group_norms
 
 __all__ = ["GuardRun", "TorchGuard"]
+
+Array = Any  # a torch tensor, or a numpy view of a CPU tensor
 
 
 class _LaggedFlag:
@@ -31,15 +39,15 @@ class _LaggedFlag:
     def __init__(self) -> None:
         self._copies: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
-    def push(self, flag: torch.Tensor) -> None:
-        if flag.device.type == "cuda":
+    def push(self, flag: Array) -> None:
+        if isinstance(flag, torch.Tensor) and flag.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(flag, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self._copies.append((host, event))
-        else:
-            self._copies.append((flag.clone(), None))
+        else:  # the core returns new arrays: nothing overwrites this one
+            self._copies.append((flag, None))
 
     def read(self) -> bool:
         """Whether a flag pushed before the newest was set (on the CPU: any flag pushed)."""
@@ -59,20 +67,27 @@ class GuardRun:
     """One optimizer's guard: its decision state and what the host learnt from it."""
 
     state: GuardState
-    group_index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    on_host: bool  # the core runs on numpy views of CPU tensors
+    group_index: dict[tuple[int, ...], Array] = field(default_factory=dict)
     stop_flag: _LaggedFlag = field(default_factory=_LaggedFlag)
     last: Decision | None = None
 
 
 class TorchGuard:
-    """Runs a :class:`Guard` for the optimizers of one engine."""
+    """Runs a :class:`Guard` for the optimizers of one engine.
 
-    def __init__(self, guard: Guard, grouping: Grouping) -> None:
+    ``host_on_cpu=False`` keeps the core on torch tensors on the CPU too: the path every other
+    device takes, so that the CPU tests can check it.
+    """
+
+    def __init__(self, guard: Guard, grouping: Grouping, host_on_cpu: bool = True) -> None:
         self.guard = guard
         self.grouping = grouping
+        self.host_on_cpu = host_on_cpu
 
     def start(self, like: torch.Tensor) -> GuardRun:
-        return GuardRun(self.guard.init(like, len(self.grouping.groups)))
+        on_host = self.host_on_cpu and like.device.type == "cpu"
+        return GuardRun(self.guard.init(view(like, on_host), len(self.grouping.groups)), on_host)
 
     def step(
         self,
@@ -81,18 +96,25 @@ class TorchGuard:
         params: list[torch.Tensor],
         grads: list[torch.Tensor],
         norms: torch.Tensor,
-        global_norm: torch.Tensor,
+        global_norm: Array,
         step: int,
     ) -> bool:
-        """Decide for this step and apply the decision; return whether the step is skipped."""
-        guard = self.guard
+        """Decide for this step and apply the decision; return whether the step is skipped.
+
+        ``global_norm`` is already where the run decides (see :func:`view`).
+        """
+        guard, on_host, total = self.guard, run.on_host, global_norm
         if guard.active:
-            stats = DetectStats(global_norm, self._group_norms(run, indices, norms))
-            step_value = torch.full((), step, dtype=torch.int64, device=norms.device)
+            stats = DetectStats(total, self._group_norms(run, indices, norms))
+            step_value = (
+                np.asarray(step, dtype=np.int64)
+                if on_host
+                else torch.full((), step, dtype=torch.int64, device=norms.device)
+            )
         else:  # no detector looks at the groups or the step
-            stats, step_value = DetectStats(global_norm, norms[:0]), None
+            stats, step_value = DetectStats(total, total[None][:0]), None
         decision, run.state = guard.update(
-            stats, self._clip_stats(grads, params, global_norm), run.state, step_value
+            stats, self._clip_stats(grads, params, total, on_host), run.state, step_value
         )
         run.last = decision
         if guard.can_stop:
@@ -114,12 +136,7 @@ class TorchGuard:
         """Put saved state into a freshly started run (same configuration)."""
 
         def restore(template, values):
-            return type(template)(
-                *(
-                    torch.as_tensor(v, dtype=t.dtype, device=t.device)
-                    for t, v in zip(template, values, strict=True)
-                )
-            )
+            return type(template)(*(_like(t, v) for t, v in zip(template, values, strict=True)))
 
         policy = run.state.policy
         if policy is not None:
@@ -137,10 +154,9 @@ class TorchGuard:
         state = run.state.latch
         if state.fired.shape[0] == 0:  # no detector
             return []
-        parts = [state.fired.double(), state.step.double(), state.value.double()]
-        host = (
-            torch.stack([*parts, state.threshold.double()]).cpu().numpy()
-        )  # [4, detectors, entries]
+        xp = namespace_of(state.value)
+        parts = [xp.astype(p, xp.float64) for p in state]  # fired, step, value, threshold
+        host = _numpy(xp.stack(parts))  # [4, detectors, entries]
         latches = tuple(
             Latch(host[0, row] > 0, host[1, row], host[2, row], host[3, row])
             for row in range(host.shape[1])
@@ -153,27 +169,53 @@ class TorchGuard:
         if run.last is None or run.last.clip is None:
             return None
         clip = run.last.clip
-        return torch.stack([clip.threshold.float(), clip.scale.min().float(), clipped_norm])
+        threshold, scale = torch.as_tensor(clip.threshold), torch.as_tensor(clip.scale)
+        return torch.stack([threshold.float(), scale.min().float(), clipped_norm])
 
-    def _group_norms(self, run: GuardRun, indices: list[int], norms: torch.Tensor) -> torch.Tensor:
+    def _group_norms(self, run: GuardRun, indices: list[int], norms: torch.Tensor) -> Array:
         key = tuple(indices)
         index = run.group_index.get(key)
         if index is None:  # once per set of tensors: a host-to-device copy outside the loop
-            groups = torch.from_numpy(self.grouping.index[np.asarray(indices)])
-            index = run.group_index[key] = groups.to(norms.device)
+            groups = self.grouping.index[np.asarray(indices)]
+            index = run.group_index[key] = (
+                groups if run.on_host else torch.from_numpy(groups).to(norms.device)
+            )
+        if run.on_host:
+            groups = len(self.grouping.groups)
+            return group_norms(view(norms, True), index, groups).astype(np.float32)
         squares = torch.zeros(len(self.grouping.groups), device=norms.device)
         return squares.index_add_(0, index, norms.square()).sqrt()
 
     def _clip_stats(
-        self, grads: list[torch.Tensor], params: list[torch.Tensor], global_norm: torch.Tensor
+        self,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        global_norm: Array,
+        on_host: bool,
     ) -> ClipStats:
         if not isinstance(self.guard.policy, AGC):
             return ClipStats(global_norm)
         return ClipStats(
             global_norm,
-            torch.cat([_unit_norms(g) for g in grads]),
-            torch.cat([_unit_norms(local(p).detach()) for p in params]),
+            view(torch.cat([_unit_norms(g) for g in grads]), on_host),
+            view(torch.cat([_unit_norms(local(p).detach()) for p in params]), on_host),
         )
+
+
+def view(tensor: torch.Tensor, on_host: bool) -> Array:
+    """What the core computes on: a numpy view of a CPU tensor (no copy), else the tensor."""
+    return tensor.detach().numpy() if on_host else tensor
+
+
+def _numpy(array: Array) -> np.ndarray:
+    return array.cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+
+
+def _like(template: Array, values: list) -> Array:
+    """``values`` as an array of the kind, dtype and device of ``template``."""
+    if isinstance(template, torch.Tensor):
+        return torch.as_tensor(values, dtype=template.dtype, device=template.device)
+    return np.asarray(values, dtype=template.dtype)
 
 
 def _unit_norms(tensor: torch.Tensor) -> torch.Tensor:
@@ -188,13 +230,16 @@ def _apply(decision: Decision, grads: list[torch.Tensor]) -> None:
     assert clip is not None
     if clip.value is not None:
         for g in grads:
-            g.clamp_(min=-clip.value.to(g.dtype), max=clip.value.to(g.dtype))
-    elif clip.scale.ndim == 0:
-        torch._foreach_mul_(grads, clip.scale)
+            limit = torch.as_tensor(clip.value, dtype=g.dtype, device=g.device)
+            g.clamp_(min=-limit, max=limit)
+        return
+    scales = torch.as_tensor(clip.scale)  # the same memory, for a numpy decision
+    if scales.ndim == 0:
+        torch._foreach_mul_(grads, scales)
     else:  # one scale per unit (AGC), in the order of _unit_norms
         offset = 0
         for g in grads:
             units = g.shape[0] if g.ndim > 1 else 1
-            scale = clip.scale[offset : offset + units]
+            scale = scales[offset : offset + units]
             g.mul_(scale.reshape(-1, *([1] * (g.ndim - 1))) if g.ndim > 1 else scale)
             offset += units

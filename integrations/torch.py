@@ -32,8 +32,8 @@ from gradwatch import keys
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, Grouping
 from gradwatch.guard import Guard, attach_events, report_events
-from gradwatch.integrations._shards import ShardReducer, local
-from gradwatch.integrations._torch_guard import GuardRun, TorchGuard
+from gradwatch.integrations._shards import ShardReducer, has_dtensors, local
+from gradwatch.integrations._torch_guard import GuardRun, TorchGuard, view
 from gradwatch.monitor import (
     Cadence,
     Monitor,
@@ -51,6 +51,18 @@ log = logging.getLogger(__name__)
 __all__ = ["TorchEngine", "TorchGradWatch"]
 
 _INF = float("inf")
+_NOT_SHARDED = ShardReducer(())
+_STEPPED_KEPT = 8  # sets of parameters with gradients remembered per optimizer
+
+
+@dataclass(frozen=True)
+class _Stepped:
+    """The watched parameters that one optimizer steps with gradients, in its order."""
+
+    indices: list[int]  # positions among the engine's parameters
+    params: list[torch.Tensor]
+    sharded: bool  # some are DTensors
+    nonempty: bool  # none is sharded or empty, so neither is any gradient
 
 
 @dataclass
@@ -59,6 +71,7 @@ class _OptimizerState:
     calls: int = 0
     summary: StepSummary | None = None
     guard: GuardRun | None = None
+    stepped: dict[tuple[int, ...], _Stepped] = field(default_factory=dict)  # by parameter ids
 
 
 @dataclass
@@ -82,8 +95,15 @@ class _Pending:
     clipped: bool = False  # clip values come after the summary in `parts`
 
 
-def _float_norms(tensors: Sequence[torch.Tensor], order: float) -> list[torch.Tensor]:
-    """Per-tensor norms in float32; empty tensors (empty shards) count as 0."""
+def _float_norms(
+    tensors: Sequence[torch.Tensor], order: float, nonempty: bool = False
+) -> Sequence[torch.Tensor]:
+    """Per-tensor norms in float32; empty tensors (empty shards) count as 0.
+
+    ``nonempty``: the caller knows that no tensor is empty (one kernel, no bookkeeping).
+    """
+    if nonempty or all(t.numel() > 0 for t in tensors):
+        return torch._foreach_norm(tensors, order, dtype=torch.float32)
     nonempty = [t for t in tensors if t.numel() > 0]
     norms = iter(torch._foreach_norm(nonempty, order, dtype=torch.float32) if nonempty else ())
     zero = None
@@ -150,21 +170,26 @@ class TorchEngine:
     ) -> None:
         """Measure the gradients ``optimizer`` is about to apply; call after unscaling."""
         state = self._state(optimizer)
-        indices, params, grads = self._gradients(optimizer)
+        stepped = self._stepped(state, optimizer)
+        indices, params = stepped.indices, stepped.params
+        grads = [p.grad for p in params]
         count, state.calls = state.calls, state.calls + 1
         if not grads:
             return
-        reducer = ShardReducer.for_tensors(grads)
-        local_grads = [local(g) for g in grads]
-        norms = reducer.norms(torch.stack(_float_norms(local_grads, 2.0)))
-        total = global_norm(norms)
-        if state.summary is None:
-            state.summary, state.guard = init_summary(norms), self.guard.start(norms)
+        if stepped.sharded:
+            reducer, local_grads = ShardReducer.for_tensors(grads), [local(g) for g in grads]
+        else:
+            reducer, local_grads = _NOT_SHARDED, grads
+        norms = reducer.norms(torch.stack(_float_norms(local_grads, 2.0, stepped.nonempty)))
+        if state.guard is None:
+            state.guard = self.guard.start(norms)
             if state.index < len(self._restored_guards):
                 self.guard.load_state_dict(state.guard, self._restored_guards[state.index])
+        total = global_norm(view(norms, state.guard.on_host))  # where the guard decides
+        if state.summary is None:
+            state.summary = init_summary(total)
         state.summary = update_summary(state.summary, total)
         number = count if step is None else step
-        assert state.guard is not None
         if self.guard.step(state.guard, indices, params, local_grads, norms, total, number):
             self.skipped.append(number)
             for p in params:
@@ -212,18 +237,26 @@ class TorchEngine:
             state = self._optimizers[id(optimizer)] = _OptimizerState(index=index, calls=calls)
         return state
 
-    def _gradients(
-        self, optimizer: torch.optim.Optimizer
-    ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
-        indices, params, grads = [], [], []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                i = self._position.get(id(p))
-                if i is not None and p.grad is not None:
-                    indices.append(i)
-                    params.append(p)
-                    grads.append(p.grad)
-        return indices, params, grads
+    def _stepped(self, state: _OptimizerState, optimizer: torch.optim.Optimizer) -> _Stepped:
+        """The parameters with gradients this step, worked out once per set of them."""
+        with_grad = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+        key = tuple(map(id, with_grad))
+        stepped = state.stepped.get(key)
+        if stepped is None:
+            if len(state.stepped) >= _STEPPED_KEPT:
+                state.stepped.clear()
+            watched = [(self._position[id(p)], p) for p in with_grad if id(p) in self._position]
+            params = [p for _, p in watched]
+            sharded = has_dtensors(params)
+            stepped = state.stepped[key] = _Stepped(
+                [i for i, _ in watched],
+                params,
+                sharded,
+                not sharded and all(p.numel() > 0 for p in params),
+            )
+        return stepped
 
     def _measure(
         self,
@@ -243,7 +276,7 @@ class TorchEngine:
                 norms,
                 reducer.max(torch.stack(_float_norms(grads, _INF))),
                 reducer.norms(torch.stack(_float_norms([local(p).detach() for p in params], 2.0))),
-                torch.stack([state.summary.max_global_norm, state.summary.nonfinite_steps]),
+                torch.stack([torch.as_tensor(v) for v in state.summary]),
             ]
             state.summary = init_summary(state.summary.max_global_norm)
         pending = _Pending(0, state, indices, logs, parts, grads, reducer)
