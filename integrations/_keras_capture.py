@@ -172,16 +172,7 @@ class Capture:
         if self.guard.can_stop:
             self.stop.write(self.stop.read() | decision.stop)
         clipped = values if decision.clip is None else self._clipped(decision, values)
-        # Every step, beside the norms: the logging `cond` then takes only small vectors. In
-        # the CPU MLP experiments the `cond` was the costliest part while it captured the
-        # gradients themselves (XLA passes a conditional's operands as copies).
-        per_tensor = (
-            norms,
-            tf.stack([tf.reduce_max(tf.abs(v)) for v in values]),
-            tf.stack([tf.reduce_sum(tf.cast(~tf.math.is_finite(v), tf.float32)) for v in values]),
-        )
         clip_row = None if decision.clip is None else self._clip_row(decision, clipped, total)
-        self._at_cadence(step, index, per_tensor, read_params, clip_row, values)
 
         out = list(grads)
         if decision.clip is not None:  # each replica's share of the clipped aggregate
@@ -191,6 +182,11 @@ class Capture:
             self._unless_skipped(decision.skip, original, out, trainable_variables)
         else:
             original(out, trainable_variables)
+        # After the update: a `cond` before it that reads the weights makes XLA copy every
+        # weight every step (it may not update them in place while the `cond` could still
+        # read them); there, in the CPU MLP benchmark, that copy was most of gradwatch's cost.
+        # So the logged parameter norms are those after this step's update.
+        self._at_cadence(step, index, norms, values, read_params, clip_row)
         if self.track_update_ratio:  # `params` were read before the update
             after = [tf.cast(variables[k], tf.float32) for k in present]
             self._store_updates(step, index, after, params)
@@ -232,9 +228,9 @@ class Capture:
         threshold = tf.cast(clip.threshold, tf.float32)
         return tf.stack([threshold, tf.reduce_min(clip.scale), after])
 
-    def _at_cadence(self, step, index, per_tensor, read_params, clip_row, values) -> None:
-        def logging_step() -> tf.Tensor:  # reads the weights in the branch, before the update
-            self._store_tensors(index, per_tensor, read_params())
+    def _at_cadence(self, step, index, norms, values, read_params, clip_row) -> None:
+        def logging_step() -> tf.Tensor:
+            self._store_tensors(index, norms, values, read_params())
             if clip_row is not None:
                 self.clip.write(clip_row)
             self.marks.write(tf.stack([step, self.marks.read()[1]]))
@@ -267,13 +263,12 @@ class Capture:
         columns = tf.constant(np.asarray(index)[:, None], tf.int32)
         return tf.scatter_nd(columns, values, (len(self._variables),))
 
-    def _store_tensors(self, index, per_tensor, params) -> None:
-        norms, max_abs, nonfinite = per_tensor
+    def _store_tensors(self, index, norms, values, params) -> None:
         rows = [
             tf.ones_like(norms),
             norms,
-            max_abs,
-            nonfinite,
+            tf.stack([tf.reduce_max(tf.abs(v)) for v in values]),
+            tf.stack([tf.reduce_sum(tf.cast(~tf.math.is_finite(v), tf.float32)) for v in values]),
             tf.stack([tf.norm(p) for p in params]),
             tf.zeros_like(norms),  # the update norms come after the update
         ]

@@ -267,6 +267,32 @@ def test_a_nonfinite_step_is_skipped_bit_for_bit(mode):
     ]
 
 
+class CountingReads(GradWatch):
+    reads = 0
+
+    def _collect(self) -> None:
+        self.reads += 1
+        super()._collect()
+
+
+@pytest.mark.parametrize("mode", ["jit", "steps_per_execution"])
+def test_the_host_reads_only_near_logging_steps_and_misses_none_after_skips(mode):
+    x, y = regression_data(32 * 24)
+    x[32 * 2] = x[32 * 9] = np.nan  # two skipped steps: `iterations` lags the batches by two
+    model = mlp()
+    model.compile(keras.optimizers.SGD(1e-2), "mse", **MODES[mode])
+    sink = MemorySink()
+    watch = CountingReads(log_dir=None, log_every_n_steps=4, on_nonfinite="skip", sinks=[sink])
+    quiet_fit(model, x, y, [watch], batch_size=32, epochs=1)
+
+    assert int(model.optimizer.iterations.numpy()) == 22
+    assert [r.step for r in sink.records] == [0, 3, 7, 11, 15, 19]
+    if mode == "jit":  # 24 batches; executions of 4 steps hold a logging step each
+        assert watch.reads <= 6 + 2  # each skip may cost one read of a batch with nothing new
+    found = [(e["kind"], e["step"]) for e in watch.events if e["group"] == "global"]
+    assert found == [("nonfinite", 2), ("nonfinite", 8)]
+
+
 def test_vanishing_is_reported_for_a_deep_sigmoid_net_not_for_relu_residual():
     def deep(residual: bool) -> keras.Model:
         keras.utils.set_random_seed(0)
