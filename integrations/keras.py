@@ -4,7 +4,9 @@ Keras callbacks never see gradients, so at ``on_train_begin`` the callback wraps
 optimizer's ``apply`` on the instance and rebuilds the train function: statistics, detectors,
 clipping and skipping then run inside the compiled train step (see
 :mod:`gradwatch.integrations._keras_capture`). At ``on_train_end`` the optimizer gets its own
-``apply`` back and the train function is dropped, so the next ``fit`` traces a clean one.
+``apply`` back and the train function is dropped, so the next ``fit`` traces a clean one. When
+``fit`` ends by an exception instead (Keras then skips ``on_train_end``), the same happens at
+the start of the next ``fit`` or ``train_on_batch``.
 
 Event files go to ``<log_dir>/train``, the folder Keras' own ``TensorBoard`` callback writes
 its ``batch_``/``epoch_`` metrics to, with the step = ``optimizer.iterations`` before the update.
@@ -151,6 +153,14 @@ class GradWatch(keras.callbacks.Callback):
         object.__setattr__(target, "apply", apply)  # bypasses Keras' attribute tracking
         self._target = target
         model.make_train_function(force=True)
+
+        def make_train_function(force: bool = False) -> Any:
+            # Reached only when a `fit` ended by an exception (Keras calls `on_train_end`
+            # only when `fit` returns): the next `fit` or `train_on_batch` starts clean.
+            self._restore()
+            return model.make_train_function(force=True)
+
+        object.__setattr__(model, "make_train_function", make_train_function)
         self.events, self.stopped_at, self._marks = [], None, (-1, -1)
         self._reads = _Reads(
             self.cadence, int(target.iterations.numpy()), getattr(model, "steps_per_execution", 1)
@@ -186,10 +196,17 @@ class GradWatch(keras.callbacks.Callback):
             self._monitor.write(record)
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """Give the optimizer its own ``apply`` back and close the files (idempotent)."""
+        model = self.model
+        if "make_train_function" in vars(model):
+            object.__delattr__(model, "make_train_function")
         if self._target is not None:
             if "apply" in vars(self._target):
                 object.__delattr__(self._target, "apply")
-            self.model.train_function = None  # the next fit traces the user's own step
+            model.train_function = None  # the next fit traces the user's own step
             self._target = None
         if self._monitor is not None:
             self._monitor.close()

@@ -341,6 +341,33 @@ def test_the_optimizer_works_without_gradwatch_after_fit(tmp_path):
     assert np.array_equal(restored.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+class FailsAtBatch(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 1:
+            raise KeyboardInterrupt  # the user stops the run; Keras skips on_train_end
+
+
+def test_a_fit_that_raises_leaves_the_next_fit_without_gradwatch_clean(tmp_path):
+    x, y = regression_data(64)
+    model = mlp()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    watch = GradWatch(log_dir=tmp_path, clip=ClipByValue(1e-9))  # would all but stop learning
+    with pytest.raises(KeyboardInterrupt):
+        quiet_fit(model, x, y, [watch, FailsAtBatch()], batch_size=16, epochs=1)
+    assert "apply" in vars(model.optimizer)  # nothing could undo it yet
+
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    quiet_fit(model, x, y, [], batch_size=16, epochs=1)
+    assert "apply" not in vars(model.optimizer) and "make_train_function" not in vars(model)
+    weights = zip(model.trainable_weights, before, strict=True)
+    moved = max(np.abs(w.numpy() - b).max() for w, b in weights)
+    assert moved > 1e-4  # the user's own step, not gradwatch's clipped one
+    assert watch._monitor.closed
+
+    quiet_fit(model, x, y, [watch], batch_size=16, epochs=1)  # and gradwatch works again
+    assert "apply" not in vars(model.optimizer)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
