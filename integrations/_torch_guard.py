@@ -103,18 +103,18 @@ class TorchGuard:
 
         ``global_norm`` is already where the run decides (see :func:`view`).
         """
-        guard, on_host, total = self.guard, run.on_host, global_norm
+        guard, on_host = self.guard, run.on_host
         if guard.active:
-            stats = DetectStats(total, self._group_norms(run, indices, norms))
+            stats = DetectStats(global_norm, self._group_norms(run, indices, norms))
             step_value = (
                 np.asarray(step, dtype=np.int64)
                 if on_host
                 else torch.full((), step, dtype=torch.int64, device=norms.device)
             )
         else:  # no detector looks at the groups or the step
-            stats, step_value = DetectStats(total, total[None][:0]), None
+            stats, step_value = DetectStats(global_norm, global_norm[None][:0]), None
         decision, run.state = guard.update(
-            stats, self._clip_stats(grads, params, total, on_host), run.state, step_value
+            stats, self._clip_stats(grads, params, global_norm, on_host), run.state, step_value
         )
         run.last = decision
         if guard.can_stop:
