@@ -186,10 +186,8 @@ class Capture:
         # weight every step (it may not update them in place while the `cond` could still
         # read them); there, in the CPU MLP benchmark, that copy was most of gradwatch's cost.
         # So the logged parameter norms are those after this step's update.
-        self._at_cadence(step, index, norms, values, read_params, clip_row)
-        if self.track_update_ratio:  # `params` were read before the update
-            after = [tf.cast(variables[k], tf.float32) for k in present]
-            self._store_updates(step, index, after, params)
+        before = params if self.track_update_ratio else None  # read before the update
+        self._at_cadence(step, index, norms, values, read_params, before, clip_row)
 
     def _clip_stats(self, total: tf.Tensor, values: list, params: list) -> ClipStats:
         if not isinstance(self.guard.policy, AGC):
@@ -228,9 +226,9 @@ class Capture:
         threshold = tf.cast(clip.threshold, tf.float32)
         return tf.stack([threshold, tf.reduce_min(clip.scale), after])
 
-    def _at_cadence(self, step, index, norms, values, read_params, clip_row) -> None:
+    def _at_cadence(self, step, index, norms, values, read_params, before, clip_row) -> None:
         def logging_step() -> tf.Tensor:
-            self._store_tensors(index, norms, values, read_params())
+            self._store_tensors(index, norms, values, read_params(), before)
             if clip_row is not None:
                 self.clip.write(clip_row)
             self.marks.write(tf.stack([step, self.marks.read()[1]]))
@@ -248,29 +246,25 @@ class Capture:
         if self.cadence.histogram_every_n_steps:
             tf.cond(self.cadence.histograms(step), histogram_step, nothing)
 
-    def _store_updates(self, step, index, after, before) -> None:
-        def logging_step() -> tf.Tensor:
-            norms = tf.stack([tf.norm(a - b) for a, b in zip(after, before, strict=True)])
-            rows = self.tensors.read()
-            update = self._scatter(index, norms)
-            self.tensors.write(tf.concat([rows[:5], update[None]], 0))
-            return tf.constant(0)
-
-        tf.cond(self.cadence.logs(step), logging_step, lambda: tf.constant(0))
-
     def _scatter(self, index, values) -> tf.Tensor:
         """Per-tensor values of the present tensors, at their places among all tensors."""
         columns = tf.constant(np.asarray(index)[:, None], tf.int32)
         return tf.scatter_nd(columns, values, (len(self._variables),))
 
-    def _store_tensors(self, index, norms, values, params) -> None:
+    def _store_tensors(self, index, norms, values, params, before) -> None:
+        """``params`` after the update; ``before`` them, when the update norms are tracked."""
+        updates = (
+            tf.zeros_like(norms)
+            if before is None
+            else tf.stack([tf.norm(a - b) for a, b in zip(params, before, strict=True)])
+        )
         rows = [
             tf.ones_like(norms),
             norms,
             tf.stack([tf.reduce_max(tf.abs(v)) for v in values]),
             tf.stack([tf.reduce_sum(tf.cast(~tf.math.is_finite(v), tf.float32)) for v in values]),
             tf.stack([tf.norm(p) for p in params]),
-            tf.zeros_like(norms),  # the update norms come after the update
+            updates,
         ]
         self.tensors.write(tf.stack([self._scatter(index, row) for row in rows]))
 
