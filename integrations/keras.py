@@ -63,9 +63,10 @@ class GradWatch(keras.callbacks.Callback):
         group_by: ``"layer"`` (default: one group per layer owning variables),
             ``"variable"``, or a callable from variable path to group name.
         track_update_ratio: also log ``update_to_param/<group>``, the norm of the update the
-            optimizer made at a logging step over the parameters' norm before it.
-            (``param_norm`` and ``grad_to_param`` are taken after the step's update: read
-            before it, the weights would be copied at every step inside XLA.)
+            optimizer made at a logging step over ``param_norm``. (``param_norm``, and so
+            ``grad_to_param`` and ``update_to_param``, are taken after the step's update: read
+            before it, the weights would be copied at every step inside XLA. The update itself
+            is measured against a copy of the weights from before it.)
         histogram_bins: buckets per histogram.
         clip: ``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``, ``AGC``, a float for
             ``ClipByNorm(float)``, or None. Taken on the aggregated gradient under
