@@ -81,7 +81,7 @@ def layer_norm(norms: dict[str, float], layer: str) -> float:
 @pytest.mark.parametrize("mode", MODES)
 def test_logged_norms_equal_gradient_tape_norms(mode):
     x, y = regression_data(32)
-    model = mlp()
+    model = mlp(width=128)  # the 128x128 kernel takes the large-tensor norm, the rest not
     model.compile(keras.optimizers.SGD(0.0), "mse", **MODES[mode])
     sink = MemorySink()
     watch = GradWatch(log_dir=None, log_every_n_steps=4, sinks=[sink])
@@ -95,10 +95,9 @@ def test_logged_norms_equal_gradient_tape_norms(mode):
         for layer in ("net/hidden", "net/middle", "net/head"):
             norm = layer_norm(expected, layer)
             assert scalars[f"grad_norm/{layer}"] == pytest.approx(norm, rel=1e-5)
-        kernel = model.get_layer("head").kernel.numpy()
-        bias = model.get_layer("head").bias.numpy()
-        param = math.hypot(np.linalg.norm(kernel), np.linalg.norm(bias))
-        assert scalars["param_norm/net/head"] == pytest.approx(param, rel=1e-5)
+            owner = model.get_layer(layer.rpartition("/")[2])
+            param = math.hypot(np.linalg.norm(owner.kernel), np.linalg.norm(owner.bias))
+            assert scalars[f"param_norm/{layer}"] == pytest.approx(param, rel=1e-5)
         assert scalars["grad_nonfinite/net/head"] == 0.0
     assert "apply" not in vars(model.optimizer)  # the user's optimizer is its own again
 
@@ -137,6 +136,23 @@ def test_update_ratio_is_the_sgd_step_over_the_parameter_norm(mode):
         for layer in ("net/hidden", "net/head"):
             expected = 0.1 * s[f"grad_norm/{layer}"] / s[f"param_norm/{layer}"]
             assert s[f"update_to_param/{layer}"] == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "shape", [(3,), (5000,), (784, 512), (4097,), (3, 3, 16, 32), (640, 1), (2, 0)]
+)
+def test_the_capture_norm_of_any_shape_is_the_l2_norm(shape):
+    from gradwatch.integrations._keras_capture import _norm
+
+    values = np.random.default_rng(0).normal(size=shape).astype("float32") * 1e3
+    expected = np.linalg.norm(values.astype("float64"))
+    for compile_ in (tf.function(_norm, jit_compile=True), _norm):
+        assert float(compile_(tf.constant(values))) == pytest.approx(expected, rel=1e-6)
+    if values.size:
+        for bad in (np.inf, np.nan):
+            values.flat[-1] = bad
+            result = float(_norm(tf.constant(values)))
+            assert result == np.inf if bad == np.inf else np.isnan(result)
 
 
 def test_group_by_variable_and_callable():
