@@ -103,6 +103,10 @@ def _norm(tensor: tf.Tensor) -> tf.Tensor:
     return tf.sqrt(tf.reduce_sum(tf.linalg.matvec(squares, tf.ones((row,), tensor.dtype))))
 
 
+def _nothing() -> tf.Tensor:
+    return tf.constant(0)
+
+
 def _unit_norms(tensor: tf.Tensor) -> tf.Tensor:
     """Norms of a Keras weight's output units: slices along the last axis (Dense kernels are
     ``[in, out]``, Conv kernels ``[..., in, out]``); a vector or scalar is one unit."""
@@ -145,8 +149,9 @@ class Capture:
         with strategy.scope():
             self.guard_state = stored(guard.init(like, groups), "guard")
             self.summary = stored(init_summary(like), "summary")
-            # [present, grad norm, max abs, non-finite count, param norm, update norm] per tensor
-            self.tensors = stored(tf.zeros((6, tensors)), "tensors")
+            # per tensor: [present, grad norm, max abs, non-finite count], [param, update norm]
+            self.gradients = stored(tf.zeros((4, tensors)), "gradients")
+            self.parameters = stored(tf.zeros((2, tensors)), "parameters")
             self.clip = stored(tf.zeros((3,)), "clip")  # threshold, coefficient, clipped norm
             self.histograms = stored(tf.zeros((groups, histogram_bins + 4)), "histograms")
             self.marks = stored(tf.constant([-1, -1], tf.int64), "marks")  # logged, histogram
@@ -194,6 +199,12 @@ class Capture:
         clipped = values if decision.clip is None else self._clipped(decision, values)
         clip_row = None if decision.clip is None else self._clip_row(decision, clipped, total)
 
+        # The gradients' statistics before the update, the weights' after it: a `cond` that
+        # reads the weights before the update makes XLA copy every weight at every step (it
+        # may not update them in place while the `cond` could still read them), and one that
+        # reads the gradients after it keeps them all alive to the end of the step. So the
+        # logged parameter norms are those after this step's update.
+        self._gradients_at_cadence(step, index, norms, values, clip_row)
         out = list(grads)
         if decision.clip is not None:  # each replica's share of the clipped aggregate
             for k, value in zip(present, clipped, strict=True):
@@ -202,12 +213,8 @@ class Capture:
             self._unless_skipped(decision.skip, original, out, trainable_variables)
         else:
             original(out, trainable_variables)
-        # After the update: a `cond` before it that reads the weights makes XLA copy every
-        # weight every step (it may not update them in place while the `cond` could still
-        # read them); there, in the CPU MLP benchmark, that copy was most of gradwatch's cost.
-        # So the logged parameter norms are those after this step's update.
         before = params if self.track_update_ratio else None  # read before the update
-        self._at_cadence(step, index, norms, values, read_params, before, clip_row)
+        self._parameters_at_cadence(step, index, read_params, before)
 
     def _clip_stats(self, total: tf.Tensor, values: list, params: list) -> ClipStats:
         if not isinstance(self.guard.policy, AGC):
@@ -246,12 +253,19 @@ class Capture:
         threshold = tf.cast(clip.threshold, tf.float32)
         return tf.stack([threshold, tf.reduce_min(clip.scale), after])
 
-    def _at_cadence(self, step, index, norms, values, read_params, before, clip_row) -> None:
+    def _gradients_at_cadence(self, step, index, norms, values, clip_row) -> None:
         def logging_step() -> tf.Tensor:
-            self._store_tensors(index, norms, values, read_params(), before)
+            rows = [
+                tf.ones_like(norms),
+                norms,
+                tf.stack([tf.reduce_max(tf.abs(v)) for v in values]),
+                tf.stack(
+                    [tf.reduce_sum(tf.cast(~tf.math.is_finite(v), tf.float32)) for v in values]
+                ),
+            ]
+            self.gradients.write(tf.stack([self._scatter(index, row) for row in rows]))
             if clip_row is not None:
                 self.clip.write(clip_row)
-            self.marks.write(tf.stack([step, self.marks.read()[1]]))
             return tf.constant(0)
 
         def histogram_step() -> tf.Tensor:
@@ -259,34 +273,31 @@ class Capture:
             self.marks.write(tf.stack([self.marks.read()[0], step]))
             return tf.constant(0)
 
-        def nothing() -> tf.Tensor:
+        tf.cond(self.cadence.logs(step), logging_step, _nothing)
+        if self.cadence.histogram_every_n_steps:
+            tf.cond(self.cadence.histograms(step), histogram_step, _nothing)
+
+    def _parameters_at_cadence(self, step, index, read_params, before) -> None:
+        """Parameter norms after the update; the update's norms when ``before`` holds the
+        parameters before it. Marks the logging step as stored."""
+
+        def logging_step() -> tf.Tensor:
+            params = read_params()
+            rows = [tf.stack([_norm(p) for p in params])]
+            if before is not None:
+                rows.append(tf.stack([_norm(a - b) for a, b in zip(params, before, strict=True)]))
+            else:
+                rows.append(tf.zeros_like(rows[0]))
+            self.parameters.write(tf.stack([self._scatter(index, row) for row in rows]))
+            self.marks.write(tf.stack([step, self.marks.read()[1]]))
             return tf.constant(0)
 
-        tf.cond(self.cadence.logs(step), logging_step, nothing)
-        if self.cadence.histogram_every_n_steps:
-            tf.cond(self.cadence.histograms(step), histogram_step, nothing)
+        tf.cond(self.cadence.logs(step), logging_step, _nothing)
 
     def _scatter(self, index, values) -> tf.Tensor:
         """Per-tensor values of the present tensors, at their places among all tensors."""
         columns = tf.constant(np.asarray(index)[:, None], tf.int32)
         return tf.scatter_nd(columns, values, (len(self._variables),))
-
-    def _store_tensors(self, index, norms, values, params, before) -> None:
-        """``params`` after the update; ``before`` them, when the update norms are tracked."""
-        updates = (
-            tf.zeros_like(norms)
-            if before is None
-            else tf.stack([_norm(a - b) for a, b in zip(params, before, strict=True)])
-        )
-        rows = [
-            tf.ones_like(norms),
-            norms,
-            tf.stack([tf.reduce_max(tf.abs(v)) for v in values]),
-            tf.stack([tf.reduce_sum(tf.cast(~tf.math.is_finite(v), tf.float32)) for v in values]),
-            tf.stack([_norm(p) for p in params]),
-            updates,
-        ]
-        self.tensors.write(tf.stack([self._scatter(index, row) for row in rows]))
 
     def _store_histograms(self, index, values) -> None:
         """Per group: [lo, hi, sum, sum of squares, counts...] over its finite values."""
@@ -367,7 +378,8 @@ class Capture:
         return self.guard.events(state.latches, self.grouping.groups)
 
     def _record(self, step: int, histograms: dict[str, Histogram]) -> Record:
-        present, grad_norm, max_abs, nonfinite, param_norm, update_norm = self.tensors.host()
+        present, grad_norm, max_abs, nonfinite = self.gradients.host()
+        param_norm, update_norm = self.parameters.host()
         summary = self.summary.host()
         self.summary.reset()
         record = build_record(
