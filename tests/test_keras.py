@@ -423,6 +423,11 @@ def test_mirrored_strategy_statistics_and_clipping_are_those_of_the_aggregated_g
     single, mirrored = found["single"], found["mirrored"]
     for tag, value in single.items():
         assert mirrored[tag] == pytest.approx(value, rel=1e-5), tag
+    # the same under mixed_float16, where the capture sits in a LossScaleOptimizer
+    single, mirrored = found["mixed_single"], found["mixed_mirrored"]
+    assert single.keys() == mirrored.keys() and "grad_norm/net/hidden" in single
+    for tag, value in single.items():
+        assert mirrored[tag] == pytest.approx(value, rel=1e-3), tag  # float16 forward passes
     assert found["gradwatch_update_norm"] == pytest.approx(1.0, rel=1e-5)
     assert found["keras_update_norm"] > 1.05  # Keras' own clips each replica's half
     assert found["skip_identical"]

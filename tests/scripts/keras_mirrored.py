@@ -34,7 +34,7 @@ def model(optimizer) -> keras.Model:
         [
             keras.Input((8,)),
             keras.layers.Dense(32, activation="tanh", name="hidden"),
-            keras.layers.Dense(1, name="head"),
+            keras.layers.Dense(1, name="head", dtype="float32"),
         ],
         name="net",
     )
@@ -49,6 +49,15 @@ def logged(distributed: bool) -> dict[str, float]:
     watch = GradWatch(log_dir=None, log_every_n_steps=1, sinks=[sink])
     net.fit(X, Y, batch_size=64, epochs=1, verbose=0, shuffle=False, callbacks=[watch])
     return sink.records[0].scalars
+
+
+def logged_mixed(distributed: bool) -> dict[str, float]:
+    """``logged`` under ``mixed_float16``: the capture sits inside a LossScaleOptimizer."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        return logged(distributed)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def update_norm(optimizer, callbacks) -> float:
@@ -81,6 +90,8 @@ print(
         {
             "single": logged(distributed=False),
             "mirrored": logged(distributed=True),
+            "mixed_single": logged_mixed(distributed=False),
+            "mixed_mirrored": logged_mixed(distributed=True),
             "gradwatch_update_norm": update_norm(
                 keras.optimizers.SGD(1.0), [GradWatch(log_dir=None, clip=ClipByNorm(1.0))]
             ),
