@@ -67,10 +67,25 @@ class Cadence:
         n = self.histogram_every_n_steps
         return n > 0 and _due(count, n)
 
+    def next_due(self, count: int) -> int:
+        """The first logging or histogram step after step ``count`` (-1: before any step).
+
+        Example:
+            >>> [Cadence(4, histogram_every_n_steps=6).next_due(k) for k in (-1, 0, 3, 5)]
+            [0, 3, 5, 7]
+        """
+        every = [n for n in (self.log_every_n_steps, self.histogram_every_n_steps) if n > 0]
+        return min(_next_due(count, n) for n in every)
+
 
 def _due(count, every: int):
     """Whether step ``count`` is due; ``count`` may be an int or a scalar array (in-graph)."""
     return (count == 0) | ((count + 1) % every == 0)
+
+
+def _next_due(count: int, every: int) -> int:
+    """The first step after ``count`` that :func:`_due` says is due."""
+    return 0 if count < 0 else ((count + 1) // every + 1) * every - 1
 
 
 def build_record(

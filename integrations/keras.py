@@ -255,7 +255,7 @@ class _Reads:
         self.cadence = cadence
         self.upper = iterations  # at least the optimizer's step count after the last batch
         self.steps_per_batch = max(1, int(steps_per_batch))
-        self.next = self._due_after(iterations - 1)
+        self.next = cadence.next_due(iterations - 1)
 
     def batch_ended(self) -> bool:
         self.upper += self.steps_per_batch
@@ -263,14 +263,7 @@ class _Reads:
 
     def caught_up(self, last_stored: int, iterations: int) -> None:
         self.upper = iterations
-        self.next = self._due_after(max(last_stored, iterations - 1))
-
-    def _due_after(self, step: int) -> int:
-        """The first logging or histogram step after ``step``."""
-        every = [self.cadence.log_every_n_steps]
-        if self.cadence.histogram_every_n_steps:
-            every.append(self.cadence.histogram_every_n_steps)
-        return min(0 if step < 0 else ((step + 1) // n + 1) * n - 1 for n in every)
+        self.next = self.cadence.next_due(max(last_stored, iterations - 1))
 
 
 def _sibling_tensorboard_log_dir() -> str | None:

@@ -123,6 +123,14 @@ def test_cadence_and_its_validation():
         Cadence(histogram_every_n_steps=2.5)
 
 
+@pytest.mark.parametrize("logs, histograms", [(1, 0), (3, 0), (4, 6), (5, 2), (7, 7)])
+def test_next_due_is_the_first_step_the_cadence_logs_or_draws_after(logs, histograms):
+    cadence = Cadence(logs, histograms)
+    for step in range(-1, 50):
+        due = next(k for k in range(step + 1, 100) if cadence.logs(k) or cadence.histograms(k))
+        assert cadence.next_due(step) == due, step
+
+
 def test_build_record_names_every_statistic():
     grouping = Grouping.build(["a.w", "b.w"], "module")
     stats = TensorStats(
