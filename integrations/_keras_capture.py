@@ -283,12 +283,14 @@ class Capture:
 
         def logging_step() -> tf.Tensor:
             params = read_params()
-            rows = [tf.stack([_norm(p) for p in params])]
-            if before is not None:
-                rows.append(tf.stack([_norm(a - b) for a, b in zip(params, before, strict=True)]))
-            else:
-                rows.append(tf.zeros_like(rows[0]))
-            self.parameters.write(tf.stack([self._scatter(index, row) for row in rows]))
+            norms = tf.stack([_norm(p) for p in params])
+            updates = (
+                tf.zeros_like(norms)
+                if before is None
+                else tf.stack([_norm(a - b) for a, b in zip(params, before, strict=True)])
+            )
+            rows = [self._scatter(index, norms), self._scatter(index, updates)]
+            self.parameters.write(tf.stack(rows))
             self.marks.write(tf.stack([step, self.marks.read()[1]]))
             return tf.constant(0)
 
