@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from gradwatch.namespace import namespace_of
 
@@ -205,32 +205,60 @@ def _percentile(xp: Any, values: Array, count: Array, percentile: float) -> Arra
 
 
 class ZClipState(NamedTuple):
-    mean: Array  # EMA of the (clipped) global norm
-    variance: Array  # EMA of its squared deviation
+    mean: Array  # EMA of the global norm, each spike counted at the norm it was clipped to
+    variance: Array  # EMA of its squared deviation from the updated mean
     count: Array  # finite norms seen
+
+
+_ZCLIP_MODES = ("zscore", "percentile")
 
 
 @dataclass(frozen=True)
 class ZClip:
-    """ZClip: clip norms whose z-score against running statistics exceeds ``z_threshold``.
+    """ZClip: clip global norms whose z-score against running statistics exceeds ``z_threshold``.
 
-    Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", 2025. The global
-    norm's mean ``m`` and variance ``v`` are exponential moving averages (weight ``alpha`` on
-    the past). With ``z = (||g|| - m) / sqrt(v)``, a norm with ``z > z_threshold`` is clipped
-    to ``m + z_threshold * sqrt(v)``, and the statistics are then updated with the *clipped*
-    norm so one spike does not inflate them. During the first ``warmup_steps`` finite norms
-    nothing is clipped; their plain mean and variance seed the averages.
+    Kumar, Owen, Roy Chowdhury and Güra, "ZClip: Adaptive Spike Mitigation for LLM
+    Pre-Training", 2025 (arXiv:2504.02507), and the authors' reference code
+    (github.com/bluorion-com/ZClip, ``zclip.py``). With ``mu`` and ``sigma**2`` the running
+    mean and variance of the norm ``g``, and ``z = (g - mu) / (sigma + eps)``:
 
-    The defaults are the paper's: ``alpha=0.97`` (an effective window of ~33 steps, long
-    enough to average out batch noise and short enough to follow learning-rate schedules),
-    ``z_threshold=2.5`` (norms rarely exceed it by chance, spikes far exceed it), and a
-    25-step warm-up (enough samples for a usable first variance).
+    * ``mode="zscore"`` (the default, as in the reference with its default
+      ``clip_option="adaptive_scaling"``): when ``z > z_threshold``, ``g`` is clipped to
+      ``mu + (z_threshold**2 / z) * sigma``, the paper's reciprocal clipping
+      ``xi(z) = z_thres**2 / z`` (Figure 3): continuous at the threshold, and the larger the
+      spike, the closer to the mean it is clipped.
+    * ``mode="percentile"`` (the reference's ``mode="percentile"``): when
+      ``g > mu + z_threshold * sigma``, ``g`` is clipped to that bound.
+
+    As in the reference code, the first ``warmup_steps`` norms are not clipped; their plain
+    mean and (population) variance seed the statistics. Afterwards each step updates
+    ``mu <- alpha * mu + (1 - alpha) * x`` and then ``sigma**2 <- alpha * sigma**2 +
+    (1 - alpha) * (x - mu)**2`` with the new ``mu``, where ``x`` is the clipped norm on a spike
+    and the norm itself otherwise, so one spike does not inflate the statistics. Non-finite
+    norms are neither clipped nor counted (the detectors handle them). The reference's
+    ``max_grad_norm`` (a fixed cap on top, also applied during warm-up), ``clip_factor``,
+    ``skip_update_on_spike`` and ``clip_option="mean"`` are not offered. ``Clip.threshold`` is
+    the bound a spike was clipped to, otherwise the largest norm that passes unclipped
+    (``inf`` during warm-up).
+
+    The defaults are the reference code's: ``alpha=0.97``, ``z_threshold=2.5`` (the values the
+    paper reports), 25 warm-up steps, ``eps=1e-6``.
+
+    Example:
+        >>> import numpy as np
+        >>> policy = ZClip(warmup_steps=2)
+        >>> state = policy.init(np.zeros((), dtype=np.float64))
+        >>> for norm in [1.0, 3.0, 12.0]:  # mean 2, std 1, then z = 10
+        ...     clip, state = policy.update(ClipStats(np.float64(norm)), state)
+        >>> round(float(clip.threshold), 3)  # 2 + 2.5**2 / 10 * 1
+        2.625
     """
 
     alpha: float = 0.97
     z_threshold: float = 2.5
     warmup_steps: int = 25
     eps: float = 1e-6
+    mode: Literal["zscore", "percentile"] = "zscore"
 
     def __post_init__(self) -> None:
         a = self.alpha
@@ -239,6 +267,9 @@ class ZClip:
         _positive("z_threshold", self.z_threshold)
         _count("warmup_steps", self.warmup_steps, 1)
         _positive("eps", self.eps)
+        if self.mode not in _ZCLIP_MODES:
+            allowed = ", ".join(repr(m) for m in _ZCLIP_MODES)
+            raise ValueError(f"`mode` must be one of {allowed}. Received: mode={self.mode!r}")
 
     def init(self, like: Array) -> ZClipState:
         zero = _scalar(like, 0.0)
@@ -249,28 +280,36 @@ class ZClip:
         xp = namespace_of(norm)
         finite = xp.isfinite(norm)
         safe = xp.where(finite, norm, xp.zeros_like(norm))
-        warming = state.count < self.warmup_steps
+        warm = state.count >= self.warmup_steps
+        armed = finite & warm
         std = xp.sqrt(state.variance)
-        threshold = xp.where(
-            warming, xp.full_like(norm, math.inf), state.mean + self.z_threshold * std
-        )
-        z = (safe - state.mean) / (std + self.eps)
-        clipped = xp.where(~warming & (z > self.z_threshold), threshold, safe)
-        # Warm-up: running mean and variance (Welford); afterwards: exponential averages.
+        z_thr = self.z_threshold
+        if self.mode == "zscore":
+            z = (safe - state.mean) / (std + self.eps)
+            spike = armed & (z > z_thr)
+            bound = state.mean + (z_thr * z_thr / xp.where(spike, z, z_thr)) * std
+            passes = state.mean + z_thr * (std + self.eps)  # the largest norm with z <= z_thr
+        else:
+            passes = state.mean + z_thr * std
+            spike = armed & (safe > passes)
+            bound = passes
+        threshold = xp.where(spike, bound, passes)
+        threshold = xp.where(warm, threshold, math.inf)
+        scale = _scale_to(xp, norm, xp.where(spike, bound, math.inf))
+        # Warm-up: running mean and population variance (Welford); afterwards the EMAs.
+        effective = xp.where(spike, bound, safe)
         count = state.count + 1.0
-        delta = clipped - state.mean
+        delta = effective - state.mean
         warm_mean = state.mean + delta / count
-        warm_variance = state.variance + (delta * (clipped - warm_mean) - state.variance) / count
-        ema_mean = self.alpha * state.mean + (1 - self.alpha) * clipped
-        ema_variance = self.alpha * state.variance + (1 - self.alpha) * (clipped - ema_mean) ** 2
+        warm_variance = state.variance + (delta * (effective - warm_mean) - state.variance) / count
+        ema_mean = self.alpha * state.mean + (1 - self.alpha) * effective
+        ema_variance = self.alpha * state.variance + (1 - self.alpha) * (effective - ema_mean) ** 2
         new = ZClipState(
-            mean=xp.where(finite, xp.where(warming, warm_mean, ema_mean), state.mean),
-            variance=xp.where(
-                finite, xp.where(warming, warm_variance, ema_variance), state.variance
-            ),
+            mean=xp.where(finite, xp.where(warm, ema_mean, warm_mean), state.mean),
+            variance=xp.where(finite, xp.where(warm, ema_variance, warm_variance), state.variance),
             count=xp.where(finite, count, state.count),
         )
-        return Clip(_scale_to(xp, norm, threshold), threshold), new
+        return Clip(scale, threshold), new
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -20,9 +22,13 @@ POLICIES = [
     ClipByValue(0.5),
     AutoClip(percentile=25.0, history=16),
     ZClip(warmup_steps=5),
+    ZClip(warmup_steps=5, mode="percentile"),
     AGC(clipping=0.05),
 ]
-IDS = [type(p).__name__ for p in POLICIES]
+IDS = [
+    type(p).__name__ + ("-percentile" if getattr(p, "mode", "") == "percentile" else "")
+    for p in POLICIES
+]
 
 
 def norm_series(seed: int = 0, steps: int = 40) -> np.ndarray:
@@ -135,8 +141,8 @@ def test_autoclip_threshold_is_numpys_percentile_of_the_history():
             assert norm * float(clip.scale) == pytest.approx(min(norm, expected), rel=1e-5)
 
 
-def test_zclip_clips_a_spike_to_mean_plus_z_std_and_not_during_warmup():
-    policy = ZClip(alpha=0.9, z_threshold=2.0, warmup_steps=10)
+def test_zclip_percentile_clips_a_spike_to_mean_plus_z_std_and_not_during_warmup():
+    policy = ZClip(alpha=0.9, z_threshold=2.0, warmup_steps=10, mode="percentile")
     norms = np.full(30, 1.0, dtype=np.float32) + np.tile([0.1, -0.1], 15).astype(np.float32)
     norms[20] = 50.0
     decisions, _ = run(policy, norms)
@@ -147,6 +153,74 @@ def test_zclip_clips_a_spike_to_mean_plus_z_std_and_not_during_warmup():
     bound = float(state.mean + 2.0 * np.sqrt(state.variance))
     assert 50.0 * float(decisions[20].scale) == pytest.approx(bound, rel=1e-5)
     assert float(decisions[21].scale) == 1.0  # the spike did not inflate the statistics
+
+
+# 30 steady norms (0.9 to 1.1), a 10x spike, then steady norms again.
+SPIKE_SERIES = [1.0 + 0.05 * ((7 * i) % 5 - 2) for i in range(30)] + [10.0, 1.0, 1.05, 0.95]
+SPIKE = 30
+
+
+def published_zclip(norms, mode, alpha=0.97, z_thres=2.5, warmup=25, eps=1e-6):
+    """The norms after ZClip, step by step as Kumar et al. 2025 and their zclip.py state it."""
+    seen, mu, var, out = [], None, None, []
+    for g in norms:
+        if mu is None:  # warm-up: collect, never clip; then plain mean and variance
+            seen.append(g)
+            if len(seen) == warmup:
+                mu = sum(seen) / warmup
+                var = sum((x - mu) ** 2 for x in seen) / warmup
+            out.append(g)
+            continue
+        sigma = math.sqrt(var)
+        g_used = g
+        if mode == "zscore":
+            z = (g - mu) / (sigma + eps)
+            if z > z_thres:
+                g_used = mu + (z_thres**2 / z) * sigma  # reciprocal clipping, xi(z) = z_thres^2 / z
+        elif g > mu + z_thres * sigma:
+            g_used = mu + z_thres * sigma
+        out.append(g_used)
+        mu = alpha * mu + (1 - alpha) * g_used  # the EMAs see the clipped norm
+        var = alpha * var + (1 - alpha) * (g_used - mu) ** 2  # ...and the updated mean
+    return out
+
+
+def clipped_norms(policy, norms):
+    state = policy.init(np.zeros((), np.float64))
+    out = []
+    for norm in norms:
+        clip, state = policy.update(ClipStats(np.float64(norm)), state)
+        out.append(norm * float(clip.scale))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("policy", "mode", "at_spike"),
+    [
+        (ZClip(), "zscore", 1.003662206041569),
+        (ZClip(mode="percentile"), "percentile", 1.1764284179415503),
+    ],
+    ids=["default-zscore", "percentile"],
+)
+def test_zclip_follows_the_published_rule(policy, mode, at_spike):
+    got = clipped_norms(policy, SPIKE_SERIES)
+    assert got == pytest.approx(published_zclip(SPIKE_SERIES, mode), rel=1e-12)
+    assert got[SPIKE] == pytest.approx(at_spike, rel=1e-9)  # written down: a wrong rule fails
+    assert got[:SPIKE] == SPIKE_SERIES[:SPIKE] and got[SPIKE + 1 :] == SPIKE_SERIES[SPIKE + 1 :]
+
+
+def test_zclip_modes_differ_at_a_spike_and_zscore_clips_larger_spikes_harder():
+    zscore, percentile = ZClip(), ZClip(mode="percentile")
+    assert zscore == ZClip(mode="zscore")
+    assert (
+        clipped_norms(zscore, SPIKE_SERIES)[SPIKE] < clipped_norms(percentile, SPIKE_SERIES)[SPIKE]
+    )
+    # Reciprocal scaling: the larger the spike, the lower it is clipped; a fixed bound does not.
+    spikes = [2.0, 10.0, 1000.0]
+    by_zscore = [clipped_norms(zscore, [*SPIKE_SERIES[:SPIKE], s])[SPIKE] for s in spikes]
+    by_percentile = [clipped_norms(percentile, [*SPIKE_SERIES[:SPIKE], s])[SPIKE] for s in spikes]
+    assert by_zscore[0] > by_zscore[1] > by_zscore[2] > 1.0
+    assert by_percentile[0] == pytest.approx(by_percentile[2], rel=1e-12)
 
 
 def test_agc_caps_every_unit():
@@ -175,6 +249,10 @@ def test_agc_caps_every_unit():
         (lambda: ClipByNorm(0.0), r"`max_norm` must be a positive finite number. Received"),
         (lambda: ClipByValue(float("inf")), r"`max_value` must be a positive finite number"),
         (lambda: ZClip(alpha=1.0), r"`alpha` must be in \(0, 1\). Received: alpha=1.0"),
+        (
+            lambda: ZClip(mode="mean"),  # type: ignore[arg-type]
+            r"`mode` must be one of 'zscore', 'percentile'. Received: mode='mean'",
+        ),
         (lambda: AGC(clipping=-1), r"`clipping` must be a positive finite number"),
     ],
 )
