@@ -89,8 +89,10 @@ def _scalar(like: Array, value: float) -> Array:
 class ClipByNorm:
     """Global-norm clipping: scale all gradients by ``min(1, max_norm / ||g||)``.
 
-    The same rule as ``torch.nn.utils.clip_grad_norm_`` and Keras' ``global_clipnorm``; Pascanu
-    et al., "On the difficulty of training recurrent neural networks", ICML 2013.
+    Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural networks",
+    ICML 2013 (Algorithm 1). The rule of ``torch.nn.utils.clip_grad_norm_`` (which divides by
+    ``||g|| + 1e-6``) and of Keras' ``global_clipnorm`` (``clip_by_global_norm``). Unlike both,
+    a non-finite norm leaves the gradients unscaled (the detectors handle it).
 
     Example:
         >>> import numpy as np
@@ -118,8 +120,8 @@ class ClipByNorm:
 class ClipByValue:
     """Element-wise clipping of every gradient value to ``[-max_value, max_value]``.
 
-    As ``torch.nn.utils.clip_grad_value_`` and Keras' ``clipvalue``. The scale is 1: the bound
-    is applied per element by the adapter.
+    The rule of ``torch.nn.utils.clip_grad_value_`` and Keras' ``clipvalue``; no paper is
+    implemented. The scale is 1: the bound is applied per element by the adapter.
     """
 
     max_value: float
@@ -145,11 +147,13 @@ class AutoClipState(NamedTuple):
 class AutoClip:
     """AutoClip: clip to the ``percentile``-th percentile of the global norms seen so far.
 
-    Seetharaman et al., "AutoClip: Adaptive Gradient Clipping for Source Separation Networks",
-    MLSP 2020. The current norm joins the history before the threshold is taken (as in the
-    paper); non-finite norms never join it. The history keeps the last ``history`` norms
-    (the paper keeps all; a bound keeps memory and the percentile's cost fixed). The
-    percentile is numpy's default (linear interpolation).
+    Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks", MLSP 2020, as the authors' reference code (github.com/pseeth/autoclip,
+    ``autoclip.py``) does it: the current norm joins the history, the threshold is numpy's
+    ``np.percentile`` of the history (linear interpolation), and the norm is clipped to it as
+    ``clip_grad_norm_`` would. Two differences: non-finite norms never join the history, and
+    it keeps only the last ``history`` norms (the reference keeps all; a bound keeps memory and
+    the percentile's cost fixed).
 
     Example:
         >>> import numpy as np
@@ -316,12 +320,14 @@ class ZClip:
 class AGC:
     """Unit-wise adaptive gradient clipping (AGC).
 
-    Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization",
-    ICML 2021. Each unit's gradient norm is capped at ``clipping * max(||w_unit||, eps)``. A
-    unit is one output unit: a slice along the first dimension of a weight (a row of a Linear
-    weight, an output channel of a Conv kernel); a vector or scalar parameter is one unit. The
-    paper leaves the final classifier layer unclipped; group it out with your own code if you
-    follow it.
+    Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition Without
+    Normalization", ICML 2021 (Section 4). Each unit's gradient norm is capped at
+    ``clipping * max(||w_unit||, eps)``, as timm's ``adaptive_clip_grad`` does (same defaults,
+    ``clip_factor=0.01``, ``eps=1e-3``). A unit is one output unit (the adapters decide): in
+    torch a slice along a weight's first dimension (a row of a Linear weight, an output channel
+    of a Conv kernel), in Keras along its last axis; a vector or scalar parameter is one unit.
+    The paper leaves the final classifier layer unclipped; group it out with your own code if
+    you follow it.
 
     Example:
         >>> import numpy as np
