@@ -45,9 +45,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradwatch.guard import GradWatchWarning
 from gradwatch.integrations.keras import GradWatch
 from gradwatch.policies import AutoClip
+from gradwatch.reporting import GradWatchWarning
 
 VARIANTS = ("plain", "global_clipnorm", "gradwatch", "gradwatch_autoclip")
 

@@ -40,11 +40,12 @@ def main(log_dir: str, epochs: int) -> None:
     )
     board = keras.callbacks.TensorBoard(log_dir=log_dir, update_freq=10)  # gradwatch joins it
     model.fit(x, y, batch_size=64, epochs=epochs, verbose=2, callbacks=[board, watch])
-    norms = [value for _, value in sink.scalars("grad_norm_total/global")]
-    clipped = [value for _, value in sink.scalars("grad_norm_total/clipped")]
-    scaled = sum(c < n for c, n in zip(clipped, norms, strict=True))  # AutoClip's 10th percentile
-    print(f"global gradient norm {norms[0]:.3g} at the start, {norms[-1]:.3g} at the end; ", end="")
-    print(f"clipped at {scaled} of {len(norms)} logged steps; detections: {len(watch.events)}")
+    norms = dict(sink.scalars("grad_norm_total/global"))
+    clipped = dict(sink.scalars("grad_norm_total/clipped"))  # at logging steps
+    scaled = sum(c < norms[step] for step, c in clipped.items())  # AutoClip's 10th percentile
+    first, last = norms[min(norms)], norms[max(norms)]
+    print(f"global gradient norm {first:.3g} at the start, {last:.3g} at the end; ", end="")
+    print(f"clipped at {scaled} of {len(clipped)} logged steps; detections: {len(watch.events)}")
     print(f"TensorBoard: tensorboard --logdir {log_dir}")
     try:
         print("report:", *report(log_dir, f"{log_dir}/report.html", quiet=True))

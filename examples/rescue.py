@@ -23,9 +23,9 @@ from _lab import arguments, write_report
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradwatch.guard import GradWatchWarning
 from gradwatch.integrations.lightning import GradWatch
 from gradwatch.policies import AutoClip, ZClip
+from gradwatch.reporting import GradWatchWarning
 
 SPIKE, SPIKE_STEPS = 100.0, 10
 

@@ -92,6 +92,8 @@ class NonFinite:
 class ExplosionState(NamedTuple):
     log_mean: Array  # [1 + groups] running mean of log norms (plain during warm-up, then EMA)
     count: Array  # [1 + groups] finite, non-spike norms seen
+    streak: Array  # [1 + groups] consecutive steps above the baseline's bound
+    accepted: Array  # [1 + groups] 1 where the last step's level was accepted as the new normal
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,19 @@ class Explosion:
     not update the baseline, so an explosion cannot teach the detector that it is normal;
     ``beta=0.98`` (a memory of ~50 steps) still follows real drift. The warm-up skips the first
     steps, whose norms are often unrepresentative.
+
+    A lasting change of level is not a spike: when an entry stays above ``factor * exp(m)``
+    for ``accept_after`` consecutive steps (a loss re-weighted, a schedule's jump), that step
+    is not flagged, its norm becomes the new baseline, and :meth:`accepted` says so.
+    So ``on_explosion="skip"`` drops at most ``accept_after - 1`` steps in a row, never every
+    step for good. ``None`` never accepts. The ``max_norm`` ceiling is absolute: never accepted.
     """
 
     factor: float = 10.0
     warmup_steps: int = 20
     beta: float = 0.98
     max_norm: float | None = None
+    accept_after: int | None = 10
 
     def __post_init__(self) -> None:
         if not _number(self.factor) or not self.factor > 1:
@@ -134,9 +143,16 @@ class Explosion:
                 "`max_norm` must be None or a positive number. "
                 f"Received: max_norm={self.max_norm!r}"
             )
+        accept = self.accept_after
+        if accept is not None and (
+            isinstance(accept, bool) or not isinstance(accept, int) or accept < 2
+        ):
+            raise ValueError(
+                f"`accept_after` must be None or an int >= 2. Received: accept_after={accept!r}"
+            )
 
     def init(self, like: Array, groups: int) -> ExplosionState:
-        return ExplosionState(_zeros(like, 1 + groups), _zeros(like, 1 + groups))
+        return ExplosionState(*(_zeros(like, 1 + groups) for _ in ExplosionState._fields))
 
     def update(self, stats: DetectStats, state: ExplosionState) -> tuple[Verdict, ExplosionState]:
         return self.evaluate(entries_of(stats), state)
@@ -148,19 +164,30 @@ class Explosion:
         # log(max(norm, tiny)); a non-finite norm gives log(tiny) or inf here, never learnt from
         log_value = xp.log(xp.where(values > _TINY, values, _TINY))
         warm = state.count >= self.warmup_steps
-        threshold = xp.where(warm, xp.exp(state.log_mean) * self.factor, math.inf)
+        bound = xp.where(warm, xp.exp(state.log_mean) * self.factor, math.inf)
+        above = finite & (values > bound)
+        streak = xp.where(above, state.streak + 1.0, 0.0)
+        accepted = above & (streak >= (self.accept_after or math.inf))
+        flag = above & ~accepted
+        threshold = bound
         if self.max_norm is not None:
-            threshold = xp.minimum(threshold, self.max_norm)
-        flag = finite & (values > threshold)
-        learn = finite ^ flag  # finite and not flagged
+            threshold = xp.minimum(bound, self.max_norm)
+            flag = flag | (finite & (values > self.max_norm))
+        learn = finite & ~flag
         # Warm-up: the plain mean of the log norms learnt (their count is then count + 1);
         # afterwards: an exponential moving average. Both move the mean by a step towards
-        # the new log norm.
+        # the new log norm. An accepted level replaces the mean.
         weight = xp.where(warm, 1 - self.beta, 1.0 / (state.count + 1.0))
         moved = state.log_mean + weight * (log_value - state.log_mean)
-        log_mean = xp.where(learn, moved, state.log_mean)
+        log_mean = xp.where(accepted, log_value, xp.where(learn, moved, state.log_mean))
         count = state.count + xp.astype(learn, state.count.dtype)
-        return Verdict(flag, values, threshold), ExplosionState(log_mean, count)
+        streak = xp.where(accepted, 0.0, streak)
+        new = ExplosionState(log_mean, count, streak, xp.astype(accepted, count.dtype))
+        return Verdict(flag, values, threshold), new
+
+    def accepted(self, state: ExplosionState) -> Array:
+        """Per entry, whether the step that gave ``state`` was accepted as a new level."""
+        return state.accepted > 0
 
 
 class VanishingState(NamedTuple):

@@ -1,21 +1,19 @@
 """One step's decision: detectors, the actions configured for them, and the clipping policy.
 
 :meth:`Guard.update` is pure array code like the policies and detectors it combines, so every
-adapter runs the same decision on its own tensors: numpy in tests, torch on a GPU with no host
-synchronisation, keras.ops inside a compiled train step. The host reads a decision only where it
-must act on it: every step for ``"skip"``, and at the logging cadence (or with a lag) for
-``"stop"`` and for the events.
+adapter runs the same decision on its own tensors: numpy on the CPU and in tests, torch on a GPU
+with no host synchronisation, TensorFlow inside Keras' compiled train step. The host reads a
+decision only where it must act on it: every step for ``"skip"`` and ``"stop"`` (both drop the
+offending step, which cannot be done without knowing), at the logging cadence for the events.
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
 
-from gradwatch import keys
 from gradwatch.detectors import (
     DetectStats,
     Explosion,
@@ -29,24 +27,22 @@ from gradwatch.detectors import (
 )
 from gradwatch.namespace import namespace_of
 from gradwatch.policies import Clip, ClipStats, Policy, as_policy
-from gradwatch.record import Record
 
 __all__ = [
     "ACTIONS",
+    "GLOBAL",
     "Decision",
-    "GradWatchWarning",
     "Guard",
     "GuardState",
     "check_action",
-    "attach_events",
-    "events_markdown",
-    "report_events",
+    "sort_events",
 ]
 
 Array = Any
 
 ACTIONS = ("warn", "skip", "stop", "ignore")
 KINDS = ("nonfinite", "explosion", "vanishing")
+GLOBAL = "global"  # the entry of the whole gradient, in events
 _ALLOWED = {"nonfinite": ACTIONS, "explosion": ACTIONS, "vanishing": ("warn", "stop", "ignore")}
 
 
@@ -64,8 +60,9 @@ class Decision(NamedTuple):
 
     Attributes:
         clip: the policy's decision, or None without a policy.
-        skip: scalar bool: drop this optimizer step (a ``"skip"`` detector fired).
-        stop: scalar bool: end training (a ``"stop"`` detector fired).
+        skip: scalar bool: drop this optimizer step (a ``"skip"`` or ``"stop"`` detector fired:
+            a stop drops the offending step too, so no checkpoint keeps its update).
+        stop: scalar bool: end training after this step (a ``"stop"`` detector fired).
     """
 
     clip: Clip | None
@@ -76,11 +73,11 @@ class Decision(NamedTuple):
 class GuardState(NamedTuple):
     policy: Any
     detectors: tuple[Any, ...]
-    latch: Latch  # [active detectors, 1 + groups]: every detector's latch in one update
+    latch: Latch  # [rows, 1 + groups]: every detector's latch (then new levels) in one update
 
     @property
     def latches(self) -> tuple[Latch, ...]:
-        """The latch of each active detector, in the order of :attr:`Guard.active`."""
+        """One latch per row of :attr:`Guard.rows`."""
         rows = self.latch.fired.shape[0]
         return tuple(Latch(*(part[row] for part in self.latch)) for row in range(rows))
 
@@ -89,7 +86,10 @@ class GuardState(NamedTuple):
 class Guard:
     """Detectors with their actions, and an optional clipping policy, for one optimizer.
 
-    Kinds whose action is ``"ignore"`` are not evaluated at all.
+    Kinds whose action is ``"ignore"`` are not evaluated at all. Only the global norm's verdict
+    acts (``"skip"``, ``"stop"``): a group's spike is reported, since a small group's norm may
+    jump tenfold harmlessly, and a NaN anywhere makes the global norm NaN too. Vanishing acts
+    on any group, since it is a property of groups.
     """
 
     policy: Policy | None = None
@@ -140,9 +140,17 @@ class Guard:
         return tuple((k, detectors[k], actions[k]) for k in KINDS if actions[k] != "ignore")
 
     @cached_property
+    def rows(self) -> tuple[tuple[str, str], ...]:
+        """``(kind, what)`` of each latch row: every active detector's findings, then the new
+        levels accepted by the detectors that can accept one (``what == "accepted"``)."""
+        found = [(kind, "found") for kind, _, _ in self.active]
+        accepting = [kind for kind, d, _ in self.active if hasattr(d, "accepted")]
+        return (*found, *((kind, "accepted") for kind in accepting))
+
+    @cached_property
     def reads_every_step(self) -> bool:
-        """Whether an action needs the host to know this step's verdict before the step."""
-        return any(action == "skip" for _, _, action in self.active)
+        """Whether the host must know this step's verdict before the step: to drop it."""
+        return any(action in ("skip", "stop") for _, _, action in self.active)
 
     @cached_property
     def can_stop(self) -> bool:
@@ -153,57 +161,173 @@ class Guard:
         return GuardState(
             policy=None if self.policy is None else self.policy.init(like),
             detectors=tuple(d.init(like, groups) for _, d, _ in self.active),
-            latch=new_latch(like, (len(self.active), 1 + groups)),
+            latch=new_latch(like, (len(self.rows), 1 + groups)),
         )
 
     def update(
-        self, stats: DetectStats, clip_stats: ClipStats, state: GuardState, step: Array
+        self,
+        stats: DetectStats,
+        clip_stats: ClipStats,
+        state: GuardState,
+        step: Array,
+        scaler_skipped: Array | None = None,
     ) -> tuple[Decision, GuardState]:
+        """Decide for one step.
+
+        ``scaler_skipped`` (scalar bool, or None without a loss scaler): the loss scaler drops
+        this step itself (its gradients overflowed the scaled range). Such a step is no
+        fault: nothing is flagged, and no detector or policy learns from it.
+        """
         xp = namespace_of(stats.global_norm)
         acting: dict[str, list[Array]] = {"skip": [], "stop": []}
         detector_states, verdicts = [], []
         shared = entries_of(stats) if self.active else None  # once for every detector
         for (kind, detector, action), d_state in zip(self.active, state.detectors, strict=True):
             verdict, d_state = detector.evaluate(shared, d_state)
+            if scaler_skipped is not None:
+                verdict = verdict._replace(flag=verdict.flag & ~scaler_skipped)
             if action in acting:
-                # Group spikes are reported; only the whole gradient's norm acts (a small
-                # group's norm may jump tenfold harmlessly; a NaN anywhere makes the global
-                # norm NaN too).
                 fired = xp.any(verdict.flag) if kind == "vanishing" else verdict.flag[0]
                 acting[action].append(fired)
             detector_states.append(d_state)
             verdicts.append(verdict)
+        for (_, detector, _), d_state, verdict in zip(
+            self.active, detector_states, list(verdicts), strict=True
+        ):
+            if hasattr(detector, "accepted"):  # a new level is reported like a finding
+                accepted = detector.accepted(d_state)
+                if scaler_skipped is not None:
+                    accepted = accepted & ~scaler_skipped
+                verdicts.append(verdict._replace(flag=accepted))
         latched = state.latch
-        if verdicts:  # one latch update for all detectors, on their stacked verdicts
+        if verdicts:  # one latch update for all rows, on their stacked verdicts
             stacked = Verdict(*(xp.stack(part) for part in zip(*verdicts, strict=True)))
             latched = latch(latched, stacked, step)
         false = None
         if not (acting["skip"] and acting["stop"]):
             false = xp.zeros_like(stats.global_norm) != 0
-        skip, stop = (_any(flags, false) for flags in acting.values())
+        stop = _any(acting["stop"], false)
+        skip = _any([*acting["skip"], stop] if acting["stop"] else acting["skip"], false)
         clip, policy_state = None, state.policy
         if self.policy is not None:
             clip, policy_state = self.policy.update(clip_stats, state.policy)
-        decision = Decision(clip, skip, stop)
-        return decision, GuardState(policy_state, tuple(detector_states), latched)
+        new = GuardState(policy_state, tuple(detector_states), latched)
+        if scaler_skipped is not None:  # the step never happened for the detectors and policy
+            new = new._replace(
+                policy=_keep(xp, scaler_skipped, state.policy, policy_state),
+                detectors=_keep(xp, scaler_skipped, state.detectors, new.detectors),
+            )
+        return Decision(clip, skip, stop), new
+
+    def state_dict(self, state: GuardState) -> dict[str, Any]:
+        """The policy's and detectors' state as plain lists (they load with
+        ``weights_only=True``), with the configuration they belong to."""
+        return {
+            "config": self._config(),
+            "policy": [] if state.policy is None else [_plain(v) for v in state.policy],
+            "detectors": [[_plain(v) for v in d] for d in state.detectors],
+        }
+
+    def load_state_dict(
+        self, fresh: GuardState, saved: dict[str, Any], like: Callable[[Array, Any], Array]
+    ) -> tuple[GuardState, list[str]]:
+        """``fresh`` with every part of ``saved`` that belongs to this configuration.
+
+        A part saved under another configuration (another policy, a detector's other settings
+        or action set) starts afresh; returns its names. ``like(template, values)`` makes an
+        array of the template's kind from saved values. Never raises on a saved state.
+        """
+        config = saved.get("config") if isinstance(saved, dict) else None
+        if not isinstance(config, dict):  # written before configurations were saved
+            config = {"policy": None, "detectors": []}
+        mine = self._config()
+        afresh = []
+        policy = fresh.policy
+        if fresh.policy is not None:
+            restored = None
+            if config.get("policy") == mine["policy"]:
+                restored = _restore(fresh.policy, saved.get("policy"), like)
+            if restored is None:
+                afresh.append(f"clipping policy {mine['policy']}")
+            policy = restored if restored is not None else fresh.policy
+        by_config = dict(zip(config.get("detectors", []), saved.get("detectors", []), strict=False))
+        detectors = []
+        for name, template in zip(mine["detectors"], fresh.detectors, strict=True):
+            restored = _restore(template, by_config.get(name), like)
+            if restored is None:
+                afresh.append(f"detector {name}")
+            detectors.append(restored if restored is not None else template)
+        return fresh._replace(policy=policy, detectors=tuple(detectors)), afresh
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "policy": repr(self.policy),
+            "detectors": [f"{kind}: {detector!r}" for kind, detector, _ in self.active],
+        }
 
     def events(self, latches: tuple[Latch, ...], groups: tuple[str, ...]) -> list[dict]:
-        """The detections in host copies of the latches, as plain records (step order)."""
+        """The detections in host copies of the latches, as plain records.
+
+        An event's ``action`` is what was done: ``"skip"`` or ``"stop"`` only on the finding
+        that caused it, ``"warn"`` on findings that were only reported, ``"accepted"`` on a
+        new level an explosion detector took as normal (the global norm's only).
+        """
+        actions = {kind: action for kind, _, action in self.active}
         found = []
-        for (kind, _, action), l_state in zip(self.active, latches, strict=True):
+        for (kind, what), l_state in zip(self.rows, latches, strict=True):
             for entry, fired in enumerate(l_state.fired):
-                if fired:
-                    found.append(
-                        {
-                            "step": int(l_state.step[entry]),
-                            "kind": kind,
-                            "group": "global" if entry == 0 else groups[entry - 1],
-                            "value": float(l_state.value[entry]),
-                            "threshold": float(l_state.threshold[entry]),
-                            "action": action,
-                        }
-                    )
-        return sorted(found, key=lambda e: (e["step"], e["kind"], e["group"]))
+                if not fired or (what == "accepted" and entry > 0):
+                    continue
+                if what == "accepted":
+                    action = "accepted"
+                elif entry == 0 or kind == "vanishing":
+                    action = actions[kind]
+                else:
+                    action = "warn"
+                found.append(
+                    {
+                        "step": int(l_state.step[entry]),
+                        "kind": kind,
+                        "group": GLOBAL if entry == 0 else groups[entry - 1],
+                        "value": float(l_state.value[entry]),
+                        "threshold": float(l_state.threshold[entry]),
+                        "action": action,
+                    }
+                )
+        return sort_events(found)
+
+
+def sort_events(events: list[dict]) -> list[dict]:
+    """Step order; within a step the whole gradient's findings first, then the groups'."""
+    return sorted(events, key=lambda e: (e["step"], e["group"] != GLOBAL, e["kind"], e["group"]))
+
+
+def _plain(value: Array) -> list | float:
+    return value.tolist()
+
+
+def _restore(template: Any, values: Any, like: Callable[[Array, Any], Array]) -> Any:
+    """``template`` (a NamedTuple of arrays) filled with saved ``values``, or None when they do
+    not fit it (another number of fields, or other shapes)."""
+    if not isinstance(values, (list, tuple)) or len(values) != len(template):
+        return None
+    try:
+        leaves = [like(t, v) for t, v in zip(template, values, strict=True)]
+    except (TypeError, ValueError):
+        return None
+    if any(tuple(a.shape) != tuple(t.shape) for a, t in zip(leaves, template, strict=True)):
+        return None
+    return type(template)(*leaves)
+
+
+def _keep(xp: Any, keep: Array, old: Any, new: Any) -> Any:
+    """``new`` with ``old``'s arrays wherever ``keep`` (a scalar bool) is set, leaf by leaf."""
+    if old is None:
+        return None
+    if isinstance(old, tuple):
+        parts = (_keep(xp, keep, o, n) for o, n in zip(old, new, strict=True))
+        return type(old)(*parts) if hasattr(old, "_fields") else tuple(parts)
+    return xp.where(keep, old, new)
 
 
 def _any(flags: list[Array], false: Array) -> Array:
@@ -214,41 +338,3 @@ def _any(flags: list[Array], false: Array) -> Array:
     for flag in flags[1:]:
         found = found | flag
     return found
-
-
-def attach_events(record: Record, events: list[dict]) -> Record:
-    """Put detections on ``record``: kept as data, and written as a Markdown table."""
-    record.events = events
-    if events:
-        record.texts[keys.EVENTS] = events_markdown(events)
-    return record
-
-
-def events_markdown(events: list[dict]) -> str:
-    """Detections as a Markdown table (TensorBoard's text dashboard renders it)."""
-    lines = [
-        "| step | kind | group | value | threshold | action |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    lines += [
-        f"| {e['step']} | {e['kind']} | `{e['group']}` | {e['value']:.4g} | {e['threshold']:.4g}"
-        f" | {e['action']} |"
-        for e in events
-    ]
-    return "\n".join(lines)
-
-
-class GradWatchWarning(UserWarning):
-    """A detection: non-finite, exploding or vanishing gradients."""
-
-
-def report_events(events: list[dict], log: logging.Logger) -> None:
-    """Tell the user about each detection: a :class:`GradWatchWarning` and a log record."""
-    for event in events:
-        message = (
-            f"gradwatch: {event['kind']} gradient in {event['group']} at step {event['step']}"
-            f" (value {event['value']:.4g}, threshold {event['threshold']:.4g});"
-            f" action: {event['action']}"
-        )
-        warnings.warn(message, GradWatchWarning, stacklevel=3)
-        log.warning(message)

@@ -20,6 +20,7 @@ __all__ = [
     "LAYOUT",
     "TAGS",
     "TagSpec",
+    "amp_tag",
     "clip_tag",
     "group_tag",
     "markdown_table",
@@ -52,13 +53,17 @@ TOTAL = "grad_norm_total"
 GLOBAL = "global"
 MAX_SINCE_LAST_LOG = "max_since_last_log"
 NONFINITE_STEPS = "nonfinite_steps"
+SKIPPED_STEPS = "skipped_steps"
 CLIPPED = "clipped"
 # Clipping.
 CLIP = "clip"
 THRESHOLD = "threshold"
 COEFFICIENT = "coefficient"
+# Loss scaling (mixed precision).
+AMP_SKIPPED = "amp/skipped_steps"
 # Text events.
 EVENTS = "gradwatch/events"
+STOPPED = "gradwatch/stopped"
 # Pictures of gradient flow, and TensorBoard's Custom Scalars layout.
 FLOW = "grad_flow"
 HEATMAP = f"{FLOW}/heatmap"
@@ -98,6 +103,18 @@ TAGS: tuple[TagSpec, ...] = (
         "steps since the previous logging step whose gradients were not finite",
     ),
     TagSpec(
+        f"{TOTAL}/{SKIPPED_STEPS}<optimizer>",
+        "scalar",
+        f'{LOGGING}, with a `"skip"` or `"stop"` action',
+        "optimizer steps gradwatch dropped since the start of the run",
+    ),
+    TagSpec(
+        f"{AMP_SKIPPED}<optimizer>",
+        "scalar",
+        f"{LOGGING}, with a loss scaler",
+        "steps the loss scaler dropped (its overflow checks, not faults) since the start",
+    ),
+    TagSpec(
         f"{TOTAL}/{CLIPPED}<optimizer>",
         "scalar",
         f"{LOGGING}, with `clip=`",
@@ -122,6 +139,7 @@ TAGS: tuple[TagSpec, ...] = (
         "distribution of the group's finite gradient values",
     ),
     TagSpec(EVENTS, "text", "when a detector fires", "what was detected, where, and what was done"),
+    TagSpec(STOPPED, "text", "when gradwatch stops training", "the step and the cause"),
     TagSpec(
         HEATMAP,
         "image",
@@ -186,6 +204,16 @@ def total_tag(statistic: str, optimizer: int | None = None) -> str:
         'grad_norm_total/global_optimizer1'
     """
     return f"{TOTAL}/{statistic}{_optimizer_suffix(optimizer)}"
+
+
+def amp_tag(optimizer: int | None = None) -> str:
+    """The tag of the loss scaler's dropped steps, suffixed like :func:`total_tag`.
+
+    Example:
+        >>> amp_tag()
+        'amp/skipped_steps'
+    """
+    return f"{AMP_SKIPPED}{_optimizer_suffix(optimizer)}"
 
 
 def _optimizer_suffix(optimizer: int | None) -> str:

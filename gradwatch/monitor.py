@@ -10,7 +10,7 @@ import numpy as np
 from gradwatch import keys
 from gradwatch.grouping import Grouping
 from gradwatch.record import Histogram, Record, Sink
-from gradwatch.stats import TensorStats, aggregate, global_norm
+from gradwatch.stats import StepSummary, TensorStats, aggregate, global_norm
 
 __all__ = [
     "Cadence",
@@ -93,14 +93,17 @@ def build_record(
     grouping: Grouping,
     tensors: TensorStats,
     *,
-    max_global_norm: float,
-    nonfinite_steps: float,
+    summary: StepSummary,
     histograms: Mapping[str, Histogram] | None = None,
     optimizer: int | None = None,
+    skips: bool = False,
+    scaler: bool = False,
 ) -> Record:
     """Name every statistic of one logging step.
 
-    ``optimizer`` is the optimizer's index when a model has several, else ``None``.
+    ``summary`` is the host copy of the step's :class:`StepSummary`; ``skips`` writes the
+    count of steps gradwatch dropped, ``scaler`` that of the loss scaler's. ``optimizer`` is
+    the optimizer's index when a model has several, else ``None``.
     """
     groups = aggregate(grouping, tensors)
     per_group = {
@@ -109,18 +112,23 @@ def build_record(
         keys.GRAD_NONFINITE: groups.grad_nonfinite,
         keys.PARAM_NORM: groups.param_norm,
         keys.GRAD_TO_PARAM: groups.grad_to_param,
+        keys.UPDATE_TO_PARAM: groups.update_to_param,
     }
-    if groups.update_to_param is not None:
-        per_group[keys.UPDATE_TO_PARAM] = groups.update_to_param
     scalars: dict[str, float] = {}
     for statistic, values in per_group.items():
+        if values is None:  # not measured at this step
+            continue
         for g in np.flatnonzero(groups.present):
             scalars[keys.group_tag(statistic, grouping.groups[g])] = float(values[g])
     present = tensors.present.astype(bool)
     norm = global_norm(tensors.grad_norm[present].astype(np.float64))
     scalars[keys.total_tag(keys.GLOBAL, optimizer)] = float(norm)
-    scalars[keys.total_tag(keys.MAX_SINCE_LAST_LOG, optimizer)] = float(max_global_norm)
-    scalars[keys.total_tag(keys.NONFINITE_STEPS, optimizer)] = float(nonfinite_steps)
+    scalars[keys.total_tag(keys.MAX_SINCE_LAST_LOG, optimizer)] = float(summary.max_global_norm)
+    scalars[keys.total_tag(keys.NONFINITE_STEPS, optimizer)] = float(summary.nonfinite_steps)
+    if skips:
+        scalars[keys.total_tag(keys.SKIPPED_STEPS, optimizer)] = float(summary.skipped_steps)
+    if scaler:
+        scalars[keys.amp_tag(optimizer)] = float(summary.scaler_skipped_steps)
     record = build_histogram_record(step, histograms or {})
     record.scalars = scalars
     return record

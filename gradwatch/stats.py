@@ -11,6 +11,7 @@ Two kinds of functions live here:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "global_norm",
     "group_norms",
     "init_summary",
+    "reset_summary",
     "update_summary",
 ]
 
@@ -35,32 +37,60 @@ Array = Any
 def global_norm(tensor_norms: Array) -> Array:
     """The L2 norm of all tensors together, from their L2 norms: ``sqrt(sum(norms**2))``.
 
-    Not finite when any tensor's norm is not finite (NaN or Inf in a gradient).
+    Taken as ``m * sqrt(sum((norms / m)**2))`` with ``m`` the largest norm, so that finite
+    norms whose squares overflow float32 (from about 1.8e19) still give a finite result. Not
+    finite when any tensor's norm is not finite (NaN or Inf in a gradient).
 
     Example:
         >>> float(global_norm(np.array([3.0, 4.0])))
         5.0
+        >>> f"{float(global_norm(np.array([3e20, 4e20], dtype=np.float32))):.4g}"
+        '5e+20'
     """
     xp = namespace_of(tensor_norms)
-    return xp.sqrt(xp.sum(tensor_norms * tensor_norms))
+    if tensor_norms.shape[0] == 0:
+        return xp.sum(tensor_norms)
+    largest = xp.max(tensor_norms)
+    scale = xp.where((largest > 0) & (largest < math.inf), largest, 1.0)
+    scaled = tensor_norms / scale
+    return scale * xp.sqrt(xp.sum(scaled * scaled))
 
 
 class StepSummary(NamedTuple):
-    """What every step leaves for the next logging step, so no spike goes unseen between logs."""
+    """What every step leaves for the next logging step, so no spike goes unseen between logs.
+
+    The first two count since the last logging step (:func:`reset_summary`), the last two
+    since the start of the run.
+    """
 
     max_global_norm: Array  # largest finite global norm since the last log
-    nonfinite_steps: Array  # steps since the last log whose global norm was not finite
+    nonfinite_steps: Array  # steps since the last log whose gradients were not finite
+    skipped_steps: Array  # steps gradwatch dropped ("skip" or "stop"), in all
+    scaler_skipped_steps: Array  # steps the loss scaler dropped (its overflow checks), in all
 
 
 def init_summary(like: Array) -> StepSummary:
     """A fresh summary on the device and dtype of ``like`` (any array of that namespace)."""
     xp = namespace_of(like)
     zero = xp.zeros_like(xp.reshape(like, (-1,))[:1])[0]
-    return StepSummary(max_global_norm=zero, nonfinite_steps=zero)
+    return StepSummary(zero, zero, zero, zero)
 
 
-def update_summary(summary: StepSummary, norm: Array) -> StepSummary:
-    """Fold one step's global norm into the summary.
+def reset_summary(summary: StepSummary) -> StepSummary:
+    """The summary after a logging step: the per-interval fields start again, the totals stay."""
+    zero = namespace_of(summary.max_global_norm).zeros_like(summary.max_global_norm)
+    return summary._replace(max_global_norm=zero, nonfinite_steps=zero)
+
+
+def update_summary(
+    summary: StepSummary,
+    norm: Array,
+    skipped: Array | None = None,
+    scaler_skipped: Array | None = None,
+) -> StepSummary:
+    """Fold one step into the summary: its global norm, whether gradwatch dropped it
+    (``skipped``), and whether the loss scaler dropped it (``scaler_skipped``; such a step's
+    non-finite gradients are the scaler's own overflow check, not a fault).
 
     Example:
         >>> s = init_summary(np.zeros(()))
@@ -71,9 +101,20 @@ def update_summary(summary: StepSummary, norm: Array) -> StepSummary:
     """
     xp = namespace_of(norm)
     finite = xp.isfinite(norm)
-    return StepSummary(
+    nonfinite = ~finite
+    if scaler_skipped is not None:
+        nonfinite = nonfinite & ~scaler_skipped
+        summary = summary._replace(
+            scaler_skipped_steps=summary.scaler_skipped_steps
+            + xp.astype(scaler_skipped, norm.dtype)
+        )
+    if skipped is not None:
+        summary = summary._replace(
+            skipped_steps=summary.skipped_steps + xp.astype(skipped, norm.dtype)
+        )
+    return summary._replace(
         max_global_norm=xp.maximum(summary.max_global_norm, xp.where(finite, norm, 0.0)),
-        nonfinite_steps=summary.nonfinite_steps + xp.astype(~finite, norm.dtype),
+        nonfinite_steps=summary.nonfinite_steps + xp.astype(nonfinite, norm.dtype),
     )
 
 
@@ -81,25 +122,28 @@ class TensorStats(NamedTuple):
     """Per-tensor reductions at a logging step, host arrays of shape ``[tensors]``.
 
     ``present`` marks tensors that had a gradient at this step; the other entries are ignored.
+    A statistic that is None was not measured (the last step of a run, read after it ended,
+    has only its gradient norms).
     """
 
     present: np.ndarray
     grad_norm: np.ndarray
-    grad_max_abs: np.ndarray
-    grad_nonfinite: np.ndarray
-    param_norm: np.ndarray
+    grad_max_abs: np.ndarray | None = None
+    grad_nonfinite: np.ndarray | None = None
+    param_norm: np.ndarray | None = None
     update_norm: np.ndarray | None = None
 
 
 class GroupStats(NamedTuple):
-    """Per-group statistics, arrays of shape ``[groups]``; ``present`` as in TensorStats."""
+    """Per-group statistics, arrays of shape ``[groups]``; ``present`` and None as in
+    TensorStats."""
 
     present: np.ndarray
     grad_norm: np.ndarray
-    grad_max_abs: np.ndarray
-    grad_nonfinite: np.ndarray
-    param_norm: np.ndarray
-    grad_to_param: np.ndarray
+    grad_max_abs: np.ndarray | None
+    grad_nonfinite: np.ndarray | None
+    param_norm: np.ndarray | None
+    grad_to_param: np.ndarray | None
     update_to_param: np.ndarray | None
 
 
@@ -149,21 +193,26 @@ def aggregate(grouping: Grouping, stats: TensorStats) -> GroupStats:
     group_present = np.zeros(group_count, dtype=bool)
     group_present[grouping.index[present]] = True
     grad_norm = _root_sum_square(grouping, stats.grad_norm, present)
-    param_norm = _root_sum_square(grouping, stats.param_norm, present)
-    max_abs = np.full(group_count, -np.inf)
-    with np.errstate(invalid="ignore"):  # a NaN maximum is the right answer for a NaN gradient
-        np.maximum.at(max_abs, grouping.index[present], stats.grad_max_abs[present])
-    nonfinite = np.zeros(group_count)
-    np.add.at(nonfinite, grouping.index[present], stats.grad_nonfinite[present])
-    update_to_param = None
-    if stats.update_norm is not None:
-        update_to_param = _ratio(_root_sum_square(grouping, stats.update_norm, present), param_norm)
+    max_abs = nonfinite = param_norm = grad_to_param = update_to_param = None
+    if stats.grad_max_abs is not None:
+        max_abs = np.full(group_count, -np.inf)
+        with np.errstate(invalid="ignore"):  # a NaN maximum is right for a NaN gradient
+            np.maximum.at(max_abs, grouping.index[present], stats.grad_max_abs[present])
+    if stats.grad_nonfinite is not None:
+        nonfinite = np.zeros(group_count)
+        np.add.at(nonfinite, grouping.index[present], stats.grad_nonfinite[present])
+    if stats.param_norm is not None:
+        param_norm = _root_sum_square(grouping, stats.param_norm, present)
+        grad_to_param = _ratio(grad_norm, param_norm)
+        if stats.update_norm is not None:
+            update_norm = _root_sum_square(grouping, stats.update_norm, present)
+            update_to_param = _ratio(update_norm, param_norm)
     return GroupStats(
         present=group_present,
         grad_norm=grad_norm,
         grad_max_abs=max_abs,
         grad_nonfinite=nonfinite,
         param_norm=param_norm,
-        grad_to_param=_ratio(grad_norm, param_norm),
+        grad_to_param=grad_to_param,
         update_to_param=update_to_param,
     )

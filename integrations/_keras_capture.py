@@ -14,7 +14,8 @@ In the traced graph, every step, it
   weights nor the optimizer's variables change), and raises a stop flag,
 * at logging steps stores per-tensor statistics, at histogram steps per-group histograms.
 
-The callback reads those variables between train-function calls: one small read per batch.
+The callback reads those variables between train-function calls, at batches that may hold a
+logging step (and, with a ``"stop"`` action, the stop flag after every batch).
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from gradwatch.integrations import _tf_namespace
 from gradwatch.monitor import Cadence, build_histogram_record, build_record
 from gradwatch.policies import AGC, ClipStats
 from gradwatch.record import Histogram, Record
-from gradwatch.stats import TensorStats, global_norm, init_summary, update_summary
+from gradwatch.stats import (
+    StepSummary,
+    TensorStats,
+    global_norm,
+    init_summary,
+    reset_summary,
+    update_summary,
+)
 
 __all__ = ["Capture"]
 
@@ -129,6 +137,7 @@ class Capture:
         histogram_bins: int,
         strategy: tf.distribute.Strategy,
         track_update_ratio: bool = False,
+        scaled: bool = False,
     ) -> None:
         _tf_namespace.install()
         self.optimizer = optimizer
@@ -138,6 +147,7 @@ class Capture:
         self.bins = histogram_bins
         self.strategy = strategy
         self.track_update_ratio = track_update_ratio
+        self.scaled = scaled  # under a loss-scale optimizer, whose skipped steps are counted
         self._position = {id(v): i for i, v in enumerate(variables)}
         self._variables = list(variables)
         tensors, groups = len(self._variables), len(grouping.groups)
@@ -156,6 +166,10 @@ class Capture:
             self.histograms = stored(tf.zeros((groups, histogram_bins + 4)), "histograms")
             self.marks = stored(tf.constant([-1, -1], tf.int64), "marks")  # logged, histogram
             self.stop = stored(tf.constant(False), "stop")
+            self.last = stored(tf.zeros((tensors,)), "last")  # the newest step's norms
+            self.last_step = stored(tf.constant(-1, tf.int64), "last_step")
+            self.calls = stored(tf.constant(0, tf.int64), "calls")  # steps that reached apply
+        self._last_index: list[int] = []
 
     # -- in the train step -------------------------------------------------------------------
 
@@ -166,6 +180,7 @@ class Capture:
         if not present:
             return original(grads, trainable_variables)
         index = [self._position[id(variables[k])] for k in present]
+        self._last_index = index  # at trace time: the tensors every traced step measures
         values = [_as_dense(grads[k]) for k in present]
         replicas = self.strategy.num_replicas_in_sync
         if replicas > 1:
@@ -179,13 +194,16 @@ class Capture:
         # update the variables in place while it lives): read them here only when needed.
         needs_copy = self.track_update_ratio or isinstance(self.guard.policy, AGC)
         params = read_params() if needs_copy else None
-        norms = tf.stack([_norm(v) for v in values])
+        norms = _without_overflow(values, tf.stack([_norm(v) for v in values]))
         total = global_norm(norms)
         segments = tf.constant(self.grouping.index[index], tf.int32)
         group_norms = tf.sqrt(
             tf.math.unsorted_segment_sum(tf.square(norms), segments, len(self.grouping.groups))
         )
         step = tf.convert_to_tensor(self.optimizer.iterations)
+        self.calls.write(self.calls.read() + 1)
+        self.last.write(self._scatter(index, norms))
+        self.last_step.write(step)
         decision, state = self.guard.update(
             DetectStats(total, group_norms),
             self._clip_stats(total, values, params),
@@ -193,9 +211,16 @@ class Capture:
             step,
         )
         self.guard_state.write(state)
-        self.summary.write(update_summary(self.summary.read(), total))
+        drop, logs = decision.skip, self.cadence.logs(step)
         if self.guard.can_stop:
-            self.stop.write(self.stop.read() | decision.stop)
+            # After a stop, the steps left in this execution (steps_per_execution > 1) are
+            # dropped too and not logged; the stop step itself is logged.
+            stopped = self.stop.read()
+            drop = drop | stopped
+            logs = (logs & ~stopped) | (decision.stop & ~stopped)
+            self.stop.write(stopped | decision.stop)
+        dropped = drop if self.guard.reads_every_step else None
+        self.summary.write(update_summary(self.summary.read(), total, dropped))
         clipped = values if decision.clip is None else self._clipped(decision, values)
         clip_row = None if decision.clip is None else self._clip_row(decision, clipped, total)
 
@@ -204,17 +229,28 @@ class Capture:
         # may not update them in place while the `cond` could still read them), and one that
         # reads the gradients after it keeps them all alive to the end of the step. So the
         # logged parameter norms are those after this step's update.
-        self._gradients_at_cadence(step, index, norms, values, clip_row)
+        self._gradients_at_cadence(step, logs, index, norms, values, clip_row)
         out = list(grads)
         if decision.clip is not None:  # each replica's share of the clipped aggregate
             for k, value in zip(present, clipped, strict=True):
                 out[k] = tf.cast(value / replicas, grads[k].dtype)
         if self.guard.reads_every_step:
-            self._unless_skipped(decision.skip, original, out, trainable_variables)
+            self._unless_skipped(drop, original, out, trainable_variables)
         else:
             original(out, trainable_variables)
         before = params if self.track_update_ratio else None  # read before the update
-        self._parameters_at_cadence(step, index, read_params, before)
+        self._parameters_at_cadence(step, logs, index, read_params, before)
+
+    def count_scaler_skip(self, calls_before: tf.Tensor) -> None:
+        """After the loss-scale optimizer's ``apply``: when it did not reach the inner
+        optimizer's (its own overflow check dropped the step), count the step."""
+        skipped = tf.equal(self.calls.read(), calls_before)
+        summary = self.summary.read()
+        self.summary.write(
+            summary._replace(
+                scaler_skipped_steps=summary.scaler_skipped_steps + tf.cast(skipped, tf.float32)
+            )
+        )
 
     def _clip_stats(self, total: tf.Tensor, values: list, params: list) -> ClipStats:
         if not isinstance(self.guard.policy, AGC):
@@ -253,7 +289,7 @@ class Capture:
         threshold = tf.cast(clip.threshold, tf.float32)
         return tf.stack([threshold, tf.reduce_min(clip.scale), after])
 
-    def _gradients_at_cadence(self, step, index, norms, values, clip_row) -> None:
+    def _gradients_at_cadence(self, step, logs, index, norms, values, clip_row) -> None:
         def logging_step() -> tf.Tensor:
             rows = [
                 tf.ones_like(norms),
@@ -273,11 +309,11 @@ class Capture:
             self.marks.write(tf.stack([self.marks.read()[0], step]))
             return tf.constant(0)
 
-        tf.cond(self.cadence.logs(step), logging_step, _nothing)
+        tf.cond(logs, logging_step, _nothing)
         if self.cadence.histogram_every_n_steps:
             tf.cond(self.cadence.histograms(step), histogram_step, _nothing)
 
-    def _parameters_at_cadence(self, step, index, read_params, before) -> None:
+    def _parameters_at_cadence(self, step, logs, index, read_params, before) -> None:
         """Parameter norms after the update; the update's norms when ``before`` holds the
         parameters before it. Marks the logging step as stored."""
 
@@ -294,7 +330,7 @@ class Capture:
             self.marks.write(tf.stack([step, self.marks.read()[1]]))
             return tf.constant(0)
 
-        tf.cond(self.cadence.logs(step), logging_step, _nothing)
+        tf.cond(logs, logging_step, _nothing)
 
     def _scatter(self, index, values) -> tf.Tensor:
         """Per-tensor values of the present tensors, at their places among all tensors."""
@@ -352,7 +388,8 @@ class Capture:
     # -- on the host, between train-function calls ---------------------------------------------
 
     def collect(self, last_logged: int, last_histogram: int) -> tuple[list[Record], int, int]:
-        """Records of the logging and histogram steps stored since the given ones."""
+        """Records of the logging and histogram steps stored since the given ones; a logging
+        step's record carries the detections since the last read."""
         logged, histogram = (int(m) for m in self.marks.host())
         histograms = {}
         if histogram > last_histogram:
@@ -360,6 +397,7 @@ class Capture:
         records = []
         if logged > last_logged:
             record = self._record(logged, histograms if histogram == logged else {})
+            record.events = self.drain()
             records.append(record)
             if histogram == logged:
                 histograms = {}
@@ -379,26 +417,44 @@ class Capture:
         self.guard_state.write(state._replace(latch=fresh))
         return self.guard.events(state.latches, self.grouping.groups)
 
+    def finish(self, last_logged: int) -> list[Record]:
+        """The record of the newest step when it was not logged (its gradient norms only),
+        with the detections not yet read."""
+        step = int(self.last_step.host())
+        if step < 0 or step <= last_logged:
+            return []
+        present = np.zeros(len(self._variables), dtype=bool)
+        present[self._last_index] = True
+        stats = TensorStats(present, self.last.host().astype(np.float64))
+        record = self._build(step, stats, {})
+        record.events = self.drain()
+        return [record]
+
+    def _build(self, step: int, stats: TensorStats, histograms: dict[str, Histogram]) -> Record:
+        summary = StepSummary(*(float(v) for v in self.summary.host()))
+        self.summary.write(reset_summary(self.summary.host()))
+        return build_record(
+            step,
+            self.grouping,
+            stats,
+            summary=summary,
+            histograms=histograms,
+            skips=self.guard.reads_every_step,
+            scaler=self.scaled,
+        )
+
     def _record(self, step: int, histograms: dict[str, Histogram]) -> Record:
         present, grad_norm, max_abs, nonfinite = self.gradients.host()
         param_norm, update_norm = self.parameters.host()
-        summary = self.summary.host()
-        self.summary.reset()
-        record = build_record(
-            step,
-            self.grouping,
-            TensorStats(
-                present > 0,
-                grad_norm,
-                max_abs,
-                nonfinite,
-                param_norm,
-                update_norm if self.track_update_ratio else None,
-            ),
-            max_global_norm=float(summary.max_global_norm),
-            nonfinite_steps=float(summary.nonfinite_steps),
-            histograms=histograms,
+        stats = TensorStats(
+            present > 0,
+            grad_norm,
+            max_abs,
+            nonfinite,
+            param_norm,
+            update_norm if self.track_update_ratio else None,
         )
+        record = self._build(step, stats, histograms)
         if self.guard.policy is not None:
             threshold, coefficient, clipped = self.clip.host()
             record.scalars[keys.clip_tag(keys.THRESHOLD, None)] = float(threshold)
@@ -412,3 +468,24 @@ class Capture:
             if np.isfinite(row[0]) or row[4:].sum() > 0:
                 found[name] = Histogram.from_counts(row[0], row[1], row[4:], row[2], row[3])
         return found
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _without_overflow(values: list, norms: tf.Tensor) -> tf.Tensor:
+    """``norms`` with infinite norms of finite gradients taken again scaled by their largest
+    value (in one ``cond``, so a step without any costs one check): a sum of squares that
+    overflows float32 (from about 1.8e19) is a large finite norm, not a non-finite one."""
+
+    def scaled() -> tf.Tensor:
+        again = []
+        for v, n in zip(values, tf.unstack(norms), strict=True):
+            largest = tf.reduce_max(tf.abs(v))
+            ok = tf.math.is_finite(largest) & (largest > 0)
+            safe = tf.where(ok, largest, 1.0)
+            exact = tf.minimum(tf.norm(v / safe) * safe, _FLOAT32_MAX)
+            again.append(tf.where(ok & tf.math.is_inf(n), exact, n))
+        return tf.stack(again)
+
+    return tf.cond(tf.reduce_any(tf.math.is_inf(norms)), scaled, lambda: norms)

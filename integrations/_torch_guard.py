@@ -7,8 +7,8 @@ of torch dispatch, which made the decision cost more than the norms). This modul
 the decision's inputs (per-group norms, AGC's per-unit norms) and applies its outputs with torch
 kernels: scaling or clamping gradients in place, and dropping a step by setting every
 ``p.grad = None`` (torch optimizers then leave those parameters and their state untouched,
-bit for bit). Host reads: every step only when an action is ``"skip"`` (the step cannot be
-dropped without knowing); ``"stop"`` is read one step late from a non-blocking copy.
+bit for bit). Host reads: every step only when an action is ``"skip"`` or ``"stop"`` (the
+step cannot be dropped without knowing; a stop drops the offending step too).
 """
 
 from __future__ import annotations
@@ -32,36 +32,6 @@ __all__ = ["GuardRun", "TorchGuard"]
 Array = Any  # a torch tensor, or a numpy view of a CPU tensor
 
 
-class _LaggedFlag:
-    """A device bool read on the host one step later: on a GPU through a non-blocking copy
-    into pinned memory (the next step finds it done), on the CPU at once."""
-
-    def __init__(self) -> None:
-        self._copies: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
-
-    def push(self, flag: Array) -> None:
-        if isinstance(flag, torch.Tensor) and flag.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._copies.append((host, event))
-        else:  # the core returns new arrays: nothing overwrites this one
-            self._copies.append((flag, None))
-
-    def read(self) -> bool:
-        """Whether a flag pushed before the newest was set (on the CPU: any flag pushed)."""
-        in_flight = bool(self._copies) and self._copies[-1][1] is not None
-        ready = self._copies[:-1] if in_flight else self._copies
-        self._copies = self._copies[len(ready) :]
-        fired = False
-        for host, event in ready:
-            if event is not None:
-                event.synchronize()  # pushed a step ago: done by now, in practice
-            fired = fired or bool(host)
-        return fired
-
-
 @dataclass
 class GuardRun:
     """One optimizer's guard: its decision state and what the host learnt from it."""
@@ -69,8 +39,8 @@ class GuardRun:
     state: GuardState
     on_host: bool  # the core runs on numpy views of CPU tensors
     group_index: dict[tuple[int, ...], Array] = field(default_factory=dict)
-    stop_flag: _LaggedFlag = field(default_factory=_LaggedFlag)
     last: Decision | None = None
+    stopped: bool = False  # a "stop" fired (read at once: the step had to be dropped)
 
 
 class TorchGuard:
@@ -98,10 +68,13 @@ class TorchGuard:
         norms: torch.Tensor,
         global_norm: Array,
         step: int,
-    ) -> bool:
-        """Decide for this step and apply the decision; return whether the step is skipped.
+        scaler_skipped: Array | None = None,
+    ) -> Decision:
+        """Decide for this step and clip; return the decision.
 
-        ``global_norm`` is already where the run decides (see :func:`view`).
+        ``global_norm`` and ``scaler_skipped`` are already where the run decides (see
+        :func:`view`). When an action may drop the step, ``decision.skip`` and
+        ``decision.stop`` are read here (one host read); the caller drops the step.
         """
         guard, on_host = self.guard, run.on_host
         if guard.active:
@@ -114,40 +87,28 @@ class TorchGuard:
         else:  # no detector looks at the groups or the step
             stats, step_value = DetectStats(global_norm, global_norm[None][:0]), None
         decision, run.state = guard.update(
-            stats, self._clip_stats(grads, params, global_norm, on_host), run.state, step_value
+            stats,
+            self._clip_stats(grads, params, global_norm, on_host),
+            run.state,
+            step_value,
+            scaler_skipped,
         )
         run.last = decision
-        if guard.can_stop:
-            run.stop_flag.push(decision.stop)
         if guard.reads_every_step and bool(decision.skip):
-            return True
-        if decision.clip is not None:
+            run.stopped = run.stopped or bool(decision.stop)
+        elif decision.clip is not None:
             _apply(decision, grads)
-        return False
+        return decision
 
-    def state_dict(self, run: GuardRun) -> dict[str, list]:
+    def state_dict(self, run: GuardRun) -> dict[str, Any]:
         """The policy's and detectors' state as plain lists (loads with weights_only=True)."""
-        return {
-            "policy": [] if run.state.policy is None else [v.tolist() for v in run.state.policy],
-            "detectors": [[v.tolist() for v in d] for d in run.state.detectors],
-        }
+        return self.guard.state_dict(run.state)
 
-    def load_state_dict(self, run: GuardRun, saved: dict[str, list]) -> None:
-        """Put saved state into a freshly started run (same configuration)."""
-
-        def restore(template, values):
-            return type(template)(*(_like(t, v) for t, v in zip(template, values, strict=True)))
-
-        policy = run.state.policy
-        if policy is not None:
-            policy = restore(policy, saved["policy"])
-        detectors = tuple(
-            restore(t, v) for t, v in zip(run.state.detectors, saved["detectors"], strict=True)
-        )
-        run.state = run.state._replace(policy=policy, detectors=detectors)
-
-    def should_stop(self, run: GuardRun) -> bool:
-        return run.stop_flag.read()
+    def load_state_dict(self, run: GuardRun, saved: dict[str, Any]) -> list[str]:
+        """Put saved state into a freshly started run; returns the parts that start afresh
+        (saved under another configuration)."""
+        run.state, afresh = self.guard.load_state_dict(run.state, saved, _like)
+        return afresh
 
     def drain(self, run: GuardRun) -> list[dict]:
         """Read and reset the latched detections (one small host copy)."""

@@ -26,11 +26,12 @@ import keras
 
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import ROOT, Grouping, check_group_by
-from gradwatch.guard import GradWatchWarning, Guard, attach_events, report_events
+from gradwatch.guard import Guard
 from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
-from gradwatch.record import Record, Sink
+from gradwatch.record import Sink
+from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatch", "GradWatchWarning"]
@@ -73,13 +74,17 @@ class GradWatch(keras.callbacks.Callback):
             ``tf.distribute``. For ``AGC`` a unit is a slice along a weight's last axis.
         on_nonfinite, on_explosion: ``"warn"`` (default), ``"skip"`` (the optimizer leaves
             the weights and its own variables, ``iterations`` included, untouched), ``"stop"``
-            (``model.stop_training`` at the end of that batch) or ``"ignore"``.
+            (that step is dropped the same way, with any later one in the same execution, and
+            ``model.stop_training`` is set at the end of the batch) or ``"ignore"``. Under a
+            ``LossScaleOptimizer`` (``mixed_float16``) the steps it drops itself are counted
+            (``amp/skipped_steps``), never treated as faults.
         on_vanishing: ``"warn"`` (default), ``"stop"`` or ``"ignore"``.
         explosion, vanishing: the detectors' settings.
         sinks: extra sinks for the records (for example a ``MemorySink``).
 
-    Detections are kept on ``callback.events``, warned as :class:`GradWatchWarning`, logged,
-    and written as a TensorBoard text table at the next logging step.
+    The most recent detections are kept on ``callback.events``, told as one
+    :class:`GradWatchWarning` line per logging step, and written as a TensorBoard text table.
+    The last step is written when ``fit`` ends.
     """
 
     def __init__(
@@ -110,13 +115,22 @@ class GradWatch(keras.callbacks.Callback):
             clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
         )
         self.extra_sinks = tuple(sinks)
-        self.events: list[dict] = []
-        self.stopped_at: int | None = None
         self.grouping: Grouping | None = None
+        self.reporter: Reporter | None = None
         self._capture: Any = None
         self._target: Any = None
-        self._monitor: Monitor | None = None
+        self._outer: Any = None
         self._marks = (-1, -1)
+
+    @property
+    def events(self) -> list[dict]:
+        """The most recent detections, oldest first."""
+        return [] if self.reporter is None else self.reporter.events
+
+    @property
+    def stopped_at(self) -> int | None:
+        """The step (``optimizer.iterations``) a ``"stop"`` action dropped, or None."""
+        return None if self.reporter is None else self.reporter.stopped_at
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -145,6 +159,7 @@ class GradWatch(keras.callbacks.Callback):
             self.histogram_bins,
             model.distribute_strategy,
             self.track_update_ratio,
+            scaled=target is not optimizer,
         )
         capture, original = self._capture, type(target).apply.__get__(target)
 
@@ -153,6 +168,17 @@ class GradWatch(keras.callbacks.Callback):
 
         object.__setattr__(target, "apply", apply)  # bypasses Keras' attribute tracking
         self._target = target
+        if target is not optimizer:  # count the steps the loss scaler drops itself
+            outer = type(optimizer).apply.__get__(optimizer)
+
+            def scaled_apply(grads: list, trainable_variables: Any = None) -> Any:
+                before = capture.calls.read()
+                result = outer(grads, trainable_variables)
+                capture.count_scaler_skip(before)
+                return result
+
+            object.__setattr__(optimizer, "apply", scaled_apply)
+            self._outer = optimizer
         model.make_train_function(force=True)
 
         def make_train_function(force: bool = False) -> Any:
@@ -162,61 +188,56 @@ class GradWatch(keras.callbacks.Callback):
             return model.make_train_function(force=True)
 
         object.__setattr__(model, "make_train_function", make_train_function)
-        self.events, self.stopped_at, self._marks = [], None, (-1, -1)
+        self._marks = (-1, -1)
         self._reads = _Reads(
             self.cadence, int(target.iterations.numpy()), getattr(model, "steps_per_execution", 1)
         )
         log_dir = self._resolve_log_dir()
         sinks = [TensorBoardSink(Path(log_dir) / "train")] if log_dir is not None else []
         pictures = FlowPictures(images=self.cadence.histogram_every_n_steps > 0)
-        self._monitor = Monitor([*sinks, *self.extra_sinks], pictures=pictures)
+        self.reporter = Reporter(Monitor([*sinks, *self.extra_sinks], pictures=pictures))
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._capture is None or self._monitor is None:
+        if self._capture is None or self.reporter is None:
             return
-        if self._reads.batch_ended():
-            self._collect()
-        if self.guard.can_stop and not self.model.stop_training and self._capture.should_stop():
+        stop = self.guard.can_stop and self.stopped_at is None and self._capture.should_stop()
+        if stop or self._reads.batch_ended():
+            self._collect(stop)
+        if stop:
             self.model.stop_training = True
-            self.stopped_at = int(self.model.optimizer.iterations.numpy())
-            events = self._capture.drain()
-            self._report(events)
-            self._monitor.write(attach_events(Record(self.stopped_at), events))
-            log.warning("GradWatch stopped training at step %d: %s", self.stopped_at, events)
 
-    def _collect(self) -> None:
-        """Write the logging and histogram steps the graph stored since the last read."""
+    def _collect(self, stop: bool = False) -> None:
+        """Write the logging and histogram steps the graph stored since the last read; with
+        ``stop``, the newest logging step is the one a stop dropped."""
         records, *marks = self._capture.collect(*self._marks)
         if tuple(marks) != self._marks:
             self._reads.caught_up(max(marks), int(self._target.iterations.numpy()))
         self._marks = tuple(marks)
-        for record in records:
-            if record.scalars:  # a logging step: its detections go with it
-                attach_events(record, self._capture.drain())
-            self._report(record.events)
-            self._monitor.write(record)
+        self.reporter.publish(records, self._marks[0] if stop else None)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self._restore()
 
     def _restore(self) -> None:
-        """Give the optimizer its own ``apply`` back and close the files (idempotent)."""
+        """Write the last step, give the optimizer its own ``apply`` back and close the files
+        (idempotent)."""
         model = self.model
         if "make_train_function" in vars(model):
             object.__delattr__(model, "make_train_function")
+        if self.reporter is not None and not self.reporter.monitor.closed:
+            last = []
+            if self._capture is not None:
+                self._collect()
+                last = self._capture.finish(self._marks[0])
+            self.reporter.close(last)
+        for optimizer in (self._target, self._outer):
+            if optimizer is not None and "apply" in vars(optimizer):
+                object.__delattr__(optimizer, "apply")
         if self._target is not None:
-            if "apply" in vars(self._target):
-                object.__delattr__(self._target, "apply")
             model.train_function = None  # the next fit traces the user's own step
-            self._target = None
-        if self._monitor is not None:
-            self._monitor.close()
+        self._target = self._outer = None
 
     # -- internals ---------------------------------------------------------------------------
-
-    def _report(self, events: list[dict]) -> None:
-        self.events.extend(events)
-        report_events(events, log)
 
     def _warn_if_keras_clips(self, optimizer: Any) -> None:
         own = {

@@ -29,12 +29,13 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, check_group_by
-from gradwatch.guard import GradWatchWarning, Guard, attach_events, report_events
+from gradwatch.guard import Guard
 from gradwatch.integrations.torch import TorchEngine
 from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Record, Sink
+from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatch", "GradWatchWarning"]
@@ -107,14 +108,17 @@ class GradWatch(Callback):
         clip: a clipping policy (``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``,
             ``AGC``), a float for ``ClipByNorm(float)``, or None.
         on_nonfinite, on_explosion: ``"warn"`` (default), ``"skip"`` (drop the optimizer step:
-            parameters and optimizer state unchanged), ``"stop"`` (end training through
-            Lightning's normal path) or ``"ignore"``.
+            parameters and optimizer state unchanged), ``"stop"`` (drop the offending step the
+            same way, then end training through Lightning's normal path, so every checkpoint
+            holds the weights from before it) or ``"ignore"``. Steps that AMP's loss scaler
+            drops itself are counted (``amp/skipped_steps``), never treated as faults.
         on_vanishing: ``"warn"`` (default), ``"stop"`` or ``"ignore"``.
         explosion, vanishing: the detectors' settings (:class:`gradwatch.detectors.Explosion`,
             :class:`gradwatch.detectors.Vanishing`).
 
-    Detections are kept on ``callback.events``, warned as :class:`GradWatchWarning`, logged, and
-    written as a TensorBoard text table (``gradwatch/events``) at the next logging step.
+    The most recent detections are kept on ``callback.events``, told as one
+    :class:`GradWatchWarning` line per logging step, and written as a TensorBoard text table
+    (``gradwatch/events``). The last step is written when training ends, however it ends.
 
     Example::
 
@@ -149,19 +153,29 @@ class GradWatch(Callback):
         self.guard = Guard.configure(
             clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
         )
-        self.events: list[dict] = []
-        self.stopped_at: int | None = None
         self.engine: TorchEngine | None = None
-        self.monitor: Monitor | None = None
+        self.reporter: Reporter | None = None
         self._loaded_state: dict[str, Any] | None = None
 
     @property
+    def events(self) -> list[dict]:
+        """The most recent detections, oldest first."""
+        return [] if self.reporter is None else self.reporter.events
+
+    @property
+    def stopped_at(self) -> int | None:
+        """The step a ``"stop"`` action dropped before ending training, or None."""
+        return None if self.reporter is None else self.reporter.stopped_at
+
+    @property
     def state_key(self) -> str:
-        group_by = self.group_by if isinstance(self.group_by, str) else self.group_by.__qualname__
+        # What tells two instances in one Trainer apart; not the clipping and detector
+        # settings, which are saved with the state: a resume under other settings finds it,
+        # keeps what still fits and says what starts afresh.
         return self._generate_state_key(
             log_every_n_steps=self.log_every_n_steps,
-            group_by=group_by,
-            clip=repr(self.guard.policy),
+            group_by=_group_by_name(self.group_by),
+            log_dir=self.log_dir,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -170,6 +184,8 @@ class GradWatch(Callback):
         cadence = Cadence(
             self.log_every_n_steps or trainer.log_every_n_steps, self.histogram_every_n_steps
         )
+        plugin = trainer.precision_plugin
+        scaler = getattr(plugin, "scaler", None) if isinstance(plugin, MixedPrecision) else None
         self.engine = TorchEngine(
             pl_module.named_parameters(),
             group_by=self.group_by,
@@ -178,8 +194,8 @@ class GradWatch(Callback):
             label_optimizers=len(trainer.optimizers) > 1,
             histogram_bins=self.histogram_bins,
             guard=self.guard,
+            scaler=scaler,
         )
-        self.events, self.stopped_at = [], None
         if self.guard.policy is not None and trainer.gradient_clip_val:
             warnings.warn(
                 f"GradWatch(clip={self.guard.policy}) and Trainer(gradient_clip_val="
@@ -190,36 +206,35 @@ class GradWatch(Callback):
         if self._loaded_state is not None:
             self.engine.load_state_dict(self._loaded_state)
             self._loaded_state = None
+        elif trainer.ckpt_path:
+            log.info(
+                "gradwatch: the checkpoint %s holds no gradwatch state (written without it, or"
+                " by another version); clipping and detector state start afresh",
+                trainer.ckpt_path,
+            )
         # Every rank resolves the directory: `trainer.log_dir` is a collective (a broadcast).
         log_dir = self.log_dir or self.default_log_dir(trainer)
         if trainer.is_global_zero:
             pictures = FlowPictures(images=self.histogram_every_n_steps > 0)
-            self.monitor = Monitor(self._sinks(trainer, log_dir), pictures=pictures)
+            monitor = Monitor(self._sinks(trainer, log_dir), pictures=pictures)
         else:
-            self.monitor = Monitor([])
+            monitor = Monitor([])
+        self.reporter = Reporter(monitor)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self.engine is None:
             return
-        _unscale_if_lightning_did_not(trainer, optimizer)
         self.engine.before_optimizer_step(optimizer, step=trainer.global_step)
+        if self.engine.stopped_at is not None:
+            # The step is dropped; every rank decided alike (the norms are all-reduced).
+            trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.engine is None or self.monitor is None:
+        if self.engine is None or self.reporter is None:
             return
-        for record in self.engine.after_optimizer_step():
-            self._report(record.events)
-            self.monitor.write(record)
-        if not trainer.should_stop and self.engine.should_stop():
-            # Every rank reads the same flag at the same step: gradients and norms agree.
-            trainer.should_stop = True
-            self.stopped_at = trainer.global_step
-            events = self.engine.drain_events()
-            self._report(events)
-            self.monitor.write(attach_events(Record(trainer.global_step), events))
-            log.warning("GradWatch stopped training at step %d: %s", trainer.global_step, events)
+        self.reporter.publish(self.engine.after_optimizer_step(), self.engine.stopped_at)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -261,26 +276,12 @@ class GradWatch(Callback):
         with_tensorboard = len(others) < len(trainer.loggers)
         return [_LoggerSink(others), events if with_tensorboard else _WithoutScalars(events)]
 
-    def _report(self, events: list[dict]) -> None:
-        self.events.extend(events)
-        report_events(events, log)
-
     def _close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
+        """Write the last step when it was not logged, and close the files (once)."""
+        if self.reporter is not None and not self.reporter.monitor.closed:
+            assert self.engine is not None
+            self.reporter.close(self.engine.finish())
 
 
-def _unscale_if_lightning_did_not(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
-    """Lightning leaves gradients scaled for optimizers that unscale inside ``step`` (fused Adam).
-
-    Unscaling them here is what ``GradScaler.step`` expects of a user who clips: it then steps
-    with the unscaled gradients and the same inf check.
-    """
-    plugin = trainer.precision_plugin
-    scaler = getattr(plugin, "scaler", None)
-    if (
-        isinstance(plugin, MixedPrecision)
-        and scaler is not None
-        and getattr(optimizer, "_step_supports_amp_scaling", False)
-    ):
-        scaler.unscale_(optimizer)
+def _group_by_name(group_by: GroupBy) -> str:
+    return group_by if isinstance(group_by, str) else group_by.__qualname__

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.amp.grad_scaler import OptState
 
 from gradwatch import keys
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, Grouping
-from gradwatch.guard import Guard, attach_events, report_events
+from gradwatch.guard import Guard
 from gradwatch.integrations._shards import ShardReducer, has_dtensors, local
 from gradwatch.integrations._torch_guard import GuardRun, TorchGuard, view
 from gradwatch.monitor import (
@@ -43,8 +46,16 @@ from gradwatch.monitor import (
 )
 from gradwatch.pictures import FlowPictures
 from gradwatch.record import Histogram, Record, Sink
+from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import TensorBoardSink
-from gradwatch.stats import StepSummary, TensorStats, global_norm, init_summary, update_summary
+from gradwatch.stats import (
+    StepSummary,
+    TensorStats,
+    global_norm,
+    init_summary,
+    reset_summary,
+    update_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,7 @@ __all__ = ["TorchEngine", "TorchGradWatch"]
 _INF = float("inf")
 _NOT_SHARDED = ShardReducer(())
 _STEPPED_KEPT = 8  # sets of parameters with gradients remembered per optimizer
+_KEPT = 1000  # dropped steps remembered (all are counted)
 
 
 @dataclass(frozen=True)
@@ -66,12 +78,24 @@ class _Stepped:
 
 
 @dataclass
+class _Last:
+    """The newest step of an optimizer: enough to write it when the run ends before it is
+    logged (its gradient norms; the gradients themselves may be gone by then)."""
+
+    step: int
+    indices: list[int]
+    norms: torch.Tensor
+    logged: bool
+
+
+@dataclass
 class _OptimizerState:
     index: int
     calls: int = 0
     summary: StepSummary | None = None
     guard: GuardRun | None = None
     stepped: dict[tuple[int, ...], _Stepped] = field(default_factory=dict)  # by parameter ids
+    last: _Last | None = None
 
 
 @dataclass
@@ -147,6 +171,7 @@ class TorchEngine:
         label_optimizers: bool = False,
         histogram_bins: int = 30,
         guard: Guard | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         self.params = [p for _, p in named]
@@ -155,21 +180,35 @@ class TorchEngine:
         self.track_update_ratio = track_update_ratio
         self.label_optimizers = label_optimizers
         self.histogram_bins = check_count("histogram_bins", histogram_bins)
+        self.scaler = scaler
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._optimizers: dict[int, _OptimizerState] = {}
         self._pending: list[_Pending] = []
-        self._restored_calls: list[int] = []
-        self._restored_guards: list[dict] = []
+        self._restored: dict[str, list] = {}
         self.guard = TorchGuard(guard or Guard(), self.grouping)
-        self.skipped: list[int] = []  # steps dropped by a "skip" action
+        self._skipped: deque[int] = deque(maxlen=_KEPT)
+        self.skipped_count = 0  # optimizer steps dropped by a "skip" or "stop" action, in all
+        self.stopped_at: int | None = None  # the step a "stop" action dropped
+
+    @property
+    def skipped(self) -> list[int]:
+        """The most recent steps dropped by a ``"skip"`` or ``"stop"`` action, oldest first."""
+        return list(self._skipped)
 
     # -- the two calls ---------------------------------------------------------------------
 
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, step: int | None = None
     ) -> None:
-        """Measure the gradients ``optimizer`` is about to apply; call after unscaling."""
+        """Measure the gradients ``optimizer`` is about to apply, decide, and act.
+
+        Call after backward (with a loss scaler, the engine unscales the gradients itself
+        when ``scaler.unscale_`` was not called). A dropped step (``"skip"``, ``"stop"``)
+        leaves every ``p.grad`` the optimizer holds at None, so ``optimizer.step()`` changes
+        neither the parameters nor its state.
+        """
         state = self._state(optimizer)
+        scaler_skipped = _scaler_skipped(self.scaler, optimizer)
         stepped = self._stepped(state, optimizer)
         indices, params = stepped.indices, stepped.params
         grads = [p.grad for p in params]
@@ -183,21 +222,37 @@ class TorchEngine:
         norms = reducer.norms(torch.stack(_float_norms(local_grads, 2.0, stepped.nonempty)))
         if state.guard is None:
             state.guard = self.guard.start(norms)
-            if state.index < len(self._restored_guards):
-                self.guard.load_state_dict(state.guard, self._restored_guards[state.index])
-        total = global_norm(view(norms, state.guard.on_host))  # where the guard decides
+            self._restore(state)
+        on_host = state.guard.on_host
+        if on_host:
+            norms = _without_overflow(norms, local_grads, stepped.sharded)
+        total = global_norm(view(norms, on_host))  # where the guard decides
+        if scaler_skipped is not None:
+            scaler_skipped = view(scaler_skipped, on_host)
+        number = count if step is None else step
+        decision = self.guard.step(
+            state.guard, indices, params, local_grads, norms, total, number, scaler_skipped
+        )
         if state.summary is None:
             state.summary = init_summary(total)
-        state.summary = update_summary(state.summary, total)
-        number = count if step is None else step
-        if self.guard.step(state.guard, indices, params, local_grads, norms, total, number):
-            self.skipped.append(number)
-            for p in params:
-                p.grad = None  # the optimizer leaves these parameters and their state alone
-        logs, histograms = self.cadence.logs(count), self.cadence.histograms(count)
+        dropped = decision.skip if self.guard.guard.reads_every_step else None
+        state.summary = update_summary(state.summary, total, dropped, scaler_skipped)
+        stop = False
+        if dropped is not None and bool(dropped):
+            self._skipped.append(number)
+            self.skipped_count += 1
+            stop = bool(decision.stop)
+            if stop and self.stopped_at is None:
+                self.stopped_at = number
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # the whole step: watched or not, no parameter moves
+        logs = self.cadence.logs(count) or stop
+        histograms = self.cadence.histograms(count)
+        state.last = _Last(number, indices, norms, logs)
         if logs or histograms:
             pending = self._measure(state, indices, params, local_grads, norms, reducer, logs)
-            pending.step = count if step is None else step
+            pending.step = number
             if histograms:
                 pending.histogram_groups, rows = self._histograms(indices, local_grads, reducer)
                 pending.parts.append(rows.flatten())
@@ -207,9 +262,30 @@ class TorchEngine:
             self._pending.append(pending)
 
     def after_optimizer_step(self) -> list[Record]:
-        """Finish the logging steps measured since the last call and return their records."""
+        """Finish the logging steps measured since the last call and return their records,
+        with their detections on ``record.events``."""
         records = [self._record(p) for p in self._pending]
         self._pending.clear()
+        return records
+
+    def finish(self) -> list[Record]:
+        """Records of each optimizer's last step when it was not a logging step: its gradient
+        norms (the gradients may be gone when a run ends) and the detections not yet read."""
+        records = []
+        for state in sorted(self._optimizers.values(), key=lambda s: s.index):
+            last = state.last
+            if last is None or last.logged or state.guard is None or state.summary is None:
+                continue
+            norms = last.norms.float().cpu().numpy().astype(np.float64)
+            summary = StepSummary(*(float(v) for v in state.summary))
+            stats = TensorStats(
+                present=self._scatter(last.indices, np.ones(len(last.indices))).astype(bool),
+                grad_norm=self._scatter(last.indices, norms),
+            )
+            record = self._build(last.step, state, stats, summary, {})
+            record.events = self.guard.drain(state.guard)
+            last.logged = True
+            records.append(record)
         return records
 
     # -- state -------------------------------------------------------------------------------
@@ -223,8 +299,9 @@ class TorchEngine:
         }
 
     def load_state_dict(self, state: dict[str, list]) -> None:
-        self._restored_calls = list(state.get("optimizer_steps", []))
-        self._restored_guards = list(state.get("guards", []))
+        """Resume from :meth:`state_dict`; parts saved under another configuration start
+        afresh with one warning naming them (applied at each optimizer's first step)."""
+        self._restored = dict(state) if isinstance(state, dict) else {}
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -232,10 +309,27 @@ class TorchEngine:
         state = self._optimizers.get(id(optimizer))
         if state is None:
             index = len(self._optimizers)
-            restored = self._restored_calls
+            restored = self._restored.get("optimizer_steps", [])
             calls = restored[index] if index < len(restored) else 0
+            if not isinstance(calls, int) or isinstance(calls, bool) or calls < 0:
+                calls = 0
             state = self._optimizers[id(optimizer)] = _OptimizerState(index=index, calls=calls)
         return state
+
+    def _restore(self, state: _OptimizerState) -> None:
+        """Put the saved guard state of this optimizer into its freshly started run."""
+        guards = self._restored.get("guards", [])
+        if not self._restored or state.guard is None:
+            return
+        saved = guards[state.index] if state.index < len(guards) else {}
+        afresh = self.guard.load_state_dict(state.guard, saved)
+        if afresh:
+            warnings.warn(
+                "gradwatch: the checkpoint's state does not match this configuration; starting"
+                f" afresh: {', '.join(afresh)}",
+                GradWatchWarning,
+                stacklevel=4,
+            )
 
     def _stepped(self, state: _OptimizerState, optimizer: torch.optim.Optimizer) -> _Stepped:
         """The parameters with gradients this step, worked out once per set of them."""
@@ -278,7 +372,7 @@ class TorchEngine:
                 reducer.norms(torch.stack(_float_norms([local(p).detach() for p in params], 2.0))),
                 torch.stack([torch.as_tensor(v) for v in state.summary]),
             ]
-            state.summary = init_summary(state.summary.max_global_norm)
+            state.summary = reset_summary(state.summary)
         pending = _Pending(0, state, indices, logs, parts, grads, reducer)
         clip = None
         if logs and state.guard is not None and self.guard.guard.policy is not None:
@@ -365,33 +459,39 @@ class TorchEngine:
             param_norm=self._scatter(indices, param_norm),
             update_norm=None if pending.snapshot is None else self._scatter(indices, next(host)),
         )
-        index = pending.optimizer.index
-        optimizer = index if (index > 0 or self.label_optimizers) else None
-        record = build_record(
-            pending.step,
-            self.grouping,
-            stats,
-            max_global_norm=float(summary[0]),
-            nonfinite_steps=float(summary[1]),
-            histograms=histograms,
-            optimizer=optimizer,
-        )
+        state = pending.optimizer
+        record = self._build(pending.step, state, stats, StepSummary(*summary), histograms)
         if clip is not None:
+            optimizer = self._label(state)
             record.scalars[keys.clip_tag(keys.THRESHOLD, optimizer)] = float(clip[0])
             record.scalars[keys.clip_tag(keys.COEFFICIENT, optimizer)] = float(clip[1])
             record.scalars[keys.total_tag(keys.CLIPPED, optimizer)] = float(clip[2])
-        assert pending.optimizer.guard is not None
-        return attach_events(record, self.guard.drain(pending.optimizer.guard))
+        assert state.guard is not None
+        record.events = self.guard.drain(state.guard)
+        return record
 
-    def should_stop(self) -> bool:
-        """Whether a ``"stop"`` action fired (read one step late on a GPU, at once on a CPU)."""
-        runs = [s.guard for s in self._optimizers.values() if s.guard is not None]
-        return any([self.guard.should_stop(run) for run in runs])
+    def _label(self, state: _OptimizerState) -> int | None:
+        """The optimizer's index in tags, or None for a lone first optimizer."""
+        return state.index if (state.index > 0 or self.label_optimizers) else None
 
-    def drain_events(self) -> list[dict]:
-        """Detections not yet reported by a logging step (read now: one small host copy)."""
-        runs = [s.guard for s in self._optimizers.values() if s.guard is not None]
-        return [event for run in runs for event in self.guard.drain(run)]
+    def _build(
+        self,
+        step: int,
+        state: _OptimizerState,
+        stats: TensorStats,
+        summary: StepSummary,
+        histograms: dict[str, Histogram],
+    ) -> Record:
+        return build_record(
+            step,
+            self.grouping,
+            stats,
+            summary=summary,
+            histograms=histograms,
+            optimizer=self._label(state),
+            skips=self.guard.guard.reads_every_step,
+            scaler=self.scaler is not None and self.scaler.is_enabled(),
+        )
 
 
 def _split(flat: torch.Tensor, parts: list[torch.Tensor]) -> list[np.ndarray]:
@@ -399,6 +499,47 @@ def _split(flat: torch.Tensor, parts: list[torch.Tensor]) -> list[np.ndarray]:
     host = flat.cpu().numpy().astype(np.float64)
     sizes = np.cumsum([p.numel() for p in parts])[:-1]
     return np.split(host, sizes)
+
+
+def _scaler_skipped(
+    scaler: torch.amp.GradScaler | None, optimizer: torch.optim.Optimizer
+) -> torch.Tensor | None:
+    """Whether the loss scaler will drop this step itself (a bool on the device), or None
+    without an enabled scaler. Unscales the gradients first when the user has not."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+    found = list(scaler._found_inf_per_device(optimizer).values())
+    if not found:  # no gradients at all
+        return None
+    total = found[0]
+    for other in found[1:]:  # one per device the optimizer's gradients live on
+        total = total + other.to(total.device)
+    return total > 0
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _without_overflow(
+    norms: torch.Tensor, grads: list[torch.Tensor], sharded: bool
+) -> torch.Tensor:
+    """``norms`` (float32, on the CPU) with each infinite norm of a finite gradient taken again
+    scaled by its largest value, so that it is what it is, a large finite number, and not an
+    overflow of its sum of squares (from about 1.8e19) that would read as non-finite.
+    Norms beyond float32's range are held at its largest value."""
+    values = norms.numpy()
+    if not np.isinf(values).any() or sharded:
+        return norms
+    norms = norms.clone()
+    for k in np.flatnonzero(np.isinf(values)):
+        grad = grads[k].detach()
+        largest = grad.abs().max().double()
+        if torch.isfinite(largest) and largest > 0:
+            scaled = (grad.double() / largest).norm() * largest
+            norms[k] = min(float(scaled), _FLOAT32_MAX)
+    return norms
 
 
 class TorchGradWatch:
@@ -412,12 +553,17 @@ class TorchGradWatch:
         group_by: see :class:`TorchEngine`.
         track_update_ratio: see :class:`TorchEngine`.
         sinks: extra sinks (for example a :class:`gradwatch.sinks.MemorySink`).
+        scaler: the ``torch.amp.GradScaler`` of the loop, if any. The steps it drops itself
+            (its overflow checks) are counted (``amp/skipped_steps``), never reported as
+            faults nor acted on. gradwatch unscales the gradients when you have not.
         clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing: as for the
             Lightning callback. ``"skip"`` drops the step inside ``before_optimizer_step``
-            (every ``p.grad`` set to None, so ``optimizer.step()`` leaves the parameters and
-            their state alone); ``"stop"`` makes :attr:`should_stop` true: end your loop then.
+            (every ``p.grad`` the optimizer holds set to None, so ``optimizer.step()`` leaves
+            the parameters and its state alone); ``"stop"`` drops the offending step the same
+            way and makes :attr:`should_stop` true: end your loop then.
 
-    Detections are kept on ``events`` and warned as :class:`GradWatchWarning`.
+    The most recent detections are kept on ``events`` and told as :class:`GradWatchWarning`
+    lines. Use it as a context manager, or call :meth:`close`: the last step is written then.
     """
 
     def __init__(
@@ -430,6 +576,7 @@ class TorchGradWatch:
         group_by: GroupBy = "module",
         track_update_ratio: bool = False,
         sinks: Sequence[Sink] = (),
+        scaler: torch.amp.GradScaler | None = None,
         clip: object = None,
         on_nonfinite: str = "warn",
         on_explosion: str = "warn",
@@ -440,18 +587,31 @@ class TorchGradWatch:
         guard = Guard.configure(
             clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
         )
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"`scaler` must be a torch.amp.GradScaler or None. Received: scaler={scaler!r}"
+            )
         self.engine = TorchEngine(
             model.named_parameters(),
             group_by=group_by,
             cadence=Cadence(log_every_n_steps, histogram_every_n_steps),
             track_update_ratio=track_update_ratio,
             guard=guard,
+            scaler=scaler,
         )
         outputs = [TensorBoardSink(log_dir)] if log_dir is not None else []
         pictures = FlowPictures(images=histogram_every_n_steps > 0)
-        self.monitor = Monitor([*outputs, *sinks], pictures=pictures)
-        self.events: list[dict] = []
-        self.should_stop = False
+        self.reporter = Reporter(Monitor([*outputs, *sinks], pictures=pictures))
+
+    @property
+    def events(self) -> list[dict]:
+        """The most recent detections, oldest first."""
+        return self.reporter.events
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether a ``"stop"`` action fired (its step was dropped): end the loop."""
+        return self.engine.stopped_at is not None
 
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, step: int | None = None
@@ -459,23 +619,12 @@ class TorchGradWatch:
         self.engine.before_optimizer_step(optimizer, step)
 
     def after_optimizer_step(self) -> None:
-        for record in self.engine.after_optimizer_step():
-            self._report(record.events)
-            self.monitor.write(record)
-        if not self.should_stop and self.engine.should_stop():
-            self.should_stop = True
-            events = self.engine.drain_events()
-            self._report(events)
-            if events:
-                step = max(e["step"] for e in events)
-                self.monitor.write(attach_events(Record(step), events))
-
-    def _report(self, events: list[dict]) -> None:
-        self.events.extend(events)
-        report_events(events, log)
+        self.reporter.publish(self.engine.after_optimizer_step(), self.engine.stopped_at)
 
     def close(self) -> None:
-        self.monitor.close()
+        """Write the last step when it was not logged, and close the event files."""
+        if not self.reporter.monitor.closed:
+            self.reporter.close(self.engine.finish())
 
     def __enter__(self) -> TorchGradWatch:
         return self

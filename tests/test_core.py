@@ -14,6 +14,7 @@ from gradwatch import keys
 from gradwatch.grouping import Grouping, check_group_by
 from gradwatch.monitor import Cadence, build_record
 from gradwatch.stats import (
+    StepSummary,
     TensorStats,
     aggregate,
     global_norm,
@@ -140,7 +141,8 @@ def test_build_record_names_every_statistic():
         grad_nonfinite=np.array([0.0, 0.0]),
         param_norm=np.array([6.0, 0.0]),
     )
-    record = build_record(7, grouping, stats, max_global_norm=4.0, nonfinite_steps=1.0)
+    summary = StepSummary(4.0, 1.0, 2.0, 3.0)
+    record = build_record(7, grouping, stats, summary=summary, skips=True, scaler=True)
     assert record.step == 7
     assert record.scalars == {
         "grad_norm/a": 3.0,
@@ -151,6 +153,8 @@ def test_build_record_names_every_statistic():
         "grad_norm_total/global": 3.0,
         "grad_norm_total/max_since_last_log": 4.0,
         "grad_norm_total/nonfinite_steps": 1.0,
+        "grad_norm_total/skipped_steps": 2.0,
+        "amp/skipped_steps": 3.0,
     }
 
 

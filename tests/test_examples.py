@@ -22,7 +22,7 @@ def run(script: str, *args: str) -> None:
 def test_plain_torch_loop(tmp_path):
     run("plain_torch_loop.py", "--log-dir", str(tmp_path), "--steps", "21")
     events = read_events(event_files(tmp_path)[0])
-    assert [e.step for e in events.Scalars("grad_norm/0")] == [0, 9, 19]
+    assert [e.step for e in events.Scalars("grad_norm/0")] == [0, 9, 19, 20]  # and the last step
     assert "grad_hist/4" in events.Tags()["histograms"]
 
 
@@ -30,5 +30,9 @@ def test_lightning_quickstart(tmp_path):
     run("lightning_quickstart.py", "--max-steps", "11", "--root", str(tmp_path))
     user_run, gradwatch_run = event_files(tmp_path)
     assert "train_loss" in read_events(user_run).Tags()["scalars"]
-    assert [e.step for e in read_events(gradwatch_run).Scalars("grad_norm/net.0")] == [0, 9]
+    assert [e.step for e in read_events(gradwatch_run).Scalars("grad_norm/net.0")] == [
+        0,
+        9,
+        10,
+    ]  # and the last step
     assert "grad_hist/net.4" in read_events(gradwatch_run).Tags()["histograms"]

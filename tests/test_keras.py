@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gradwatch.guard import GradWatchWarning
 from gradwatch.integrations.keras import GradWatch
 from gradwatch.policies import AGC, AutoClip, ClipByValue, ZClip
+from gradwatch.reporting import GradWatchWarning
 from gradwatch.sinks import MemorySink
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -199,6 +199,30 @@ def test_mixed_float16_statistics_are_on_unscaled_gradients():
     assert float(model.optimizer.dynamic_scale.numpy()) > 1000  # the loss really was scaled
 
 
+@pytest.mark.parametrize("mode", ["jit", "steps_per_execution"])
+def test_the_loss_scalers_own_skipped_steps_are_counted_never_reported(mode):
+    """A loss scale far above float16's range: the LossScaleOptimizer drops the first steps
+    itself (and probes again as it grows); with "stop" configured, training goes on."""
+    x, y = regression_data(32 * 24)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = mlp()
+        inner = keras.optimizers.SGD(1e-2)
+        scaled = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0**24)
+        model.compile(scaled, "mse", **MODES[mode])
+        sink = MemorySink()
+        watch = GradWatch(log_dir=None, log_every_n_steps=4, on_nonfinite="stop", sinks=[sink])
+        quiet_fit(model, x, y, [watch], batch_size=32, epochs=1)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    applied = int(inner.iterations.numpy())
+    assert watch.events == [] and watch.stopped_at is None and not model.stop_training
+    assert 0 < applied < 24  # the scaler dropped 24 - applied steps
+    (_, counted), *_ = reversed(sink.scalars("amp/skipped_steps"))
+    assert counted == 24 - applied
+    assert all(v == 0 for _, v in sink.scalars("grad_norm_total/nonfinite_steps"))
+
+
 # -- policies and actions --------------------------------------------------------------------
 
 SPIKE = 30
@@ -226,17 +250,35 @@ def finite(model: keras.Model) -> bool:
     return all(np.isfinite(v.numpy()).all() for v in model.weights)
 
 
-def test_explosion_stops_training_at_the_end_of_that_batch(tmp_path):
+# Three steps per execution: the stop step (31) is not the last of its execution (30-32), so
+# the step after it runs in the same graph call and must be dropped too.
+@pytest.mark.parametrize(
+    "compiled", [MODES["jit"], {"steps_per_execution": 3}], ids=["jit", "spe3"]
+)
+def test_explosion_stops_training_dropping_that_step_and_logs_it(tmp_path, compiled):
+    checkpoint = tmp_path / "last.weights.h5"
+    saves = keras.callbacks.ModelCheckpoint(str(checkpoint), save_weights_only=True, save_freq=1)
     watch = GradWatch(log_dir=str(tmp_path), log_every_n_steps=10, on_explosion="stop")
-    model = spiking_run(watch)
+    x, y = regression_data(32 * 60)
+    model = mlp()
+    model.compile(keras.optimizers.SGD(Spiking()), "mse", **compiled)
+    quiet_fit(model, x, y, [watch, saves], batch_size=32, epochs=1)
     (first,) = [e for e in watch.events if e["kind"] == "explosion" and e["group"] == "global"]
     assert first["step"] == SPIKE + 1 and first["action"] == "stop"
-    assert watch.stopped_at == SPIKE + 2  # optimizer.iterations after that batch
-    assert int(model.optimizer.iterations.numpy()) == SPIKE + 2
+    assert watch.stopped_at == SPIKE + 1  # that step was dropped: the optimizer did not count it
+    assert int(model.optimizer.iterations.numpy()) == SPIKE + 1
+    assert finite(model)
+    model.load_weights(str(checkpoint))  # the checkpoint written after the stopping batch
+    assert finite(model)
     events = EventAccumulator(str(tmp_path / "train"), size_guidance={"tensors": 0})
     events.Reload()
     text = events.Tensors("gradwatch/events")
     assert any(b"explosion" in t.tensor_proto.string_val[0] for t in text)
+    (stopped,) = events.Tensors("gradwatch/stopped")
+    assert stopped.step == SPIKE + 1
+    assert stopped.tensor_proto.string_val[0].startswith(b"stopped at step 31: explosion")
+    logged = {e.step: e.value for e in events.Scalars("grad_norm_total/global")}
+    assert logged[SPIKE + 1] == pytest.approx(first["value"], rel=1e-5)  # the stop step's norm
 
 
 @pytest.mark.parametrize("policy", [AutoClip(), ZClip(), ClipByValue(0.05), AGC(0.01)])
@@ -286,9 +328,9 @@ def test_a_nonfinite_step_is_skipped_bit_for_bit(mode):
 class CountingReads(GradWatch):
     reads = 0
 
-    def _collect(self) -> None:
+    def _collect(self, stop: bool = False) -> None:
         self.reads += 1
-        super()._collect()
+        super()._collect(stop)
 
 
 @pytest.mark.parametrize("mode", ["jit", "steps_per_execution"])
@@ -302,9 +344,10 @@ def test_the_host_reads_only_near_logging_steps_and_misses_none_after_skips(mode
     quiet_fit(model, x, y, [watch], batch_size=32, epochs=1)
 
     assert int(model.optimizer.iterations.numpy()) == 22
-    assert [r.step for r in sink.records] == [0, 3, 7, 11, 15, 19]
+    assert [r.step for r in sink.records] == [0, 3, 7, 11, 15, 19, 21]  # and the last step
     if mode == "jit":  # 24 batches; executions of 4 steps hold a logging step each
-        assert watch.reads <= 6 + 2  # each skip may cost one read of a batch with nothing new
+        # each skip may cost one read of a batch with nothing new; one more read at the end
+        assert watch.reads <= 6 + 2 + 1
     found = [(e["kind"], e["step"]) for e in watch.events if e["group"] == "global"]
     assert found == [("nonfinite", 2), ("nonfinite", 8)]
 
@@ -378,7 +421,7 @@ def test_a_fit_that_raises_leaves_the_next_fit_without_gradwatch_clean(tmp_path)
     weights = zip(model.trainable_weights, before, strict=True)
     moved = max(np.abs(w.numpy() - b).max() for w, b in weights)
     assert moved > 1e-4  # the user's own step, not gradwatch's clipped one
-    assert watch._monitor.closed
+    assert watch.reporter.monitor.closed
 
     quiet_fit(model, x, y, [watch], batch_size=16, epochs=1)  # and gradwatch works again
     assert "apply" not in vars(model.optimizer)
@@ -445,6 +488,6 @@ def test_the_quickstart_example_runs_as_a_user_runs_it(tmp_path):
     subprocess.run(command, check=True, timeout=300, capture_output=True)
     events = EventAccumulator(str(tmp_path / "train"))
     events.Reload()
-    assert [e.step for e in events.Scalars("grad_norm/regressor/head")] == [0, 9, 19, 29]
+    assert [e.step for e in events.Scalars("grad_norm/regressor/head")] == [0, 9, 19, 29, 31]
     assert "grad_hist/regressor/hidden1" in events.Tags()["histograms"]
     assert "clip/threshold" in events.Tags()["scalars"]

@@ -16,10 +16,10 @@ import numpy as np
 from test_pictures import GROUPS, SPIKE, synthetic_scalars
 
 from gradwatch import keys
-from gradwatch.guard import events_markdown
 from gradwatch.record import Record
 from gradwatch.report import main, report
 from gradwatch.report.reader import read_runs
+from gradwatch.reporting import events_markdown
 from gradwatch.sinks import TensorBoardSink
 
 EVENTS = [

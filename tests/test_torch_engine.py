@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from gradwatch.detectors import Explosion
-from gradwatch.guard import GradWatchWarning
 from gradwatch.integrations.torch import TorchEngine, TorchGradWatch
 from gradwatch.monitor import Cadence
 from gradwatch.policies import AGC, AutoClip, ClipByNorm, ClipByValue, ZClip
+from gradwatch.reporting import GradWatchWarning
 from gradwatch.sinks import MemorySink
 
 
@@ -51,6 +51,8 @@ def test_plain_loop_logs_exact_statistics():
         optimizer.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         watch.before_optimizer_step(optimizer)
+        if step == 4:  # the last step, not a logging step: written at close
+            last_norms = direct_group_norms(model)
         if step in (0, 1, 3):  # logging steps: 0, and k with (k + 1) % 2 == 0
             norms = direct_group_norms(model)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -74,7 +76,11 @@ def test_plain_loop_logs_exact_statistics():
     ]  # drawn in the background: records of their own
     assert [r.step for r in pictures] == [0, 3] and not any(r.scalars for r in pictures)
     records = [r for r in sink.records if not r.images]
-    assert [r.step for r in records] == [0, 1, 3]
+    assert [r.step for r in records] == [0, 1, 3, 4]
+    *records, last = records
+    for group, norm in last_norms.items():  # the run's last step: its gradient norms only
+        assert last.scalars[f"grad_norm/{group}"] == pytest.approx(norm, rel=1e-5)
+    assert not any(tag.startswith(("grad_max_abs/", "param_norm/")) for tag in last.scalars)
     for record in records:
         norms, max_abs, update_ratio = expected[record.step]
         for group, norm in norms.items():
@@ -105,7 +111,7 @@ def test_histogram_counts_match_numpy():
     counts, edges = np.histogram(finite, bins=7)
     hist = record.histograms["grad_hist/0.weight"]
     assert hist.counts == pytest.approx(counts.tolist())
-    assert hist.bucket_limits == pytest.approx(edges[1:].tolist(), abs=1e-6 * np.ptp(finite))
+    assert hist.bucket_limits == pytest.approx(edges[1:].tolist(), abs=float(1e-6 * np.ptp(finite)))
     assert hist.sum == pytest.approx(finite.sum(), rel=1e-5)
     assert record.scalars["grad_nonfinite/0.weight"] == 1.0
     assert np.isnan(record.scalars["grad_norm/0.weight"])
@@ -212,7 +218,7 @@ def test_plain_loop_wrapper_skips_stops_and_warns():
         explosion=Explosion(warmup_steps=3),
     )
     stopped_at = None
-    with pytest.warns(GradWatchWarning, match="nonfinite"):
+    with pytest.warns(GradWatchWarning, match="non-finite"):
         for step in range(12):
             optimizer.zero_grad()
             scale = 1e6 if step == 8 else 1.0
@@ -233,6 +239,9 @@ def test_plain_loop_wrapper_skips_stops_and_warns():
     kinds = {(e["kind"], e["step"]) for e in watch.events}
     assert ("nonfinite", 5) in kinds and ("explosion", 8) in kinds
     assert stopped_at == 8
+
+
+STATE = ("policy", "detectors")  # the arrays of a saved guard state (beside its "config")
 
 
 @pytest.mark.parametrize(
@@ -288,11 +297,7 @@ def test_numpy_and_torch_decisions_agree_on_the_cpu(clip):
         assert a.scalars.keys() == b.scalars.keys()
         np.testing.assert_allclose(list(a.scalars.values()), list(b.scalars.values()), rtol=1e-5)
     np.testing.assert_allclose(
-        np.concatenate(
-            [np.ravel(v) for g in state_t["guards"] for part in g.values() for v in part]
-        ),
-        np.concatenate(
-            [np.ravel(v) for g in state_n["guards"] for part in g.values() for v in part]
-        ),
+        np.concatenate([np.ravel(v) for g in state_t["guards"] for k in STATE for v in g[k]]),
+        np.concatenate([np.ravel(v) for g in state_n["guards"] for k in STATE for v in g[k]]),
         rtol=1e-5,
     )

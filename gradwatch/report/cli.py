@@ -104,6 +104,10 @@ def report(
     figures = {run.name: run_figures(run, steps) for run in runs}
     if format == "png":
         return _write_pngs(Path(output or DEFAULT_PNG_DIR), figures)
+    if not quiet:
+        for run in runs:
+            if run.stopped:
+                print(f"gradwatch report: run {run.name!r} {run.stopped}", file=sys.stderr)
     risks = {run.name: at_risk(run.history.matrix(), top) for run in runs}
     text = page(str(log_dir), runs, figures, risks)
     path = Path(output or DEFAULT_HTML)

@@ -19,6 +19,7 @@ img { max-width: 100%; border: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 th { background: #f3f3f3; }
+p.stopped { color: #b00020; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code { font-size: 0.95em; }
 """
@@ -45,6 +46,12 @@ def page(
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>gradwatch report</h1><p>Log directory: <code>{_e(log_dir)}</code></p>",
     ]
+    parts += [
+        f'<p class="stopped"><strong>Run <code>{_e(run.name)}</code>: {_e(run.stopped)}</strong>'
+        "</p>"
+        for run in runs
+        if run.stopped
+    ]
     for run in runs:
         smallest, largest = risks[run.name]
         matrix = run.history.matrix()
@@ -53,6 +60,8 @@ def page(
             f"<p>{len(matrix.groups)} groups, {len(matrix.steps)} logged steps"
             f" ({int(matrix.steps[0])} to {int(matrix.steps[-1])}).</p>",
         ]
+        if run.stopped:
+            parts.append(f'<p class="stopped">gradwatch {_e(run.stopped)}.</p>')
         for name, png in figures[run.name].items():
             encoded = base64.b64encode(png).decode("ascii")
             parts.append(

@@ -41,6 +41,7 @@ class Run:
     history: FlowHistory = field(default_factory=lambda: FlowHistory(max_columns=4096))
     series: dict[str, dict[int, float]] = field(default_factory=dict)  # tag -> step -> value
     events: list[dict] = field(default_factory=list)
+    stopped: str | None = None  # "stopped at step N: cause" when gradwatch stopped the run
 
     def steps_and_values(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
         """A whole-model series in step order (a step logged twice keeps its last value)."""
@@ -80,6 +81,8 @@ def _add(run: Run, step: int, summary) -> None:
                 run.series.setdefault(value.tag, {})[step] = value.simple_value
         elif kind == "tensor" and value.tag == keys.EVENTS and value.tensor.string_val:
             run.events.extend(parse_events(value.tensor.string_val[0].decode("utf-8")))
+        elif kind == "tensor" and value.tag == keys.STOPPED and value.tensor.string_val:
+            run.stopped = value.tensor.string_val[0].decode("utf-8")
     run.history.add(step, scalars)
 
 

@@ -118,7 +118,7 @@ class Probe(Callback):
         from gradwatch.integrations.lightning import GradWatch
 
         (watch,) = [c for c in trainer.callbacks if isinstance(c, GradWatch)]
-        watch.monitor.sinks = (*watch.monitor.sinks, self.memory)
+        watch.reporter.monitor.sinks = (*watch.reporter.monitor.sinks, self.memory)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         named = list(pl_module.named_parameters())

@@ -16,9 +16,9 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gradwatch.guard import GradWatchWarning  # noqa: E402
 from gradwatch.integrations.keras import GradWatch  # noqa: E402
 from gradwatch.policies import ClipByNorm  # noqa: E402
+from gradwatch.reporting import GradWatchWarning  # noqa: E402
 from gradwatch.sinks import MemorySink  # noqa: E402
 
 warnings.simplefilter("ignore", GradWatchWarning)

@@ -1,0 +1,195 @@
+"""The host side of a watched run: detections told once, records written, the stop marked.
+
+Every adapter hands its finished records and drained detections to one :class:`Reporter`:
+
+* each batch of detections reaches the console as one line (a :class:`GradWatchWarning`),
+  the whole gradient's findings first; every detection is kept in a TensorBoard text table;
+* a stop is one short line naming its cause, and a ``gradwatch/stopped`` text that TensorBoard
+  and ``gradwatch report`` show;
+* the events kept in memory are bounded (the most recent ``keep``), their counts are not.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter, deque
+from collections.abc import Iterable
+
+from gradwatch import keys
+from gradwatch.guard import GLOBAL, sort_events
+from gradwatch.monitor import Monitor
+from gradwatch.record import Record
+
+__all__ = [
+    "GradWatchWarning",
+    "Reporter",
+    "describe",
+    "events_markdown",
+    "stop_text",
+    "summary_line",
+]
+
+_LISTED = 3  # groups named in a console line; the text table has them all
+
+
+class GradWatchWarning(UserWarning):
+    """A detection (non-finite, exploding or vanishing gradients), or a configuration clash."""
+
+
+class Reporter:
+    """Reports detections once, writes records through a :class:`Monitor`, and marks a stop.
+
+    Args:
+        monitor: where records go (no sinks: nothing is written, events are still kept).
+        keep: how many of the most recent events :attr:`events` keeps.
+    """
+
+    def __init__(self, monitor: Monitor, keep: int = 1000) -> None:
+        self.monitor = monitor
+        self._events: deque[dict] = deque(maxlen=keep)
+        self.counts: Counter[tuple[str, str]] = Counter()  # (kind, action) -> events, in all
+        self.stopped_at: int | None = None
+        self.stop_cause: dict | None = None
+
+    @property
+    def events(self) -> list[dict]:
+        """The most recent detections, oldest first."""
+        return list(self._events)
+
+    def publish(self, records: Iterable[Record], stopped_at: int | None = None) -> None:
+        """Write an engine's finished records; the one of step ``stopped_at`` (the step a
+        ``"stop"`` action dropped) as the stop."""
+        for record in records:
+            if stopped_at is not None and record.step == stopped_at and self.stopped_at is None:
+                self.stop(record)
+            else:
+                self.write(record)
+
+    def write(self, record: Record) -> None:
+        """Tell the record's detections (``record.events``) in one line, and write it."""
+        events = self._keep(record)
+        if events:
+            warnings.warn(summary_line(events), GradWatchWarning, stacklevel=3)
+        self.monitor.write(record)
+
+    def stop(self, record: Record) -> None:
+        """Write the stop step's record with its detections, and say once why training stops."""
+        events = self._keep(record)
+        stops = [e for e in events if e["action"] == "stop"]
+        self.stopped_at = record.step
+        self.stop_cause = stops[0] if stops else None
+        text = stop_text(record.step, self.stop_cause)
+        record.texts[keys.STOPPED] = text
+        warnings.warn(f"gradwatch: {text}", GradWatchWarning, stacklevel=3)
+        self.monitor.write(record)
+
+    def close(self, last: Iterable[Record] = ()) -> None:
+        """Write the records of the run's last steps (see ``TorchEngine.finish``), then close
+        the sinks, also when writing fails."""
+        try:
+            for record in last:
+                if record or record.events:
+                    self.write(record)
+        finally:
+            self.monitor.close()
+
+    def _keep(self, record: Record) -> list[dict]:
+        events = sort_events(record.events)
+        if events:
+            record.events = events
+            record.texts[keys.EVENTS] = events_markdown(events)
+            self._events.extend(events)
+            self.counts.update((e["kind"], e["action"]) for e in events)
+        return events
+
+
+def describe(event: dict) -> str:
+    """One detection in words.
+
+    Example:
+        >>> describe({"step": 7, "kind": "explosion", "group": "global", "value": 412.0,
+        ...           "threshold": 31.5, "action": "skip"})
+        'explosion at step 7: global gradient norm 412 > 31.5 (step skipped)'
+    """
+    whole = event["group"] == GLOBAL
+    subject = "global gradient norm" if whole else f"gradient norm of {event['group']}"
+    value, bound, step = event["value"], event["threshold"], event["step"]
+    done = {"skip": " (step skipped)", "stop": " (step dropped, training stopped)"}
+    if event["action"] == "accepted":
+        return (
+            f"new level at step {step}: the {subject} stayed above its explosion bound;"
+            f" {value:.3g} is now taken as normal"
+        )
+    if event["kind"] == "nonfinite":
+        where = "the gradient" if whole else event["group"]
+        text = f"non-finite values (NaN/Inf) in {where} at step {step}"
+    elif event["kind"] == "explosion":
+        text = f"explosion at step {step}: {subject} {value:.3g} > {bound:.3g}"
+    else:
+        text = f"vanishing gradient until step {step}: {subject} {value:.3g} < {bound:.3g}"
+    return text + done.get(event["action"], "")
+
+
+def summary_line(events: list[dict]) -> str:
+    """The console line for a batch of detections: the whole gradient's findings in full (with
+    the groups that share them), then the other groups' findings of each kind, a few named.
+
+    Example:
+        >>> found = [
+        ...     {"step": 5, "kind": "nonfinite", "group": "global", "value": float("nan"),
+        ...      "threshold": float("inf"), "action": "skip"},
+        ...     {"step": 5, "kind": "nonfinite", "group": "net.2", "value": float("nan"),
+        ...      "threshold": float("inf"), "action": "warn"},
+        ... ]
+        >>> summary_line(found)
+        'gradwatch: non-finite values (NaN/Inf) in the gradient at step 5 (step skipped), in net.2'
+    """
+    others: dict[str, list[dict]] = {}
+    for event in events:
+        if event["group"] != GLOBAL:
+            others.setdefault(event["kind"], []).append(event)
+    parts = []
+    for event in (e for e in events if e["group"] == GLOBAL):
+        shared = [e for e in others.get(event["kind"], []) if e["step"] == event["step"]]
+        others[event["kind"]] = [e for e in others.get(event["kind"], []) if e not in shared]
+        text = describe(event)
+        if shared and event["action"] != "accepted":
+            text += f", in {_names(shared)}"
+        parts.append(text)
+    for kind, found in others.items():
+        if len(found) == 1:
+            parts.append(describe(found[0]))
+        elif found:
+            first = min(e["step"] for e in found)
+            parts.append(f"{kind} in {len(found)} groups from step {first}: {_names(found)}")
+    return "gradwatch: " + "; ".join(parts)
+
+
+def _names(events: list[dict]) -> str:
+    names = ", ".join(e["group"] for e in events[:_LISTED])
+    return names + (f" and {len(events) - _LISTED} more" if len(events) > _LISTED else "")
+
+
+def stop_text(step: int, cause: dict | None) -> str:
+    """What ``gradwatch/stopped`` says.
+
+    Example:
+        >>> stop_text(45, {"step": 45, "kind": "explosion", "group": "global", "value": 9e3,
+        ...                "threshold": 12.0, "action": "stop"})[:60]
+        'stopped at step 45: explosion at step 45: global gradient no'
+    """
+    return f"stopped at step {step}: {describe(cause) if cause else 'a stop action fired'}"
+
+
+def events_markdown(events: list[dict]) -> str:
+    """Detections as a Markdown table (TensorBoard's text dashboard renders it)."""
+    lines = [
+        "| step | kind | group | value | threshold | action |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {e['step']} | {e['kind']} | `{e['group']}` | {e['value']:.4g} | {e['threshold']:.4g}"
+        f" | {e['action']} |"
+        for e in events
+    ]
+    return "\n".join(lines)
