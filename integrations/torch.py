@@ -448,7 +448,7 @@ class TorchEngine:
             for name, row in zip(pending.histogram_groups, rows, strict=True):
                 histograms[name] = Histogram.from_counts(row[0], row[1], row[4:], row[2], row[3])
         if not pending.logs:  # a histogram step between logging steps
-            return build_histogram_record(pending.step, histograms)
+            return build_histogram_record(pending.step, self.grouping, histograms)
         indices = pending.indices
         nonfinite = self._nonfinite(pending.grads, grad_norm, pending.reducer)
         stats = TensorStats(
