@@ -124,6 +124,32 @@ def test_unicode_groups_get_their_own_tags_read_back_by_tensorboard(tmp_path):
         ]
 
 
+def test_a_compiled_model_keeps_the_names_of_its_modules():
+    class Wrapper(nn.Module):  # a compiled submodule, as in a LightningModule's `self.net`
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+            self.head = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.head(self.net(x))
+
+    def tags(model: nn.Module) -> list[str]:
+        sink = MemorySink()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with TorchGradWatch(model, log_dir=None, log_every_n_steps=1, sinks=[sink]) as watch:
+            model(torch.randn(4, 6)).sum().backward()
+            watch.before_optimizer_step(optimizer)
+            optimizer.step()
+            watch.after_optimizer_step()
+        return [t for r in sink.records for t in r.scalars]
+
+    plain, wrapped = tags(make_model()), tags(Wrapper(make_model()))
+    assert "grad_norm/2" in plain and "grad_norm/net.2" in wrapped
+    assert tags(torch.compile(make_model(), backend="eager")) == plain
+    assert tags(Wrapper(torch.compile(make_model(), backend="eager"))) == wrapped
+
+
 def test_histogram_counts_match_numpy():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
