@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from gradwatch import keys
 
 __all__ = ["GroupBy", "Grouping", "ROOT", "check_group_by"]
 
@@ -53,6 +56,10 @@ def _group_of(name: str, group_by: GroupBy) -> str:
 class Grouping:
     """Tensors assigned to groups, groups in order of first appearance (depth order).
 
+    ``tags`` holds each group's name in tags (see :func:`gradwatch.keys.group_names`), made
+    once here, so that every tag of a group is spelled the same; groups whose names would
+    share one are told apart by a suffix, with one :class:`GradWatchWarning` naming them.
+
     Example:
         >>> g = Grouping.build(["emb.weight", "blocks.0.w", "blocks.0.b", "head"], "module")
         >>> g.groups
@@ -64,6 +71,12 @@ class Grouping:
     tensors: tuple[str, ...]
     groups: tuple[str, ...]
     index: np.ndarray  # [tensors] -> position in `groups`
+    tags: tuple[str, ...] = field(init=False)  # [groups] -> the group's name in tags
+
+    def __post_init__(self) -> None:
+        tags = keys.group_names(self.groups)
+        object.__setattr__(self, "tags", tags)
+        _warn_of_shared_names(self.groups, tags)
 
     @classmethod
     def build(cls, tensor_names: Sequence[str], group_by: GroupBy) -> Grouping:
@@ -72,8 +85,33 @@ class Grouping:
         index = [groups.setdefault(_group_of(n, group_by), len(groups)) for n in tensor_names]
         return cls(tuple(tensor_names), tuple(groups), np.asarray(index, dtype=np.int64))
 
+    def tag_names(self) -> dict[str, str]:
+        """Group name -> its name in tags."""
+        return dict(zip(self.groups, self.tags, strict=True))
+
     def membership(self) -> np.ndarray:
         """A ``[groups, tensors]`` 0/1 matrix: ``membership() @ x`` sums ``x`` by group."""
         matrix = np.zeros((len(self.groups), len(self.tensors)), dtype=np.float32)
         matrix[self.index, np.arange(len(self.tensors))] = 1.0
         return matrix
+
+
+def _warn_of_shared_names(groups: tuple[str, ...], tags: tuple[str, ...]) -> None:
+    """One warning naming the groups whose tags needed a suffix to stay apart."""
+    shared: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        shared.setdefault(keys.sanitize(group), []).append(i)
+    clashes = [members for members in shared.values() if len(members) > 1]
+    if not clashes:
+        return
+    from gradwatch.reporting import GradWatchWarning  # reporting imports this module
+
+    told = "; ".join(
+        ", ".join(f"{groups[i]!r} -> {tags[i]}" for i in members) for members in clashes
+    )
+    warnings.warn(
+        "gradwatch: these groups' names differ only in characters tags leave out, so their "
+        f"tags carry a suffix: {told}",
+        GradWatchWarning,
+        stacklevel=5,
+    )

@@ -2,15 +2,17 @@
 
 TensorBoard groups charts by the part of a tag before the first ``/``, so each statistic is
 a prefix (``grad_norm``) and each group a suffix (``grad_norm/blocks.0.attn``). Tags never
-contain floats (Lightning's own ``grad_2.0_norm`` keys cannot collide with ours) and never
-characters TensorBoard would mangle.
+contain floats (Lightning's own ``grad_2.0_norm`` keys cannot collide with ours). A group's
+suffix is its name, in any script, with what TensorFlow's summary ops and MLflow's metric names
+would refuse replaced (:func:`sanitize`); distinct groups always get distinct suffixes
+(:func:`group_names`).
 
 The table of tags in the README is generated from :data:`TAGS` by :func:`markdown_table`.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "TagSpec",
     "amp_tag",
     "clip_tag",
+    "group_names",
     "group_tag",
     "markdown_table",
     "sanitize",
@@ -161,27 +164,66 @@ TAGS: tuple[TagSpec, ...] = (
     ),
 )
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
+_KEPT = frozenset("_.-/")
+
+
+def _kept(character: str) -> bool:
+    """Letters, marks and digits of any script (what continues a Python identifier), ``_.-/``."""
+    return character in _KEPT or ("a" + character).isidentifier()
 
 
 def sanitize(name: str) -> str:
-    """Make ``name`` safe inside a tag: anything but letters, digits, ``_.-/`` becomes ``_``.
+    """Make ``name`` safe inside a tag: letters, marks and digits of any script and ``_.-/``
+    stay, anything else becomes ``_``.
+
+    TensorBoard itself stores and shows any Unicode tag; the characters replaced are those
+    TensorFlow's ``clean_tag`` replaces (``[^-/\\w.]``) and MLflow's metric names refuse
+    (Lightning hands the same names to every logger), and lone surrogates, which cannot be
+    written as UTF-8.
 
     Example:
-        >>> sanitize("blocks.0.attn[q]")
-        'blocks.0.attn_q_'
+        >>> sanitize("blocks.0.attn[q]"), sanitize("编码器.层")
+        ('blocks.0.attn_q_', '编码器.层')
     """
-    return _UNSAFE.sub("_", name) or "_"
+    return "".join(c if _kept(c) else "_" for c in name) or "_"
 
 
-def group_tag(statistic: str, group: str) -> str:
-    """The tag of a per-group statistic.
+def group_names(groups: Sequence[str]) -> tuple[str, ...]:
+    """Each group's name in tags (:func:`group_tag`), distinct for distinct groups.
+
+    A name is :func:`sanitize`-d. Where several groups would get one name, the group already
+    spelled that way (else the first) keeps it and the others, in group order, get the first
+    free ``_2``, ``_3``, ...; a name some group gets unchanged is never given to another.
+
+    Example:
+        >>> group_names(["a b", "a_b", "a:b", "编码"])
+        ('a_b_2', 'a_b', 'a_b_3', '编码')
+    """
+    names = [sanitize(group) for group in groups]
+    taken = set(names)
+    owner: dict[str, int] = {}
+    for i, (group, name) in enumerate(zip(groups, names, strict=True)):
+        if group == name or name not in owner:
+            owner[name] = i
+    for i, name in enumerate(names):
+        if owner[name] != i:
+            n = 2
+            while f"{name}_{n}" in taken:
+                n += 1
+            names[i] = f"{name}_{n}"
+            taken.add(names[i])
+    return tuple(names)
+
+
+def group_tag(statistic: str, name: str) -> str:
+    """The tag of a per-group statistic; ``name`` is the group's entry of :func:`group_names`
+    (``Grouping.tags``).
 
     Example:
         >>> group_tag(GRAD_NORM, "blocks.0.attn")
         'grad_norm/blocks.0.attn'
     """
-    return f"{statistic}/{sanitize(group)}"
+    return f"{statistic}/{name}"
 
 
 def clip_tag(statistic: str, optimizer: int | None = None) -> str:

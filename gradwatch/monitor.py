@@ -119,7 +119,7 @@ def build_record(
         if values is None:  # not measured at this step
             continue
         for g in np.flatnonzero(groups.present):
-            scalars[keys.group_tag(statistic, grouping.groups[g])] = float(values[g])
+            scalars[keys.group_tag(statistic, grouping.tags[g])] = float(values[g])
     present = tensors.present.astype(bool)
     norm = global_norm(tensors.grad_norm[present].astype(np.float64))
     scalars[keys.total_tag(keys.GLOBAL, optimizer)] = float(norm)
@@ -129,14 +129,17 @@ def build_record(
         scalars[keys.total_tag(keys.SKIPPED_STEPS, optimizer)] = float(summary.skipped_steps)
     if scaler:
         scalars[keys.amp_tag(optimizer)] = float(summary.scaler_skipped_steps)
-    record = build_histogram_record(step, histograms or {})
+    record = build_histogram_record(step, grouping, histograms or {})
     record.scalars = scalars
     return record
 
 
-def build_histogram_record(step: int, histograms: Mapping[str, Histogram]) -> Record:
-    """Name the per-group gradient histograms of one step."""
-    named = {keys.group_tag(keys.GRAD_HISTOGRAM, group): h for group, h in histograms.items()}
+def build_histogram_record(
+    step: int, grouping: Grouping, histograms: Mapping[str, Histogram]
+) -> Record:
+    """Name the per-group gradient histograms (by group name) of one step."""
+    names = grouping.tag_names()
+    named = {keys.group_tag(keys.GRAD_HISTOGRAM, names[g]): h for g, h in histograms.items()}
     return Record(step=step, histograms=named)
 
 

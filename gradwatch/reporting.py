@@ -11,6 +11,7 @@ Every adapter hands its finished records and drained detections to one :class:`R
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -25,6 +26,8 @@ __all__ = [
     "Reporter",
     "describe",
     "events_markdown",
+    "markdown_text",
+    "plain_text",
     "stop_text",
     "summary_line",
 ]
@@ -79,7 +82,7 @@ class Reporter:
         self.stopped_at = record.step
         self.stop_cause = stops[0] if stops else None
         text = stop_text(record.step, self.stop_cause)
-        record.texts[keys.STOPPED] = text
+        record.texts[keys.STOPPED] = markdown_text(text)
         warnings.warn(f"gradwatch: {text}", GradWatchWarning, stacklevel=3)
         self.monitor.write(record)
 
@@ -181,15 +184,52 @@ def stop_text(step: int, cause: dict | None) -> str:
     return f"stopped at step {step}: {describe(cause) if cause else 'a stop action fired'}"
 
 
+def markdown_text(text: str) -> str:
+    """``text`` as Markdown that TensorBoard's text dashboard shows as it is, never as markup.
+
+    The dashboard renders Markdown (Python-Markdown, with tables) and lets through the HTML
+    its sanitizer allows (links, images, tables), so a group name could break a table or show
+    an image. Every character but letters, digits and ``" .,:;/-=%"`` becomes a numeric
+    character reference (``&#96;`` for a backtick), which Markdown passes on and the browser
+    shows as that character; :func:`plain_text` reverses it.
+
+    Example:
+        >>> markdown_text("blocks.0 `x` <b>|</b>")
+        'blocks.0 &#96;x&#96; &#60;b&#62;&#124;&#60;/b&#62;'
+    """
+    return "".join(c if c.isalnum() or c in _PLAIN else f"&#{ord(c)};" for c in text)
+
+
+_PLAIN = frozenset(" .,:;/-=%")
+_REFERENCE = re.compile(r"&#(\d+);")
+_LAST_CODE_POINT = 0x10FFFF
+
+
+def plain_text(markdown: str) -> str:
+    """The text :func:`markdown_text` made ``markdown`` from (other text comes back as it is).
+
+    Example:
+        >>> plain_text(markdown_text("a`b <i>"))
+        'a`b <i>'
+    """
+    return _REFERENCE.sub(_character, markdown)
+
+
+def _character(reference: re.Match) -> str:
+    code = int(reference[1])
+    return chr(code) if code <= _LAST_CODE_POINT else reference[0]
+
+
 def events_markdown(events: list[dict]) -> str:
-    """Detections as a Markdown table (TensorBoard's text dashboard renders it)."""
+    """Detections as a Markdown table (TensorBoard's text dashboard renders it); group names
+    are shown as code, escaped by :func:`markdown_text`."""
     lines = [
         "| step | kind | group | value | threshold | action |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {e['step']} | {e['kind']} | `{e['group']}` | {e['value']:.4g} | {e['threshold']:.4g}"
-        f" | {e['action']} |"
+        f"| {e['step']} | {e['kind']} | <code>{markdown_text(e['group'])}</code>"
+        f" | {e['value']:.4g} | {e['threshold']:.4g} | {e['action']} |"
         for e in events
     ]
     return "\n".join(lines)

@@ -402,7 +402,7 @@ class Capture:
             if histogram == logged:
                 histograms = {}
         if histograms:
-            records.append(build_histogram_record(histogram, histograms))
+            records.append(build_histogram_record(histogram, self.grouping, histograms))
         return sorted(records, key=lambda r: r.step), logged, histogram
 
     def should_stop(self) -> bool:

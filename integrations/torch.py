@@ -119,6 +119,20 @@ class _Pending:
     clipped: bool = False  # clip values come after the summary in `parts`
 
 
+_COMPILED = "_orig_mod"  # the attribute through which torch.compile's wrapper holds the module
+
+
+def _original_name(name: str) -> str:
+    """A parameter's name in the module that ``torch.compile`` wrapped: without the
+    ``_orig_mod`` components it inserts, wherever a compiled module sits in the model.
+
+    Example:
+        >>> _original_name("net._orig_mod.0.weight")
+        'net.0.weight'
+    """
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
+
+
 def _float_norms(
     tensors: Sequence[torch.Tensor], order: float, nonempty: bool = False
 ) -> Sequence[torch.Tensor]:
@@ -148,7 +162,8 @@ class TorchEngine:
 
     Args:
         named_parameters: ``model.named_parameters()``; parameters without ``requires_grad``
-            are left out.
+            are left out. A module compiled with ``torch.compile`` keeps its own names (the
+            ``_orig_mod.`` its wrapper adds is dropped).
         group_by: ``"module"`` (default), ``"parameter"`` or a callable from parameter name to
             group name.
         cadence: when to gather the logging-step statistics and histograms.
@@ -173,7 +188,7 @@ class TorchEngine:
         guard: Guard | None = None,
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
-        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        named = [(_original_name(n), p) for n, p in named_parameters if p.requires_grad]
         self.params = [p for _, p in named]
         self.grouping = Grouping.build([n for n, _ in named], group_by)
         self.cadence = cadence or Cadence()
@@ -448,7 +463,7 @@ class TorchEngine:
             for name, row in zip(pending.histogram_groups, rows, strict=True):
                 histograms[name] = Histogram.from_counts(row[0], row[1], row[4:], row[2], row[3])
         if not pending.logs:  # a histogram step between logging steps
-            return build_histogram_record(pending.step, histograms)
+            return build_histogram_record(pending.step, self.grouping, histograms)
         indices = pending.indices
         nonfinite = self._nonfinite(pending.grads, grad_norm, pending.reducer)
         stats = TensorStats(

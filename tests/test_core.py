@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 
 from gradwatch import keys
 from gradwatch.grouping import Grouping, check_group_by
-from gradwatch.monitor import Cadence, build_record
+from gradwatch.monitor import Cadence, build_histogram_record, build_record
+from gradwatch.record import Histogram
+from gradwatch.reporting import GradWatchWarning
 from gradwatch.stats import (
     StepSummary,
     TensorStats,
@@ -47,6 +50,7 @@ def test_tags_hold_no_floats_and_no_lightning_keys():
         assert not spec.pattern.startswith("grad_2.0_norm")
     assert keys.group_tag(keys.GRAD_NORM, "blocks.0.attn") == "grad_norm/blocks.0.attn"
     assert keys.sanitize("a b[0]") == "a_b_0_"
+    assert keys.sanitize("编码.слой.परत") == "编码.слой.परत"  # letters and marks of any script
     assert keys.total_tag(keys.GLOBAL, 2) == "grad_norm_total/global_optimizer2"
 
 
@@ -130,6 +134,35 @@ def test_next_due_is_the_first_step_the_cadence_logs_or_draws_after(logs, histog
     for step in range(-1, 50):
         due = next(k for k in range(step + 1, 100) if cadence.logs(k) or cadence.histograms(k))
         assert cadence.next_due(step) == due, step
+
+
+def test_groups_whose_names_would_share_a_tag_get_distinct_tags_and_one_warning():
+    names = ["a b.w", "a_b.w", "编码.w", "a:b.w", "解码.w", "x y.w", "x+y.w"]
+    with pytest.warns(GradWatchWarning) as told:
+        grouping = Grouping.build(names, "module")
+    assert len(told) == 1
+    message = str(told[0].message)
+    assert all(repr(group) in message for group in ("a b", "a_b", "a:b", "x y", "x+y"))
+    assert "编码" not in message
+    # The group spelled like the tag keeps it; the others get suffixes, in group order.
+    assert grouping.tags == ("a_b_2", "a_b", "编码", "a_b_3", "解码", "x_y", "x_y_2")
+    n = len(names)
+    stats = TensorStats(
+        present=np.ones(n, bool),
+        grad_norm=np.arange(1.0, n + 1),
+        grad_max_abs=np.ones(n),
+        grad_nonfinite=np.zeros(n),
+        param_norm=np.ones(n),
+    )
+    record = build_record(0, grouping, stats, summary=StepSummary(0.0, 0.0, 0.0, 0.0))
+    norms = {t: v for t, v in record.scalars.items() if t.startswith("grad_norm/")}
+    assert list(norms.values()) == list(range(1, n + 1))  # no group's statistics lost
+    hist = Histogram.from_counts(0.0, 1.0, np.ones(2), 1.0, 1.0)
+    histograms = build_histogram_record(0, grouping, dict.fromkeys(grouping.groups, hist))
+    assert [t.partition("/")[2] for t in histograms.histograms] == list(grouping.tags)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Grouping.build(["a/b.w", "a_b.w", "a.b.w"], "module")  # no clash, no warning
 
 
 def test_build_record_names_every_statistic():

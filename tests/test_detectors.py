@@ -404,8 +404,8 @@ def test_events_markdown_renders_one_row_per_event():
     lines = events_markdown(events).splitlines()
     assert lines[0] == "| step | kind | group | value | threshold | action |"
     assert len(lines) == 2 + len(events)
-    assert lines[2] == "| 3 | explosion | `global` | 123.5 | 10 | skip |"
-    assert lines[3] == "| 5 | nonfinite | `head` | nan | inf | warn |"
+    assert lines[2] == "| 3 | explosion | <code>global</code> | 123.5 | 10 | skip |"
+    assert lines[3] == "| 5 | nonfinite | <code>head</code> | nan | inf | warn |"
     assert events_markdown([]).count("\n") == 1
 
 

@@ -10,17 +10,19 @@ import base64
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 from test_pictures import GROUPS, SPIKE, synthetic_scalars
 
 from gradwatch import keys
+from gradwatch.monitor import Monitor
 from gradwatch.record import Record
 from gradwatch.report import main, report
-from gradwatch.report.reader import read_runs
-from gradwatch.reporting import events_markdown
-from gradwatch.sinks import TensorBoardSink
+from gradwatch.report.reader import parse_events, read_runs
+from gradwatch.reporting import Reporter, events_markdown
+from gradwatch.sinks import MemorySink, TensorBoardSink
 
 EVENTS = [
     {"step": 5, "kind": "vanishing", "group": "embed", "value": 0.0, "threshold": 1e-10,
@@ -145,3 +147,74 @@ def test_console_script_and_module_entry_point(log_dir, tmp_path):
         assert done.returncode == 0, done.stderr
         assert "reading" in done.stderr and "100" in done.stderr  # the progress bar
         assert output.read_text().count("data:image/png;base64,") == 3
+
+
+NASTY = [
+    "a`b",
+    "x | y",
+    '<img src="http://example.com/x.png">',
+    "<script>alert(1)</script>",
+    "*bold* _it_ ~~del~~",
+    "[x](http://example.com)",
+    "a\\`b &amp; &#96;",
+    " 编码 ",
+    "line\nbreak\u2028",
+    "# heading",
+]
+
+
+class _Page(HTMLParser):
+    """The elements of an HTML page and the text of its ``<code>`` elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: set[str] = set()
+        self.code: list[str] = []
+        self._in_code = False
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.elements.add(tag)
+        if tag == "code":
+            self._in_code = True
+            self.code.append("")
+
+    def handle_endtag(self, tag) -> None:
+        self._in_code = self._in_code and tag != "code"
+
+    def handle_data(self, data) -> None:
+        if self._in_code:
+            self.code[-1] += data
+
+
+def test_group_names_in_the_events_table_are_text_and_read_back():
+    events = [
+        {"step": i, "kind": "explosion", "group": name, "value": 2.5, "threshold": 1.0,
+         "action": "warn"}
+        for i, name in enumerate(NASTY)
+    ]  # fmt: skip
+    markdown = events_markdown(events)
+    assert "<img" not in markdown and "<script" not in markdown and "`" not in markdown
+    assert list(parse_events(markdown)) == events
+    # What TensorBoard's text dashboard makes of it: Markdown, then its HTML sanitizer.
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    page = _Page()
+    page.feed(markdown_to_safe_html(markdown))
+    assert page.elements == {"table", "thead", "tbody", "tr", "th", "td", "code"}
+    assert page.code == NASTY  # every name shown as it is
+
+
+def test_the_stop_text_is_text_and_read_back(tmp_path):
+    cause = {"step": 3, "kind": "nonfinite", "group": NASTY[2], "value": float("nan"),
+             "threshold": float("inf"), "action": "stop"}  # fmt: skip
+    memory = MemorySink()
+    reporter = Reporter(Monitor([memory, TensorBoardSink(tmp_path)]))
+    scalars = {keys.group_tag(keys.GRAD_NORM, "a"): 1.0}
+    with pytest.warns(UserWarning, match="stopped at step 3"):
+        reporter.stop(Record(3, scalars=scalars, events=[cause]))
+    reporter.close()
+    ((_, text),) = memory.texts(keys.STOPPED)
+    assert "<img" not in text
+    (run,) = read_runs(tmp_path)
+    assert run.stopped.startswith("stopped at step 3") and NASTY[2] in run.stopped
+    assert [e["group"] for e in run.events] == [NASTY[2]]

@@ -96,6 +96,60 @@ def test_plain_loop_logs_exact_statistics():
     assert hist.num == 6 * 8 + 8
 
 
+@pytest.mark.slow  # TensorBoard's reader imports TensorFlow: most of 10-15 s
+def test_unicode_groups_get_their_own_tags_read_back_by_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"编码": nn.Linear(4, 3), "解码": nn.Linear(3, 1)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    expected = []
+    with TorchGradWatch(model, log_dir=tmp_path, log_every_n_steps=1) as watch:
+        for _ in range(2):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model["解码"](model["编码"](x)), y).backward()
+            watch.before_optimizer_step(optimizer)
+            expected.append(direct_group_norms(model))
+            optimizer.step()
+            watch.after_optimizer_step()
+    (path,) = tmp_path.glob("*tfevents*")
+    accumulator = event_accumulator.EventAccumulator(str(path))
+    accumulator.Reload()
+    assert {"grad_norm/编码", "grad_norm/解码"} <= set(accumulator.Tags()["scalars"])
+    for group in ("编码", "解码"):
+        read = [(e.step, e.value) for e in accumulator.Scalars(f"grad_norm/{group}")]
+        assert read == [
+            (step, pytest.approx(n[group], rel=1e-5)) for step, n in enumerate(expected)
+        ]
+
+
+def test_a_compiled_model_keeps_the_names_of_its_modules():
+    class Wrapper(nn.Module):  # a compiled submodule, as in a LightningModule's `self.net`
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+            self.head = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.head(self.net(x))
+
+    def tags(model: nn.Module) -> list[str]:
+        sink = MemorySink()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with TorchGradWatch(model, log_dir=None, log_every_n_steps=1, sinks=[sink]) as watch:
+            model(torch.randn(4, 6)).sum().backward()
+            watch.before_optimizer_step(optimizer)
+            optimizer.step()
+            watch.after_optimizer_step()
+        return [t for r in sink.records for t in r.scalars]
+
+    plain, wrapped = tags(make_model()), tags(Wrapper(make_model()))
+    assert "grad_norm/2" in plain and "grad_norm/net.2" in wrapped
+    assert tags(torch.compile(make_model(), backend="eager")) == plain
+    assert tags(Wrapper(torch.compile(make_model(), backend="eager"))) == wrapped
+
+
 def test_histogram_counts_match_numpy():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -19,6 +19,7 @@ import numpy as np
 
 from gradwatch import keys
 from gradwatch.flow import FlowHistory
+from gradwatch.reporting import plain_text
 
 __all__ = ["Run", "event_files", "parse_events", "read_runs"]
 
@@ -26,7 +27,8 @@ _FRAMING = 16  # bytes around each TFRecord: length, its CRC, and the data's CRC
 _TOTAL_PREFIX = f"{keys.TOTAL}/"
 _CLIP_PREFIX = f"{keys.CLIP}/"
 _ROW = re.compile(
-    r"^\|\s*(?P<step>-?\d+)\s*\|\s*(?P<kind>\w+)\s*\|\s*`?(?P<group>[^|`]*?)`?\s*\|"
+    r"^\|\s*(?P<step>-?\d+)\s*\|\s*(?P<kind>\w+)\s*\|"
+    r"\s*(?:<code>(?P<code>[^|<]*)</code>|`?(?P<group>[^|`]*?)`?)\s*\|"
     r"\s*(?P<value>[^|]+?)\s*\|\s*(?P<threshold>[^|]+?)\s*\|\s*(?P<action>\w+)\s*\|$"
 )
 
@@ -82,12 +84,13 @@ def _add(run: Run, step: int, summary) -> None:
         elif kind == "tensor" and value.tag == keys.EVENTS and value.tensor.string_val:
             run.events.extend(parse_events(value.tensor.string_val[0].decode("utf-8")))
         elif kind == "tensor" and value.tag == keys.STOPPED and value.tensor.string_val:
-            run.stopped = value.tensor.string_val[0].decode("utf-8")
+            run.stopped = plain_text(value.tensor.string_val[0].decode("utf-8"))
     run.history.add(step, scalars)
 
 
 def parse_events(markdown: str) -> Iterator[dict]:
-    """The detections in a ``gradwatch/events`` Markdown table (see ``events_markdown``).
+    """The detections in a ``gradwatch/events`` Markdown table (see ``events_markdown``);
+    tables written before group names were escaped (in backticks) are read too.
 
     Example:
         >>> text = "| step | kind |\\n| --- |\\n| 7 | explosion | `global` | 12 | 3 | warn |"
@@ -102,7 +105,7 @@ def parse_events(markdown: str) -> Iterator[dict]:
             yield {
                 "step": int(row["step"]),
                 "kind": row["kind"],
-                "group": row["group"],
+                "group": row["group"] if row["code"] is None else plain_text(row["code"]),
                 "value": float(row["value"]),
                 "threshold": float(row["threshold"]),
                 "action": row["action"],
