@@ -24,10 +24,11 @@ from typing import Any
 
 import keras
 
+from gradwatch.checks import check_count, check_flag
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import ROOT, Grouping, check_group_by
 from gradwatch.guard import Guard
-from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
+from gradwatch.monitor import Cadence, Monitor
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Sink

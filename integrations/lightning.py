@@ -27,11 +27,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
+from gradwatch.checks import OFF, check_count, check_flag
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, check_group_by
 from gradwatch.guard import Guard
 from gradwatch.integrations.torch import TorchEngine
-from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
+from gradwatch.monitor import Cadence, Monitor
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Record, Sink
@@ -144,7 +145,7 @@ class GradWatch(Callback):
             check_count("log_every_n_steps", log_every_n_steps)
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = check_count(
-            "histogram_every_n_steps", histogram_every_n_steps, allow_zero=True
+            "histogram_every_n_steps", histogram_every_n_steps, smallest=0, meaning=OFF
         )
         self.group_by = check_group_by(group_by)
         self.log_dir = _check_log_dir(log_dir)

@@ -32,18 +32,13 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from gradwatch import keys
+from gradwatch.checks import check_count
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, Grouping
 from gradwatch.guard import Guard
 from gradwatch.integrations._shards import ShardReducer, has_dtensors, local
 from gradwatch.integrations._torch_guard import GuardRun, TorchGuard, view
-from gradwatch.monitor import (
-    Cadence,
-    Monitor,
-    build_histogram_record,
-    build_record,
-    check_count,
-)
+from gradwatch.monitor import Cadence, Monitor, build_histogram_record, build_record
 from gradwatch.pictures import FlowPictures
 from gradwatch.record import Histogram, Record, Sink
 from gradwatch.reporting import GradWatchWarning, Reporter
