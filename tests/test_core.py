@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_importing_gradwatch_loads_no_framework():
     code = (
         "import sys, gradwatch, gradwatch.keys, gradwatch.stats, gradwatch.monitor,"
-        " gradwatch.sinks, gradwatch.grouping, gradwatch.record\n"
+        " gradwatch.sinks, gradwatch.grouping, gradwatch.record, gradwatch.options\n"
         "loaded = [m for m in ('torch', 'tensorflow', 'keras', 'jax', 'lightning')"
         " if m in sys.modules]\n"
         "print(','.join(loaded))"
