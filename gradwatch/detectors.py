@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from gradwatch.checks import check_count, check_real, set_fields
 from gradwatch.namespace import namespace_of
 
 __all__ = [
@@ -126,30 +127,19 @@ class Explosion:
     accept_after: int | None = 10
 
     def __post_init__(self) -> None:
-        if not _number(self.factor) or not self.factor > 1:
-            raise ValueError(f"`factor` must be a number > 1. Received: factor={self.factor!r}")
-        if (
-            isinstance(self.warmup_steps, bool)
-            or not isinstance(self.warmup_steps, int)
-            or (self.warmup_steps < 1)
-        ):
-            raise ValueError(
-                f"`warmup_steps` must be an int >= 1. Received: warmup_steps={self.warmup_steps!r}"
-            )
-        if not _number(self.beta) or not 0 < self.beta < 1:
-            raise ValueError(f"`beta` must be in (0, 1). Received: beta={self.beta!r}")
-        if self.max_norm is not None and (not _number(self.max_norm) or not self.max_norm > 0):
-            raise ValueError(
-                "`max_norm` must be None or a positive number. "
-                f"Received: max_norm={self.max_norm!r}"
-            )
-        accept = self.accept_after
-        if accept is not None and (
-            isinstance(accept, bool) or not isinstance(accept, int) or accept < 2
-        ):
-            raise ValueError(
-                f"`accept_after` must be None or an int >= 2. Received: accept_after={accept!r}"
-            )
+        max_norm, accept = self.max_norm, self.accept_after
+        if max_norm is not None:
+            max_norm = check_real("max_norm", max_norm, "None or a number > 0", lambda m: m > 0)
+        if accept is not None:
+            accept = check_count("accept_after", accept, smallest=2, meaning=" (or None: never)")
+        set_fields(
+            self,
+            factor=check_real("factor", self.factor, "a number > 1", lambda f: f > 1),
+            warmup_steps=check_count("warmup_steps", self.warmup_steps),
+            beta=check_real("beta", self.beta, "in (0, 1)", lambda b: 0 < b < 1),
+            max_norm=max_norm,
+            accept_after=accept,
+        )
 
     def init(self, like: Array, groups: int) -> ExplosionState:
         return ExplosionState(*(_zeros(like, 1 + groups) for _ in ExplosionState._fields))
@@ -210,18 +200,12 @@ class Vanishing:
     patience: int = 10
 
     def __post_init__(self) -> None:
-        if not _number(self.floor) or self.floor < 0:
-            raise ValueError(f"`floor` must be a number >= 0. Received: floor={self.floor!r}")
-        if not _number(self.ratio) or not 0 <= self.ratio < 1:
-            raise ValueError(f"`ratio` must be in [0, 1). Received: ratio={self.ratio!r}")
-        if (
-            isinstance(self.patience, bool)
-            or not isinstance(self.patience, int)
-            or (self.patience < 1)
-        ):
-            raise ValueError(
-                f"`patience` must be an int >= 1. Received: patience={self.patience!r}"
-            )
+        set_fields(
+            self,
+            floor=check_real("floor", self.floor, "a number >= 0", lambda f: f >= 0),
+            ratio=check_real("ratio", self.ratio, "in [0, 1)", lambda r: 0 <= r < 1),
+            patience=check_count("patience", self.patience),
+        )
 
     def init(self, like: Array, groups: int) -> VanishingState:
         return VanishingState(_zeros(like, 1 + groups))
@@ -243,10 +227,6 @@ class Vanishing:
         run = xp.where(below, state.below + 1.0, 0.0)
         flag = run == float(self.patience)
         return Verdict(flag, values, threshold), VanishingState(run)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Latch(NamedTuple):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch import keys
-from gradwatch.monitor import check_count
+from gradwatch.checks import check_count
 from gradwatch.record import Record
 
 __all__ = ["FlowHistory", "FlowMatrix"]

@@ -22,7 +22,7 @@ _NAMED_RULES = ("module", "parameter")
 
 
 def check_group_by(
-    group_by: object, rules: tuple[str, ...] = _NAMED_RULES, member: str = "parameter"
+    group_by: object, rules: tuple[str, ...] = _NAMED_RULES, member: str = "parameter name"
 ) -> GroupBy:
     """Validate a ``group_by`` argument, raising an error that says what is allowed.
 
@@ -32,7 +32,7 @@ def check_group_by(
         return group_by  # type: ignore[return-value]
     named = ", ".join(repr(r) for r in rules)
     raise ValueError(
-        f"`group_by` must be one of {named}, or a callable from {member} name to group name."
+        f"`group_by` must be one of {named}, or a callable from {member} to group name."
         f" Received: group_by={group_by!r}"
     )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from gradwatch.checks import check_choice, check_instance, set_fields
 from gradwatch.detectors import (
     DetectStats,
     Explosion,
@@ -48,11 +49,7 @@ _ALLOWED = {"nonfinite": ACTIONS, "explosion": ACTIONS, "vanishing": ("warn", "s
 
 def check_action(kind: str, action: object) -> str:
     """Validate ``on_<kind>=``; skipping a step does not cure vanishing, so it is refused."""
-    allowed = _ALLOWED[kind]
-    if action not in allowed:
-        names = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"`on_{kind}` must be one of {names}. Received: on_{kind}={action!r}")
-    return action  # type: ignore[return-value]
+    return check_choice(f"on_{kind}", action, _ALLOWED[kind])
 
 
 class Decision(NamedTuple):
@@ -89,7 +86,8 @@ class Guard:
     Kinds whose action is ``"ignore"`` are not evaluated at all. Only the global norm's verdict
     acts (``"skip"``, ``"stop"``): a group's spike is reported, since a small group's norm may
     jump tenfold harmlessly, and a NaN anywhere makes the global norm NaN too. Vanishing acts
-    on any group, since it is a property of groups.
+    on any group, since it is a property of groups. ``explosion`` and ``vanishing`` given as
+    None take the detectors' default settings.
     """
 
     policy: Policy | None = None
@@ -102,10 +100,11 @@ class Guard:
     def __post_init__(self) -> None:
         for kind in KINDS:
             check_action(kind, getattr(self, f"on_{kind}"))
-        if not isinstance(self.explosion, Explosion):
-            raise TypeError(f"`explosion` must be an Explosion. Received: {self.explosion!r}")
-        if not isinstance(self.vanishing, Vanishing):
-            raise TypeError(f"`vanishing` must be a Vanishing. Received: {self.vanishing!r}")
+        set_fields(
+            self,
+            explosion=check_instance("explosion", self.explosion, Explosion, Explosion),
+            vanishing=check_instance("vanishing", self.vanishing, Vanishing, Vanishing),
+        )
 
     @classmethod
     def configure(
@@ -124,8 +123,8 @@ class Guard:
             on_nonfinite=on_nonfinite,
             on_explosion=on_explosion,
             on_vanishing=on_vanishing,
-            explosion=explosion or Explosion(),
-            vanishing=vanishing or Vanishing(),
+            explosion=explosion,  # None: the default settings (checked in __post_init__)
+            vanishing=vanishing,
         )
 
     @cached_property

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch import keys
+from gradwatch.checks import OFF, check_count
 from gradwatch.grouping import Grouping
 from gradwatch.record import Histogram, Record, Sink
 from gradwatch.stats import StepSummary, TensorStats, aggregate, global_norm
@@ -17,27 +18,7 @@ __all__ = [
     "Monitor",
     "build_histogram_record",
     "build_record",
-    "check_count",
-    "check_flag",
 ]
-
-
-def check_count(name: str, value: object, *, allow_zero: bool = False) -> int:
-    """Validate an argument that counts steps; ``allow_zero`` lets 0 mean "never"."""
-    smallest = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int >= {smallest}. Received: {name}={value!r}")
-    if value < smallest:
-        meaning = " (0 turns it off)" if allow_zero else ""
-        raise ValueError(f"`{name}` must be >= {smallest}{meaning}. Received: {name}={value!r}")
-    return int(value)
-
-
-def check_flag(name: str, value: object) -> bool:
-    """Validate a True/False argument."""
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False. Received: {name}={value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -57,8 +38,12 @@ class Cadence:
     histogram_every_n_steps: int = 0
 
     def __post_init__(self) -> None:
-        check_count("log_every_n_steps", self.log_every_n_steps)
-        check_count("histogram_every_n_steps", self.histogram_every_n_steps, allow_zero=True)
+        every = check_count("log_every_n_steps", self.log_every_n_steps)
+        histograms = check_count(
+            "histogram_every_n_steps", self.histogram_every_n_steps, smallest=0, meaning=OFF
+        )
+        object.__setattr__(self, "log_every_n_steps", every)
+        object.__setattr__(self, "histogram_every_n_steps", histograms)
 
     def logs(self, count: int) -> bool:
         return _due(count, self.log_every_n_steps)

@@ -20,9 +20,9 @@ import importlib.util
 import warnings
 
 from gradwatch import keys
+from gradwatch.checks import check_flag
 from gradwatch.flow import FlowHistory, FlowMatrix
 from gradwatch.layout import Layout, default_layout
-from gradwatch.monitor import check_flag
 from gradwatch.record import Image, Record
 
 __all__ = ["FlowPictures"]
@@ -65,8 +65,7 @@ class FlowPictures:
         max_columns: int = 512,
         background: bool = True,
     ) -> None:
-        if not isinstance(images, bool):
-            raise TypeError(f"`images` must be True or False. Received: images={images!r}")
+        images = check_flag("images", images)
         if layout is not None and not isinstance(layout, Layout):
             raise TypeError(f"`layout` must be a Layout or None. Received: layout={layout!r}")
         if images and importlib.util.find_spec("matplotlib") is None:

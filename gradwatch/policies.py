@@ -16,6 +16,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+from gradwatch.checks import (
+    check_choice,
+    check_count,
+    check_positive,
+    check_real,
+    did_you_mean,
+    set_fields,
+)
 from gradwatch.namespace import namespace_of
 
 __all__ = [
@@ -25,6 +33,7 @@ __all__ = [
     "ClipByNorm",
     "ClipByValue",
     "ClipStats",
+    "MAX_HISTORY",
     "Policy",
     "ZClip",
     "as_policy",
@@ -32,6 +41,9 @@ __all__ = [
 
 Array = Any
 _TINY = 1e-12
+
+MAX_HISTORY = 10_000_000
+"""The most norms :class:`AutoClip` keeps: 40 MB of float32, sorted at every step."""
 
 
 class ClipStats(NamedTuple):
@@ -60,18 +72,9 @@ class EmptyState(NamedTuple):
     """State of a policy that keeps none."""
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a positive number. Received: {name}={value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive finite number. Received: {name}={value!r}")
-    return float(value)
-
-
-def _count(name: str, value: object, smallest: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-        raise ValueError(f"`{name}` must be an int >= {smallest}. Received: {name}={value!r}")
-    return value
+def _positive_as_given(name: str, value: object) -> int | float:
+    """A positive finite number, an int kept an int (a configuration prints as it was written)."""
+    return check_real(name, value, "a positive finite number", lambda v: v > 0)
 
 
 def _scale_to(xp: Any, norm: Array, threshold: Array) -> Array:
@@ -105,7 +108,7 @@ class ClipByNorm:
     max_norm: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "max_norm", _positive("max_norm", self.max_norm))
+        set_fields(self, max_norm=check_positive("max_norm", self.max_norm))
 
     def init(self, like: Array) -> EmptyState:
         return EmptyState()
@@ -127,7 +130,7 @@ class ClipByValue:
     max_value: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "max_value", _positive("max_value", self.max_value))
+        set_fields(self, max_value=check_positive("max_value", self.max_value))
 
     def init(self, like: Array) -> EmptyState:
         return EmptyState()
@@ -169,11 +172,9 @@ class AutoClip:
     history: int = 1000
 
     def __post_init__(self) -> None:
-        p = self.percentile
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:
-            raise ValueError(f"`percentile` must be in (0, 100]. Received: percentile={p!r}")
-        object.__setattr__(self, "percentile", float(p))
-        _count("history", self.history, 1)
+        p = check_real("percentile", self.percentile, "in (0, 100]", lambda p: 0 < p <= 100)
+        history = check_count("history", self.history, largest=MAX_HISTORY)
+        set_fields(self, percentile=float(p), history=history)
 
     def init(self, like: Array) -> AutoClipState:
         xp = namespace_of(like)
@@ -265,15 +266,14 @@ class ZClip:
     mode: Literal["zscore", "percentile"] = "zscore"
 
     def __post_init__(self) -> None:
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
-            raise ValueError(f"`alpha` must be in (0, 1). Received: alpha={a!r}")
-        _positive("z_threshold", self.z_threshold)
-        _count("warmup_steps", self.warmup_steps, 1)
-        _positive("eps", self.eps)
-        if self.mode not in _ZCLIP_MODES:
-            allowed = ", ".join(repr(m) for m in _ZCLIP_MODES)
-            raise ValueError(f"`mode` must be one of {allowed}. Received: mode={self.mode!r}")
+        set_fields(
+            self,
+            alpha=check_real("alpha", self.alpha, "in (0, 1)", lambda a: 0 < a < 1),
+            z_threshold=_positive_as_given("z_threshold", self.z_threshold),
+            warmup_steps=check_count("warmup_steps", self.warmup_steps),
+            eps=_positive_as_given("eps", self.eps),
+            mode=check_choice("mode", self.mode, _ZCLIP_MODES),
+        )
 
     def init(self, like: Array) -> ZClipState:
         zero = _scalar(like, 0.0)
@@ -341,8 +341,8 @@ class AGC:
     eps: float = 1e-3
 
     def __post_init__(self) -> None:
-        _positive("clipping", self.clipping)
-        _positive("eps", self.eps)
+        clipping = _positive_as_given("clipping", self.clipping)
+        set_fields(self, clipping=clipping, eps=_positive_as_given("eps", self.eps))
 
     def init(self, like: Array) -> EmptyState:
         return EmptyState()
@@ -361,13 +361,25 @@ POLICIES = (ClipByNorm, ClipByValue, AutoClip, ZClip, AGC)
 
 
 def as_policy(clip: object) -> Policy | None:
-    """The ``clip=`` argument of the callbacks: a policy, a float (``ClipByNorm``), or None."""
+    """The ``clip=`` argument of the callbacks: a policy, a float (``ClipByNorm``), or None.
+
+    A policy class passed without calling it gets a hint.
+
+    Example:
+        >>> as_policy(AutoClip)
+        Traceback (most recent call last):
+        ...
+        TypeError: `clip` must be None, a positive float (the max global norm), or one of \
+ClipByNorm, ClipByValue, AutoClip, ZClip, AGC. Received: clip=<class \
+'gradwatch.policies.AutoClip'>; did you mean AutoClip()?
+    """
     if clip is None or isinstance(clip, POLICIES):
         return clip  # type: ignore[return-value]
-    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
-        return ClipByNorm(float(clip))
     names = ", ".join(p.__name__ for p in POLICIES)
-    raise TypeError(
-        f"`clip` must be None, a float (max global norm), or one of {names}."
-        f" Received: clip={clip!r}"
-    )
+    allowed = f"None, a positive float (the max global norm), or one of {names}"
+    try:
+        max_norm = check_real("clip", clip, allowed, lambda v: v > 0)
+    except TypeError:
+        hint = did_you_mean(clip, POLICIES)
+        raise TypeError(f"`clip` must be {allowed}. Received: clip={clip!r}{hint}") from None
+    return ClipByNorm(float(max_norm))

@@ -25,9 +25,9 @@ from typing import Any
 import keras
 
 from gradwatch.detectors import Explosion, Vanishing
-from gradwatch.grouping import ROOT, Grouping, check_group_by
-from gradwatch.guard import Guard
-from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
+from gradwatch.grouping import ROOT, Grouping
+from gradwatch.monitor import Cadence, Monitor
+from gradwatch.options import check_options
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Sink
@@ -68,7 +68,7 @@ class GradWatch(keras.callbacks.Callback):
             ``grad_to_param`` and ``update_to_param``, are taken after the step's update: read
             before it, the weights would be copied at every step inside XLA. The update itself
             is measured against a copy of the weights from before it.)
-        histogram_bins: buckets per histogram.
+        histogram_bins: buckets per histogram (at most 10,000).
         clip: ``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``, ``AGC``, a float for
             ``ClipByNorm(float)``, or None. Taken on the aggregated gradient under
             ``tf.distribute``. For ``AGC`` a unit is a slice along a weight's last axis.
@@ -104,17 +104,30 @@ class GradWatch(keras.callbacks.Callback):
         sinks: tuple[Sink, ...] | list[Sink] = (),
     ) -> None:
         super().__init__()
-        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-            raise TypeError(f"`log_dir` must be a path or None. Received: log_dir={log_dir!r}")
-        self.log_dir = log_dir if log_dir is None else os.fspath(log_dir)
-        self.cadence = Cadence(log_every_n_steps, histogram_every_n_steps)
-        self.group_by = check_group_by(group_by, _RULES, "variable path")
-        self.track_update_ratio = check_flag("track_update_ratio", track_update_ratio)
-        self.histogram_bins = check_count("histogram_bins", histogram_bins)
-        self.guard = Guard.configure(
-            clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
+        options = check_options(
+            log_dir=log_dir,
+            log_every_n_steps=log_every_n_steps,
+            histogram_every_n_steps=histogram_every_n_steps,
+            group_by=group_by,
+            track_update_ratio=track_update_ratio,
+            histogram_bins=histogram_bins,
+            clip=clip,
+            on_nonfinite=on_nonfinite,
+            on_explosion=on_explosion,
+            on_vanishing=on_vanishing,
+            explosion=explosion,
+            vanishing=vanishing,
+            sinks=sinks,
+            group_rules=_RULES,
+            group_member="variable path",
         )
-        self.extra_sinks = tuple(sinks)
+        self.log_dir = options.log_dir
+        self.cadence = options.cadence()
+        self.group_by = options.group_by
+        self.track_update_ratio = options.track_update_ratio
+        self.histogram_bins = options.histogram_bins
+        self.guard = options.guard
+        self.extra_sinks = options.sinks
         self.grouping: Grouping | None = None
         self.reporter: Reporter | None = None
         self._capture: Any = None

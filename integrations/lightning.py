@@ -28,10 +28,10 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from gradwatch.detectors import Explosion, Vanishing
-from gradwatch.grouping import GroupBy, check_group_by
-from gradwatch.guard import Guard
+from gradwatch.grouping import GroupBy
 from gradwatch.integrations.torch import TorchEngine
-from gradwatch.monitor import Cadence, Monitor, check_count, check_flag
+from gradwatch.monitor import Cadence, Monitor
+from gradwatch.options import check_options
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Record, Sink
@@ -82,12 +82,6 @@ class _WithoutScalars:
         self.sink.close()
 
 
-def _check_log_dir(log_dir: object) -> str | None:
-    if log_dir is None or isinstance(log_dir, (str, os.PathLike)):
-        return None if log_dir is None else os.fspath(log_dir)
-    raise TypeError(f"`log_dir` must be a path or None. Received: log_dir={log_dir!r}")
-
-
 class GradWatch(Callback):
     """Watch gradient flow: per-group gradient statistics in every logger and in TensorBoard.
 
@@ -104,7 +98,7 @@ class GradWatch(Callback):
             ``trainer.log_dir``), so TensorBoard shows it as a run beside the user's own.
         track_update_ratio: also log ``update_to_param/<group>`` (needs a copy of the
             parameters at logging steps).
-        histogram_bins: buckets per histogram.
+        histogram_bins: buckets per histogram (at most 10,000).
         clip: a clipping policy (``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``,
             ``AGC``), a float for ``ClipByNorm(float)``, or None.
         on_nonfinite, on_explosion: ``"warn"`` (default), ``"skip"`` (drop the optimizer step:
@@ -140,19 +134,28 @@ class GradWatch(Callback):
         explosion: Explosion | None = None,
         vanishing: Vanishing | None = None,
     ) -> None:
-        if log_every_n_steps is not None:
-            check_count("log_every_n_steps", log_every_n_steps)
-        self.log_every_n_steps = log_every_n_steps
-        self.histogram_every_n_steps = check_count(
-            "histogram_every_n_steps", histogram_every_n_steps, allow_zero=True
+        options = check_options(
+            log_every_n_steps=log_every_n_steps,
+            histogram_every_n_steps=histogram_every_n_steps,
+            group_by=group_by,
+            log_dir=log_dir,
+            track_update_ratio=track_update_ratio,
+            histogram_bins=histogram_bins,
+            clip=clip,
+            on_nonfinite=on_nonfinite,
+            on_explosion=on_explosion,
+            on_vanishing=on_vanishing,
+            explosion=explosion,
+            vanishing=vanishing,
+            default_log_every="the Trainer's log_every_n_steps",
         )
-        self.group_by = check_group_by(group_by)
-        self.log_dir = _check_log_dir(log_dir)
-        self.track_update_ratio = check_flag("track_update_ratio", track_update_ratio)
-        self.histogram_bins = check_count("histogram_bins", histogram_bins)
-        self.guard = Guard.configure(
-            clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
-        )
+        self.log_every_n_steps = options.log_every_n_steps
+        self.histogram_every_n_steps = options.histogram_every_n_steps
+        self.group_by = options.group_by
+        self.log_dir = options.log_dir
+        self.track_update_ratio = options.track_update_ratio
+        self.histogram_bins = options.histogram_bins
+        self.guard = options.guard
         self.engine: TorchEngine | None = None
         self.reporter: Reporter | None = None
         self._loaded_state: dict[str, Any] | None = None

@@ -32,19 +32,16 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from gradwatch import keys
+from gradwatch.checks import check_instance
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy, Grouping
 from gradwatch.guard import Guard
 from gradwatch.integrations._shards import ShardReducer, has_dtensors, local
 from gradwatch.integrations._torch_guard import GuardRun, TorchGuard, view
-from gradwatch.monitor import (
-    Cadence,
-    Monitor,
-    build_histogram_record,
-    build_record,
-    check_count,
-)
+from gradwatch.monitor import Cadence, Monitor, build_histogram_record, build_record
+from gradwatch.options import check_histogram_bins, check_options
 from gradwatch.pictures import FlowPictures
+from gradwatch.policies import Policy
 from gradwatch.record import Histogram, Record, Sink
 from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import TensorBoardSink
@@ -171,7 +168,7 @@ class TorchEngine:
             of the parameters from before the step until after it).
         label_optimizers: name whole-model tags by optimizer index even for the first
             optimizer (the second and later always are).
-        histogram_bins: buckets per histogram.
+        histogram_bins: buckets per histogram (at most 10,000).
         guard: detectors, their actions and a clipping policy (default: warn on every kind,
             no clipping).
     """
@@ -194,7 +191,7 @@ class TorchEngine:
         self.cadence = cadence or Cadence()
         self.track_update_ratio = track_update_ratio
         self.label_optimizers = label_optimizers
-        self.histogram_bins = check_count("histogram_bins", histogram_bins)
+        self.histogram_bins = check_histogram_bins(histogram_bins)
         self.scaler = scaler
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._optimizers: dict[int, _OptimizerState] = {}
@@ -567,6 +564,7 @@ class TorchGradWatch:
         histogram_every_n_steps: optimizer steps between histograms (0: none).
         group_by: see :class:`TorchEngine`.
         track_update_ratio: see :class:`TorchEngine`.
+        histogram_bins: buckets per histogram (at most 10,000).
         sinks: extra sinks (for example a :class:`gradwatch.sinks.MemorySink`).
         scaler: the ``torch.amp.GradScaler`` of the loop, if any. The steps it drops itself
             (its overflow checks) are counted (``amp/skipped_steps``), never reported as
@@ -590,33 +588,47 @@ class TorchGradWatch:
         histogram_every_n_steps: int = 0,
         group_by: GroupBy = "module",
         track_update_ratio: bool = False,
+        histogram_bins: int = 30,
         sinks: Sequence[Sink] = (),
         scaler: torch.amp.GradScaler | None = None,
-        clip: object = None,
+        clip: Policy | float | None = None,
         on_nonfinite: str = "warn",
         on_explosion: str = "warn",
         on_vanishing: str = "warn",
         explosion: Explosion | None = None,
         vanishing: Vanishing | None = None,
     ) -> None:
-        guard = Guard.configure(
-            clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module. Received: model={model!r}")
+        options = check_options(
+            log_dir=log_dir,
+            log_every_n_steps=log_every_n_steps,
+            histogram_every_n_steps=histogram_every_n_steps,
+            group_by=group_by,
+            track_update_ratio=track_update_ratio,
+            histogram_bins=histogram_bins,
+            sinks=sinks,
+            clip=clip,
+            on_nonfinite=on_nonfinite,
+            on_explosion=on_explosion,
+            on_vanishing=on_vanishing,
+            explosion=explosion,
+            vanishing=vanishing,
         )
-        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-            raise TypeError(
-                f"`scaler` must be a torch.amp.GradScaler or None. Received: scaler={scaler!r}"
-            )
+        scaler = check_instance("scaler", scaler, torch.amp.GradScaler, lambda: None)
+        cadence = options.cadence()
         self.engine = TorchEngine(
             model.named_parameters(),
-            group_by=group_by,
-            cadence=Cadence(log_every_n_steps, histogram_every_n_steps),
-            track_update_ratio=track_update_ratio,
-            guard=guard,
+            group_by=options.group_by,
+            cadence=cadence,
+            track_update_ratio=options.track_update_ratio,
+            histogram_bins=options.histogram_bins,
+            guard=options.guard,
             scaler=scaler,
         )
-        outputs = [TensorBoardSink(log_dir)] if log_dir is not None else []
-        pictures = FlowPictures(images=histogram_every_n_steps > 0)
-        self.reporter = Reporter(Monitor([*outputs, *sinks], pictures=pictures))
+        outputs = [] if options.log_dir is None else [TensorBoardSink(options.log_dir)]
+        pictures = FlowPictures(images=cadence.histogram_every_n_steps > 0)
+        self.reporter = Reporter(Monitor([*outputs, *options.sinks], pictures=pictures))
 
     @property
     def events(self) -> list[dict]:

@@ -218,11 +218,11 @@ def test_resume_continues_with_the_same_autoclip_threshold(tmp_path):
             r"`on_explosion` must be one of 'warn', 'skip', 'stop', 'ignore'",
         ),
         ({"on_nonfinite": None}, ValueError, r"`on_nonfinite` must be one of"),
-        ({"clip": "auto"}, TypeError, r"`clip` must be None, a float .* Received: clip='auto'"),
+        ({"clip": "auto"}, TypeError, r"`clip` must be None, a positive float .* clip='auto'"),
         (
             {"clip": -1.0},
             ValueError,
-            r"`max_norm` must be a positive finite number. Received: max_norm=-1.0",
+            r"`clip` must be None, a positive float .* Received: clip=-1.0",
         ),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -12,10 +13,20 @@ import numpy as np
 import pytest
 
 from gradwatch import keys
+from gradwatch.checks import (
+    check_choice,
+    check_count,
+    check_flag,
+    check_path,
+    check_positive,
+    check_real,
+    check_sinks,
+)
 from gradwatch.grouping import Grouping, check_group_by
 from gradwatch.monitor import Cadence, build_histogram_record, build_record
 from gradwatch.record import Histogram
 from gradwatch.reporting import GradWatchWarning
+from gradwatch.sinks import MemorySink
 from gradwatch.stats import (
     StepSummary,
     TensorStats,
@@ -31,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_importing_gradwatch_loads_no_framework():
     code = (
         "import sys, gradwatch, gradwatch.keys, gradwatch.stats, gradwatch.monitor,"
-        " gradwatch.sinks, gradwatch.grouping, gradwatch.record\n"
+        " gradwatch.sinks, gradwatch.grouping, gradwatch.record, gradwatch.options\n"
         "loaded = [m for m in ('torch', 'tensorflow', 'keras', 'jax', 'lightning')"
         " if m in sys.modules]\n"
         "print(','.join(loaded))"
@@ -122,10 +133,47 @@ def test_cadence_and_its_validation():
     cadence = Cadence(log_every_n_steps=3, histogram_every_n_steps=0)
     assert [k for k in range(7) if cadence.logs(k)] == [0, 2, 5]  # as Lightning: (k + 1) % n
     assert not any(cadence.histograms(k) for k in range(7))
-    with pytest.raises(ValueError, match=r"`log_every_n_steps` must be >= 1. Received: .*=0"):
+    with pytest.raises(
+        ValueError, match=r"`log_every_n_steps` must be an int >= 1. Received: .*=0"
+    ):
         Cadence(log_every_n_steps=0)
     with pytest.raises(TypeError, match=r"`histogram_every_n_steps` must be an int"):
         Cadence(histogram_every_n_steps=2.5)
+    numpy = Cadence(np.int64(4), histogram_every_n_steps=np.int64(5))  # accepted as 4 and 5
+    assert numpy == Cadence(4, 5) and repr(numpy) == repr(Cadence(4, 5))
+    assert type(numpy.histogram_every_n_steps) is int
+
+
+@pytest.mark.parametrize(
+    ("check", "error", "message"),
+    [
+        (lambda: check_count("n", True), TypeError, "`n` must be an int >= 1. Received: n=True"),
+        (lambda: check_count("n", np.float64(2)), TypeError, "Received: n=np.float64(2.0)"),
+        (lambda: check_count("n", -1, smallest=0), ValueError, "an int >= 0. Received: n=-1"),
+        (lambda: check_count("n", 11, largest=10), ValueError, "an int from 1 to 10. Received"),
+        (lambda: check_count("n", 2**63), ValueError, f"an int from 1 to {2**63 - 1}. Received"),
+        (lambda: check_flag("on", 1), TypeError, "`on` must be True or False. Received: on=1"),
+        (lambda: check_real("x", "1", "> 0", bool), TypeError, "`x` must be > 0. Received"),
+        (lambda: check_real("x", math.inf, "> 0", bool), ValueError, "Received: x=inf"),
+        (lambda: check_positive("x", 0), ValueError, "`x` must be a positive finite number."),
+        (lambda: check_choice("a", "b", ("c",)), ValueError, "`a` must be one of 'c'. Received"),
+        (lambda: check_path("p", 3), TypeError, "`p` must be a path or None. Received: p=3"),
+    ],
+)
+def test_argument_checks_name_the_argument(check, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        check()
+
+
+def test_argument_checks_return_python_values():
+    assert check_count("n", np.uint8(3)) == 3 and type(check_count("n", np.uint8(3))) is int
+    assert check_flag("on", np.bool_(False)) is False
+    assert type(check_real("x", np.float32(0.5), "> 0", lambda v: v > 0)) is float
+    assert type(check_real("x", np.int16(2), "> 0", lambda v: v > 0)) is int
+    assert (
+        check_path("p", Path("a") / "b") == str(Path("a") / "b") and check_path("p", None) is None
+    )
+    assert check_sinks("sinks", [MemorySink()])[0].records == []
 
 
 @pytest.mark.parametrize("logs, histograms", [(1, 0), (3, 0), (4, 6), (5, 2), (7, 7)])

@@ -313,6 +313,37 @@ def test_allowed_actions_are_accepted():
     assert check_action("vanishing", "stop") == "stop"
     with pytest.raises(TypeError, match="`explosion` must be an Explosion"):
         Guard(explosion=Vanishing())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=re.escape("Received: explosion=0")):  # not the default
+        Guard(explosion=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=re.escape("vanishing=[]")):
+        Guard(vanishing=[])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=re.escape("; did you mean Vanishing()?")):
+        Guard(vanishing=Vanishing)  # type: ignore[arg-type]
+    assert Guard(explosion=None).explosion == Explosion()  # None: the default settings
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: Explosion(factor=1), ValueError, "`factor` must be a number > 1. Received"),
+        (lambda: Explosion(warmup_steps=2.0), TypeError, "`warmup_steps` must be an int >= 1."),
+        (lambda: Explosion(beta=1), ValueError, "`beta` must be in (0, 1). Received: beta=1"),
+        (lambda: Explosion(max_norm=0), ValueError, "`max_norm` must be None or a number > 0."),
+        (lambda: Explosion(accept_after=1), ValueError, "an int >= 2 (or None: never)."),
+        (lambda: Vanishing(floor=-1), ValueError, "`floor` must be a number >= 0. Received"),
+        (lambda: Vanishing(ratio="0"), TypeError, "`ratio` must be in [0, 1). Received"),
+        (lambda: Vanishing(patience=0), ValueError, "`patience` must be an int >= 1. Received"),
+    ],
+)
+def test_bad_detector_settings_fail_naming_the_argument(make, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        make()
+
+
+def test_numpy_numbers_configure_a_detector_as_python_numbers():
+    explosion = Explosion(factor=np.float32(4.0), warmup_steps=np.int64(5), accept_after=np.int8(3))
+    assert repr(explosion) == repr(Explosion(factor=4.0, warmup_steps=5, accept_after=3))
+    assert repr(Vanishing(patience=np.int64(3))) == repr(Vanishing(patience=3))
 
 
 def test_ignored_kinds_are_not_evaluated():

@@ -10,6 +10,7 @@ pytest.importorskip("keras")
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -20,8 +21,10 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from _arguments import COMMON, NUMPY, SINKS
 from gradwatch.integrations.keras import GradWatch
-from gradwatch.policies import AGC, AutoClip, ClipByValue, ZClip
+from gradwatch.monitor import Cadence
+from gradwatch.policies import AGC, AutoClip, ClipByNorm, ClipByValue, ZClip
 from gradwatch.reporting import GradWatchWarning
 from gradwatch.sinks import MemorySink
 
@@ -428,21 +431,34 @@ def test_a_fit_that_raises_leaves_the_next_fit_without_gradwatch_clean(tmp_path)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "message"),
     [
-        ({"on_explosion": "explode"}, "on_explosion"),
-        ({"on_vanishing": "skip"}, "on_vanishing"),
-        ({"log_every_n_steps": 0}, "log_every_n_steps"),
-        ({"group_by": "module"}, "group_by"),
-        ({"clip": "yes"}, "clip"),
-        ({"clip": AutoClip}, "clip"),
-        ({"log_dir": 3}, "log_dir"),
-        ({"track_update_ratio": "yes"}, "track_update_ratio"),
+        *COMMON,
+        *SINKS,
+        (
+            {"log_every_n_steps": 0},
+            ValueError,
+            "`log_every_n_steps` must be an int >= 1. Received: log_every_n_steps=0",
+        ),
+        ({"log_every_n_steps": None}, TypeError, "Received: log_every_n_steps=None"),
+        (
+            {"group_by": "module"},
+            ValueError,
+            "`group_by` must be one of 'layer', 'variable', or a callable from variable path"
+            " to group name. Received: group_by='module'",
+        ),
     ],
 )
-def test_bad_arguments_fail_at_construction(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_bad_arguments_fail_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         GradWatch(**kwargs)
+
+
+def test_numpy_numbers_are_accepted_as_python_numbers():
+    watch = GradWatch(**NUMPY)
+    assert watch.cadence == Cadence(5, 10) and type(watch.cadence.log_every_n_steps) is int
+    assert watch.histogram_bins == 7 and type(watch.histogram_bins) is int
+    assert watch.track_update_ratio is True and watch.guard.policy == ClipByNorm(0.5)
 
 
 # -- distribution and backends (fresh processes: devices and backends are fixed per process) --

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -245,7 +246,14 @@ def test_agc_caps_every_unit():
             lambda: AutoClip(percentile=-5.0),
             r"`percentile` must be in \(0, 100\]. Received: percentile=-5.0",
         ),
-        (lambda: AutoClip(history=0), r"`history` must be an int >= 1. Received: history=0"),
+        (
+            lambda: AutoClip(history=0),
+            r"`history` must be an int from 1 to 10000000. Received: history=0",
+        ),
+        (  # would need terabytes: refused at construction, not when the state is made
+            lambda: AutoClip(history=10**12),
+            r"`history` must be an int from 1 to 10000000. Received: history=1000000000000",
+        ),
         (lambda: ClipByNorm(0.0), r"`max_norm` must be a positive finite number. Received"),
         (lambda: ClipByValue(float("inf")), r"`max_value` must be a positive finite number"),
         (lambda: ZClip(alpha=1.0), r"`alpha` must be in \(0, 1\). Received: alpha=1.0"),
@@ -265,7 +273,23 @@ def test_clip_argument_shortcuts():
     assert as_policy(None) is None
     assert as_policy(1.5) == ClipByNorm(1.5)
     assert as_policy(AutoClip()) == AutoClip()
-    with pytest.raises(TypeError, match=r"`clip` must be None, a float .* Received: clip='x'"):
+    assert as_policy(np.float32(2.0)) == ClipByNorm(2.0)
+    with pytest.raises(TypeError, match=r"`clip` must be None, a positive float .* clip='x'$"):
         as_policy("x")
+    with pytest.raises(ValueError, match=r"`clip` must be None, a positive float .* clip=-1$"):
+        as_policy(-1)  # named as passed, not as ClipByNorm's `max_norm`
+    with pytest.raises(TypeError, match=re.escape("clip=<class 'gradwatch.policies.ZClip'>;")):
+        as_policy(ZClip)
+    with pytest.raises(TypeError, match=re.escape("; did you mean AutoClip()?")):
+        as_policy(AutoClip)
     with pytest.raises(TypeError):
         ClipByNorm("1")  # type: ignore[arg-type]
+
+
+def test_numpy_numbers_configure_a_policy_as_python_numbers():
+    policy = AutoClip(percentile=np.float32(25.0), history=np.int64(16))
+    assert policy == AutoClip(25.0, 16) and repr(policy) == repr(AutoClip(25.0, 16))
+    assert type(policy.history) is int
+    zclip = ZClip(alpha=np.float64(0.9), warmup_steps=np.int32(3), z_threshold=np.int8(2))
+    assert repr(zclip) == repr(ZClip(alpha=0.9, warmup_steps=3, z_threshold=2))
+    assert repr(AGC(clipping=np.float32(0.5))) == repr(AGC(clipping=0.5))

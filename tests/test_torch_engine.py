@@ -7,12 +7,14 @@ import pytest
 pytest.importorskip("torch")
 
 import contextlib
+import re
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
+from _arguments import COMMON, NUMPY, SINKS
 from gradwatch.detectors import Explosion
 from gradwatch.integrations.torch import TorchEngine, TorchGradWatch
 from gradwatch.monitor import Cadence
@@ -169,6 +171,67 @@ def test_histogram_counts_match_numpy():
     assert hist.sum == pytest.approx(finite.sum(), rel=1e-5)
     assert record.scalars["grad_nonfinite/0.weight"] == 1.0
     assert np.isnan(record.scalars["grad_norm/0.weight"])
+
+
+def test_plain_loop_takes_histogram_bins():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = MemorySink()
+    with TorchGradWatch(
+        model, log_dir=None, histogram_every_n_steps=1, histogram_bins=7, sinks=[sink]
+    ) as watch:
+        nn.functional.mse_loss(model(torch.randn(16, 6)), torch.randn(16, 1)).backward()
+        watch.before_optimizer_step(optimizer)
+        optimizer.step()
+        watch.after_optimizer_step()
+    (record,) = [r for r in sink.records if r.histograms]
+    assert set(record.histograms) == {"grad_hist/0", "grad_hist/2", "grad_hist/4"}
+    for hist in record.histograms.values():
+        assert len(hist.counts) == len(hist.bucket_limits) == 7
+    assert record.histograms["grad_hist/0"].num == 6 * 8 + 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        *COMMON,
+        *SINKS,
+        (
+            {"log_every_n_steps": 0},
+            ValueError,
+            "`log_every_n_steps` must be an int >= 1. Received: log_every_n_steps=0",
+        ),
+        (
+            {"group_by": "layer"},
+            ValueError,
+            "`group_by` must be one of 'module', 'parameter', or a callable from parameter name"
+            " to group name. Received: group_by='layer'",
+        ),
+        (
+            {"scaler": 1},
+            TypeError,
+            "`scaler` must be a GradScaler or None. Received: scaler=1",
+        ),
+        ({"scaler": torch.amp.GradScaler}, TypeError, "; did you mean GradScaler()?"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        TorchGradWatch(make_model(), **{"log_dir": None, **kwargs})
+
+
+def test_bad_model_fails_at_construction():
+    with pytest.raises(TypeError, match=re.escape("`model` must be a torch.nn.Module.")):
+        TorchGradWatch("net", log_dir=None)  # type: ignore[arg-type]
+
+
+def test_numpy_numbers_are_accepted_as_python_numbers():
+    watch = TorchGradWatch(make_model(), log_dir=None, **NUMPY)
+    engine = watch.engine
+    assert engine.cadence == Cadence(5, 10) and type(engine.cadence.log_every_n_steps) is int
+    assert engine.histogram_bins == 7 and type(engine.histogram_bins) is int
+    assert engine.track_update_ratio is True
+    assert engine.guard.guard.policy == ClipByNorm(0.5)
 
 
 @contextlib.contextmanager
