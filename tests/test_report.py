@@ -7,9 +7,11 @@ import pytest
 pytest.importorskip("matplotlib")
 
 import base64
+import io
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,8 @@ from test_pictures import GROUPS, SPIKE, synthetic_scalars
 from gradwatch import keys
 from gradwatch.record import Record
 from gradwatch.report import main, report
+from gradwatch.report.output import ReportError
+from gradwatch.report.progress import ByteProgress
 from gradwatch.report.reader import read_runs
 from gradwatch.reporting import events_markdown
 from gradwatch.sinks import TensorBoardSink
@@ -145,3 +149,20 @@ def test_console_script_and_module_entry_point(log_dir, tmp_path):
         assert done.returncode == 0, done.stderr
         assert "reading" in done.stderr and "100" in done.stderr  # the progress bar
         assert output.read_text().count("data:image/png;base64,") == 3
+
+
+def test_progress_shows_no_time_left_before_it_has_a_rate():
+    with ByteProgress(1_000_000, stream=io.StringIO()) as progress:
+        time.sleep(0.5)  # TensorBoard's reader importing TensorFlow
+        progress(1_000)
+        assert progress.bar.format_dict["elapsed"] < 0.5  # the clock starts at the first bytes
+        assert "<" not in str(progress.bar)  # no time left at 0.1%
+        progress(100_000)
+        assert "<" in str(progress.bar)  # [elapsed<remaining, rate] from 5% on
+
+
+def test_progress_is_tqdm_only(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with pytest.raises(ReportError, match=r"needs tqdm: pip install 'gradwatch\[report\]'"):
+        ByteProgress(10)
+    assert ByteProgress(10, quiet=True).bar is None
