@@ -52,6 +52,18 @@ def log_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """40 steps of 3 groups and the global norm: no clipping scalars, no detections."""
+    root = tmp_path_factory.mktemp("small")
+    with TensorBoardSink(root / "run") as sink:
+        for step in range(40):
+            scalars = {keys.group_tag(keys.GRAD_NORM, g): 1.0 + step for g in ("a", "b", "c")}
+            scalars[keys.total_tag(keys.GLOBAL)] = 2.0 + step
+            sink.write(Record(step, scalars=scalars))
+    return root
+
+
 def test_the_reader_keeps_depth_order_series_and_events(log_dir):
     (run,) = read_runs(log_dir)
     assert run.name == "run_a" and run.history.groups == tuple(GROUPS)
@@ -149,6 +161,18 @@ def test_console_script_and_module_entry_point(log_dir, tmp_path):
         assert done.returncode == 0, done.stderr
         assert "reading" in done.stderr and "100" in done.stderr  # the progress bar
         assert output.read_text().count("data:image/png;base64,") == 3
+
+
+def test_captions_name_only_what_the_timeline_draws(small_run, log_dir, tmp_path):
+    (plain,) = report(small_run, tmp_path / "plain.html", quiet=True)
+    caption = re.findall("<figcaption>(.*?)</figcaption>", plain.read_text())[0]
+    assert caption == "Global gradient norm over time."  # no clip scalars, no detections
+    (full,) = report(log_dir, tmp_path / "full.html", quiet=True)
+    caption = re.findall("<figcaption>(.*?)</figcaption>", full.read_text())[0]
+    assert caption == (
+        "Global gradient norm over time, with the clip threshold, the norm after clipping and "
+        "detections marked."
+    )
 
 
 def test_progress_shows_no_time_left_before_it_has_a_rate():

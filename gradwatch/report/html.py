@@ -7,6 +7,7 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 
+from gradwatch.report.figures import captions
 from gradwatch.report.reader import Run
 from gradwatch.report.risk import GroupRisk
 
@@ -23,12 +24,6 @@ p.stopped { color: #b00020; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code { font-size: 0.95em; }
 """
-_CAPTIONS = {
-    "timeline": "Global gradient norm over time, with the clip threshold and detections marked.",
-    "heatmap": "Gradient flow: log10 gradient norm of every group (rows, input to output) at "
-    "every logged step. Black: zero; red: NaN/Inf; grey: not logged.",
-    "depth_profile": "Depth profile: gradient norm and gradient/parameter norm per group.",
-}
 
 
 def page(
@@ -62,11 +57,12 @@ def page(
         ]
         if run.stopped:
             parts.append(f'<p class="stopped">gradwatch {_e(run.stopped)}.</p>')
+        texts = captions(run)
         for name, png in figures[run.name].items():
             encoded = base64.b64encode(png).decode("ascii")
             parts.append(
                 f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
-                f"<figcaption>{_e(_CAPTIONS.get(name, name))}</figcaption></figure>"
+                f"<figcaption>{_e(texts.get(name, name))}</figcaption></figure>"
             )
         parts += [
             "<h3>Detections</h3>",
