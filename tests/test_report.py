@@ -8,7 +8,9 @@ pytest.importorskip("matplotlib")
 
 import base64
 import io
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +20,10 @@ import numpy as np
 from test_pictures import GROUPS, SPIKE, synthetic_scalars
 
 from gradwatch import keys
+from gradwatch.plots import png_bytes, timeline
 from gradwatch.record import Record
 from gradwatch.report import main, report
+from gradwatch.report.html import HEAD
 from gradwatch.report.output import ReportError
 from gradwatch.report.progress import ByteProgress
 from gradwatch.report.reader import read_runs
@@ -161,6 +165,109 @@ def test_console_script_and_module_entry_point(log_dir, tmp_path):
         assert done.returncode == 0, done.stderr
         assert "reading" in done.stderr and "100" in done.stderr  # the progress bar
         assert output.read_text().count("data:image/png;base64,") == 3
+
+
+def _one_line(error: str) -> str:
+    lines = error.strip().splitlines()
+    assert len(lines) == 1, error
+    return lines[0]
+
+
+def test_a_file_that_only_mentions_gradwatch_report_is_refused(small_run, tmp_path, capsys):
+    notes = tmp_path / "NOTES.md"
+    text = (
+        "# Notes\nRun `gradwatch report logs -o NOTES.md`; its pages start with\n"
+        '<meta name="generator" content="gradwatch report">\n'
+    )
+    notes.write_text(text)
+    assert main([str(small_run), "-q", "-o", str(notes)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "was not written by gradwatch" in line and "--force" in line
+    assert notes.read_text() == text
+    assert main([str(small_run), "-q", "-o", str(notes), "--force"]) == 0
+    assert notes.read_text().startswith(HEAD)
+
+
+def test_a_png_is_replaced_only_with_gradwatchs_own_text_chunk(small_run, tmp_path):
+    figure = timeline({"global": (np.arange(3), np.ones(3))})
+    other = png_bytes(figure, Software="matplotlib", Comment="drawn for gradwatch")
+    assert b"gradwatch" in other[:4096]  # the word, not gradwatch's chunk
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    (folder / "run_heatmap.png").write_bytes(other)
+    assert main([str(small_run), "-q", "--format", "png", "-o", str(folder)]) == 2
+    assert (folder / "run_heatmap.png").read_bytes() == other
+    (folder / "run_heatmap.png").write_bytes(png_bytes(figure))  # one gradwatch drew
+    assert main([str(small_run), "-q", "--format", "png", "-o", str(folder)]) == 0
+    assert (folder / "run_heatmap.png").read_bytes() != png_bytes(figure)
+
+
+def test_a_report_gradwatch_wrote_is_replaced_without_force(small_run, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(HEAD + "<p>an older report</p>")
+    assert main([str(small_run), "-q", "-o", str(page)]) == 0
+    assert "an older report" not in page.read_text()
+
+
+def test_a_symbolic_link_is_never_replaced_silently(small_run, tmp_path, capsys):
+    target = tmp_path / "site" / "report.html"
+    target.parent.mkdir()
+    target.write_text(HEAD + "<p>an older report</p>")
+    link = tmp_path / "report.html"
+    link.symlink_to(target)
+    assert main([str(small_run), "-q", "-o", str(link)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "is a symbolic link" in line and "--force" in line
+    assert link.is_symlink() and "an older report" in target.read_text()
+    assert main([str(small_run), "-q", "-o", str(link), "--force"]) == 0
+    assert capsys.readouterr().out.strip() == str(target)  # --force writes to the link's target
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert "an older report" not in target.read_text()
+
+
+@pytest.mark.parametrize("format", ["html", "png"])
+def test_an_output_below_a_regular_file_is_one_line(small_run, tmp_path, capsys, format):
+    (tmp_path / "file").write_text("a file")
+    output = tmp_path / "file" / "sub" / "out"
+    assert main([str(small_run), "-q", "--format", format, "-o", str(output)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("gradwatch report: error: -o/--output: cannot write ")
+    assert line.endswith(f"{tmp_path / 'file'} is not a directory")
+
+
+def test_a_read_only_directory_is_one_line(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:  # root writes into any directory unless it gives up that capability
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("as root, setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+        prefix = [setpriv, "--bounding-set=-dac_override", "--"]
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from gradwatch.report.output import ReportError, html_mark, write_safely\n"
+        "try:\n"
+        "    write_safely(Path(sys.argv[1]), b'page', html_mark('x'), '-o/--output')\n"
+        "except ReportError as error:\n"
+        "    print(error)\n"
+    )
+    output = folder / "report.html"
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, "-c", code, str(output)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        folder.chmod(0o755)
+    if prefix and done.returncode != 0 and "setpriv" in done.stderr:
+        pytest.skip(f"setpriv cannot drop CAP_DAC_OVERRIDE here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"-o/--output: cannot write {output}: permission denied"
+    assert not output.exists()
 
 
 def test_captions_name_only_what_the_timeline_draws(small_run, log_dir, tmp_path):

@@ -11,9 +11,15 @@ from gradwatch.report.figures import captions
 from gradwatch.report.reader import Run
 from gradwatch.report.risk import GroupRisk
 
-__all__ = ["GENERATOR", "page"]
+__all__ = ["HEAD", "page"]
 
-GENERATOR = "gradwatch report"  # in every page, so gradwatch only ever overwrites its own
+# Every page starts with exactly these bytes: the mark by which gradwatch tells its own pages
+# from other files (see gradwatch.report.output). Changing them orphans the pages written before.
+HEAD = (
+    "<!DOCTYPE html>\n"
+    '<html lang="en"><head><meta charset="utf-8">\n'
+    '<meta name="generator" content="gradwatch report">\n'
+)
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 img { max-width: 100%; border: 1px solid #ddd; }
@@ -34,9 +40,6 @@ def page(
 ) -> str:
     """The report of ``runs``: per run, its figures, detections and groups most at risk."""
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta name="generator" content="{GENERATOR}">',
         f"<title>gradwatch report: {_e(log_dir)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>gradwatch report</h1><p>Log directory: <code>{_e(log_dir)}</code></p>",
@@ -76,7 +79,7 @@ def page(
             "</section>",
         ]
     parts.append("</body></html>")
-    return "\n".join(parts)
+    return HEAD + "\n".join(parts)
 
 
 def _e(text: object) -> str:
