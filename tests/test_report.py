@@ -11,6 +11,7 @@ import io
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from gradwatch.report import main, report
 from gradwatch.report.html import HEAD
 from gradwatch.report.output import ReportError
 from gradwatch.report.progress import ByteProgress
-from gradwatch.report.reader import read_runs
+from gradwatch.report.reader import event_files, read_runs
 from gradwatch.reporting import events_markdown
 from gradwatch.sinks import TensorBoardSink
 
@@ -268,6 +269,56 @@ def test_a_read_only_directory_is_one_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"-o/--output: cannot write {output}: permission denied"
     assert not output.exists()
+
+
+def _record_starts(data: bytes) -> list[int]:
+    starts, offset = [], 0
+    while offset < len(data):
+        starts.append(offset)
+        offset += 16 + struct.unpack("<Q", data[offset : offset + 8])[0]
+    return starts
+
+
+def _flip_middle(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF
+    return bytes(damaged)
+
+
+def _flip_a_length(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[_record_starts(data)[20]] ^= 0x01
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_flip_middle, lambda data: data[:-10], _flip_a_length],
+    ids=["flipped byte", "truncated", "flipped length"],
+)
+def test_damaged_event_files_are_read_around_the_damage(small_run, tmp_path, capsys, damage):
+    log_dir = tmp_path / "logs"
+    shutil.copytree(small_run, log_dir)
+    (file,) = event_files(log_dir)
+    file.write_bytes(damage(file.read_bytes()))
+    output = tmp_path / "report.html"
+    assert main([str(log_dir), "-q", "-o", str(output)]) == 0  # a warning, not a failure
+    warning = _one_line(capsys.readouterr().err)
+    assert warning.startswith(f"gradwatch report: warning: {file}: skipped 1 damaged or trunc")
+    assert warning.endswith("read 40 intact ones.")  # the file-version event and 39 steps
+    page = output.read_text()
+    assert "3 groups, 39 logged steps" in page and '<p class="damaged">' in page
+
+
+def test_a_file_of_garbage_is_one_damaged_record(small_run, tmp_path):
+    log_dir = tmp_path / "logs"
+    shutil.copytree(small_run, log_dir)
+    garbage = log_dir / "run" / "events.out.tfevents.0.garbage"
+    garbage.write_bytes(np.random.default_rng(0).bytes(300_000))
+    (run,) = read_runs(log_dir)
+    assert len(run.history) == 40
+    ((damaged),) = run.damaged
+    assert (damaged.path, damaged.damaged, damaged.damaged_bytes) == (garbage, 1, 300_000)
 
 
 def test_captions_name_only_what_the_timeline_draws(small_run, log_dir, tmp_path):

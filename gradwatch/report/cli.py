@@ -59,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace an output file gradwatch did not write; where the output is a symbolic "
         "link, write to the file it points to (the link stays)",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar (warnings are still printed)"
+    )
 
 
 def _steps(text: str) -> list[int]:
@@ -96,6 +98,8 @@ def report(
 ) -> list[Path]:
     """Write the report of every run with gradwatch data below ``log_dir``; return the files.
 
+    Damaged or truncated records are skipped, with a warning on stderr per file.
+
     Raises:
         ReportError: a bad argument; an output path holding a file gradwatch did not write, or
             a symbolic link (unless ``force``); an output that cannot be written.
@@ -112,6 +116,9 @@ def report(
     files = event_files(log_dir)
     with ByteProgress(sum(f.stat().st_size for f in files), quiet=quiet) as progress:
         runs = read_runs(log_dir, progress)
+    for run in runs:
+        for file in run.damaged:
+            print(f"gradwatch report: warning: {file.damage()}", file=sys.stderr)
     if not runs:
         raise NoData(_no_data_message(log_dir, len(files)))
     if format == "png":
@@ -158,8 +165,9 @@ def _no_data_message(log_dir: Path, files: int) -> str:
 def main(argv: Sequence[str] | None = None, prog: str = "gradwatch report") -> int:
     """Run ``gradwatch report``; return the exit status.
 
-    0: done; 1: no gradwatch data; 2: a bad argument, an output it refuses to replace, or an
-    output that cannot be written.
+    0: done, also when damaged or truncated records were skipped (each file is named in a
+    warning on stderr); 1: no gradwatch data; 2: a bad argument, an output it refuses to
+    replace, or an output that cannot be written.
     """
     parser = argparse.ArgumentParser(prog=prog, description="Pictures of gradient flow.")
     add_arguments(parser)

@@ -26,7 +26,7 @@ img { max-width: 100%; border: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 th { background: #f3f3f3; }
-p.stopped { color: #b00020; }
+p.stopped, p.damaged { color: #b00020; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code { font-size: 0.95em; }
 """
@@ -60,6 +60,7 @@ def page(
         ]
         if run.stopped:
             parts.append(f'<p class="stopped">gradwatch {_e(run.stopped)}.</p>')
+        parts += [f'<p class="damaged">{_e(file.damage())}</p>' for file in run.damaged]
         texts = captions(run)
         for name, png in figures[run.name].items():
             encoded = base64.b64encode(png).decode("ascii")
