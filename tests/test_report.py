@@ -7,9 +7,14 @@ import pytest
 pytest.importorskip("matplotlib")
 
 import base64
+import io
+import os
 import re
+import shutil
+import struct
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -18,9 +23,13 @@ from test_pictures import GROUPS, SPIKE, synthetic_scalars
 
 from gradwatch import keys
 from gradwatch.monitor import Monitor
+from gradwatch.plots import png_bytes, timeline
 from gradwatch.record import Record
 from gradwatch.report import main, report
-from gradwatch.report.reader import parse_events, read_runs
+from gradwatch.report.html import HEAD
+from gradwatch.report.output import ReportError
+from gradwatch.report.progress import ByteProgress
+from gradwatch.report.reader import event_files, parse_events, read_runs
 from gradwatch.reporting import Reporter, events_markdown
 from gradwatch.sinks import MemorySink, TensorBoardSink
 
@@ -47,6 +56,18 @@ def log_dir(tmp_path_factory) -> Path:
             sink.write(Record(step, scalars=scalars, texts=texts))
     (root / "other" / "notes.txt").parent.mkdir()
     (root / "other" / "notes.txt").write_text("not a log")
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """40 steps of 3 groups and the global norm: no clipping scalars, no detections."""
+    root = tmp_path_factory.mktemp("small")
+    with TensorBoardSink(root / "run") as sink:
+        for step in range(40):
+            scalars = {keys.group_tag(keys.GRAD_NORM, g): 1.0 + step for g in ("a", "b", "c")}
+            scalars[keys.total_tag(keys.GLOBAL)] = 2.0 + step
+            sink.write(Record(step, scalars=scalars))
     return root
 
 
@@ -218,3 +239,185 @@ def test_the_stop_text_is_text_and_read_back(tmp_path):
     (run,) = read_runs(tmp_path)
     assert run.stopped.startswith("stopped at step 3") and NASTY[2] in run.stopped
     assert [e["group"] for e in run.events] == [NASTY[2]]
+
+
+def _one_line(error: str) -> str:
+    lines = error.strip().splitlines()
+    assert len(lines) == 1, error
+    return lines[0]
+
+
+def test_a_file_that_only_mentions_gradwatch_report_is_refused(small_run, tmp_path, capsys):
+    notes = tmp_path / "NOTES.md"
+    text = (
+        "# Notes\nRun `gradwatch report logs -o NOTES.md`; its pages start with\n"
+        '<meta name="generator" content="gradwatch report">\n'
+    )
+    notes.write_text(text)
+    assert main([str(small_run), "-q", "-o", str(notes)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "was not written by gradwatch" in line and "--force" in line
+    assert notes.read_text() == text
+    assert main([str(small_run), "-q", "-o", str(notes), "--force"]) == 0
+    assert notes.read_text().startswith(HEAD)
+
+
+def test_a_png_is_replaced_only_with_gradwatchs_own_text_chunk(small_run, tmp_path):
+    figure = timeline({"global": (np.arange(3), np.ones(3))})
+    other = png_bytes(figure, Software="matplotlib", Comment="drawn for gradwatch")
+    assert b"gradwatch" in other[:4096]  # the word, not gradwatch's chunk
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    (folder / "run_heatmap.png").write_bytes(other)
+    assert main([str(small_run), "-q", "--format", "png", "-o", str(folder)]) == 2
+    assert (folder / "run_heatmap.png").read_bytes() == other
+    (folder / "run_heatmap.png").write_bytes(png_bytes(figure))  # one gradwatch drew
+    assert main([str(small_run), "-q", "--format", "png", "-o", str(folder)]) == 0
+    assert (folder / "run_heatmap.png").read_bytes() != png_bytes(figure)
+
+
+def test_a_report_gradwatch_wrote_is_replaced_without_force(small_run, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(HEAD + "<p>an older report</p>")
+    assert main([str(small_run), "-q", "-o", str(page)]) == 0
+    assert "an older report" not in page.read_text()
+
+
+def test_a_symbolic_link_is_never_replaced_silently(small_run, tmp_path, capsys):
+    target = tmp_path / "site" / "report.html"
+    target.parent.mkdir()
+    target.write_text(HEAD + "<p>an older report</p>")
+    link = tmp_path / "report.html"
+    link.symlink_to(target)
+    assert main([str(small_run), "-q", "-o", str(link)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "is a symbolic link" in line and "--force" in line
+    assert link.is_symlink() and "an older report" in target.read_text()
+    assert main([str(small_run), "-q", "-o", str(link), "--force"]) == 0
+    assert capsys.readouterr().out.strip() == str(target)  # --force writes to the link's target
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert "an older report" not in target.read_text()
+
+
+@pytest.mark.parametrize("format", ["html", "png"])
+def test_an_output_below_a_regular_file_is_one_line(small_run, tmp_path, capsys, format):
+    (tmp_path / "file").write_text("a file")
+    output = tmp_path / "file" / "sub" / "out"
+    assert main([str(small_run), "-q", "--format", format, "-o", str(output)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("gradwatch report: error: -o/--output: cannot write ")
+    assert line.endswith(f"{tmp_path / 'file'} is not a directory")
+
+
+def test_a_read_only_directory_is_one_line(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:  # root writes into any directory unless it gives up that capability
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("as root, setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+        prefix = [setpriv, "--bounding-set=-dac_override", "--"]
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from gradwatch.report.output import ReportError, html_mark, write_safely\n"
+        "try:\n"
+        "    write_safely(Path(sys.argv[1]), b'page', html_mark('x'), '-o/--output')\n"
+        "except ReportError as error:\n"
+        "    print(error)\n"
+    )
+    output = folder / "report.html"
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, "-c", code, str(output)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        folder.chmod(0o755)
+    if prefix and done.returncode != 0 and "setpriv" in done.stderr:
+        pytest.skip(f"setpriv cannot drop CAP_DAC_OVERRIDE here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"-o/--output: cannot write {output}: permission denied"
+    assert not output.exists()
+
+
+def _record_starts(data: bytes) -> list[int]:
+    starts, offset = [], 0
+    while offset < len(data):
+        starts.append(offset)
+        offset += 16 + struct.unpack("<Q", data[offset : offset + 8])[0]
+    return starts
+
+
+def _flip_middle(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF
+    return bytes(damaged)
+
+
+def _flip_a_length(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[_record_starts(data)[20]] ^= 0x01
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_flip_middle, lambda data: data[:-10], _flip_a_length],
+    ids=["flipped byte", "truncated", "flipped length"],
+)
+def test_damaged_event_files_are_read_around_the_damage(small_run, tmp_path, capsys, damage):
+    log_dir = tmp_path / "logs"
+    shutil.copytree(small_run, log_dir)
+    (file,) = event_files(log_dir)
+    file.write_bytes(damage(file.read_bytes()))
+    output = tmp_path / "report.html"
+    assert main([str(log_dir), "-q", "-o", str(output)]) == 0  # a warning, not a failure
+    warning = _one_line(capsys.readouterr().err)
+    assert warning.startswith(f"gradwatch report: warning: {file}: skipped 1 damaged or trunc")
+    assert warning.endswith("read 40 intact ones.")  # the file-version event and 39 steps
+    page = output.read_text()
+    assert "3 groups, 39 logged steps" in page and '<p class="damaged">' in page
+
+
+def test_a_file_of_garbage_is_one_damaged_record(small_run, tmp_path):
+    log_dir = tmp_path / "logs"
+    shutil.copytree(small_run, log_dir)
+    garbage = log_dir / "run" / "events.out.tfevents.0.garbage"
+    garbage.write_bytes(np.random.default_rng(0).bytes(300_000))
+    (run,) = read_runs(log_dir)
+    assert len(run.history) == 40
+    ((damaged),) = run.damaged
+    assert (damaged.path, damaged.damaged, damaged.damaged_bytes) == (garbage, 1, 300_000)
+
+
+def test_captions_name_only_what_the_timeline_draws(small_run, log_dir, tmp_path):
+    (plain,) = report(small_run, tmp_path / "plain.html", quiet=True)
+    caption = re.findall("<figcaption>(.*?)</figcaption>", plain.read_text())[0]
+    assert caption == "Global gradient norm over time."  # no clip scalars, no detections
+    (full,) = report(log_dir, tmp_path / "full.html", quiet=True)
+    caption = re.findall("<figcaption>(.*?)</figcaption>", full.read_text())[0]
+    assert caption == (
+        "Global gradient norm over time, with the clip threshold, the norm after clipping and "
+        "detections marked."
+    )
+
+
+def test_progress_shows_no_time_left_before_it_has_a_rate():
+    with ByteProgress(1_000_000, stream=io.StringIO()) as progress:
+        time.sleep(0.5)  # TensorBoard's reader importing TensorFlow
+        progress(1_000)
+        assert progress.bar.format_dict["elapsed"] < 0.5  # the clock starts at the first bytes
+        assert "<" not in str(progress.bar)  # no time left at 0.1%
+        progress(100_000)
+        assert "<" in str(progress.bar)  # [elapsed<remaining, rate] from 5% on
+
+
+def test_progress_is_tqdm_only(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with pytest.raises(ReportError, match=r"needs tqdm: pip install 'gradwatch\[report\]'"):
+        ByteProgress(10)
+    assert ByteProgress(10, quiet=True).bar is None

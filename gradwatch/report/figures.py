@@ -1,13 +1,14 @@
-"""The report's figures of one run, as PNG bytes."""
+"""The report's figures of one run, as PNG bytes, and captions that say what each one shows."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from gradwatch import keys, plots
+from gradwatch.plots.timeline import EVENT_COLOURS
 from gradwatch.report.reader import Run
 
-__all__ = ["FIGURES", "run_figures"]
+__all__ = ["FIGURES", "captions", "run_figures"]
 
 FIGURES = ("timeline", "heatmap", "depth_profile")
 _SERIES = {
@@ -16,18 +17,56 @@ _SERIES = {
     "clipped": keys.total_tag(keys.CLIPPED),
     "threshold": keys.clip_tag(keys.THRESHOLD),
 }
+_TIMELINE_EXTRAS = {  # what the caption says of each series the timeline draws
+    "max since last log": "the largest norm between logged steps",
+    "threshold": "the clip threshold",
+    "clipped": "the norm after clipping",
+}
+_CAPTIONS = {
+    "heatmap": "Gradient flow: log10 gradient norm of every group (rows, input to output) at "
+    "every logged step. Black: zero; red: NaN/Inf; grey: not logged.",
+    "depth_profile": "Depth profile: gradient norm and gradient/parameter norm per group.",
+}
 
 
 def run_figures(run: Run, steps: Sequence[int] | None = None) -> dict[str, bytes]:
     """The global norm over time, the heatmap, and the depth profile at ``steps``."""
+    flow = run.history.matrix()
+    return {
+        "timeline": plots.png_bytes(plots.timeline(_series(run), run.events)),
+        "heatmap": plots.png_bytes(plots.heatmap(flow, title=f"gradient flow ({run.name})")),
+        "depth_profile": plots.png_bytes(plots.depth_profile(flow, steps)),
+    }
+
+
+def captions(run: Run) -> dict[str, str]:
+    """A caption per figure of :func:`run_figures` that names only what the figure draws.
+
+    Example:
+        >>> run = Run("run")
+        >>> captions(run)["timeline"]
+        'Global gradient norm over time.'
+        >>> run.series[keys.clip_tag(keys.THRESHOLD)] = {0: 1.0}
+        >>> run.events.append({"step": 0, "kind": "explosion"})
+        >>> captions(run)["timeline"]
+        'Global gradient norm over time, with the clip threshold and detections marked.'
+    """
+    drawn = _series(run)
+    extras = [text for name, text in _TIMELINE_EXTRAS.items() if name in drawn]
+    if any(event.get("kind") in EVENT_COLOURS for event in run.events):
+        extras.append("detections marked")
+    timeline = "Global gradient norm over time"
+    if extras:
+        timeline += ", with " + (
+            extras[0] if len(extras) == 1 else ", ".join(extras[:-1]) + " and " + extras[-1]
+        )
+    return {"timeline": timeline + ".", **_CAPTIONS}
+
+
+def _series(run: Run) -> dict:
     series = {}
     for label, tag in _SERIES.items():
         logged, values = run.steps_and_values(tag)
         if len(logged):
             series[label] = (logged, values)
-    flow = run.history.matrix()
-    return {
-        "timeline": plots.png_bytes(plots.timeline(series, run.events)),
-        "heatmap": plots.png_bytes(plots.heatmap(flow, title=f"gradient flow ({run.name})")),
-        "depth_profile": plots.png_bytes(plots.depth_profile(flow, steps)),
-    }
+    return series

@@ -7,28 +7,29 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 
+from gradwatch.report.figures import captions
 from gradwatch.report.reader import Run
 from gradwatch.report.risk import GroupRisk
 
-__all__ = ["GENERATOR", "page"]
+__all__ = ["HEAD", "page"]
 
-GENERATOR = "gradwatch report"  # in every page, so gradwatch only ever overwrites its own
+# Every page starts with exactly these bytes: the mark by which gradwatch tells its own pages
+# from other files (see gradwatch.report.output). Changing them orphans the pages written before.
+HEAD = (
+    "<!DOCTYPE html>\n"
+    '<html lang="en"><head><meta charset="utf-8">\n'
+    '<meta name="generator" content="gradwatch report">\n'
+)
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 img { max-width: 100%; border: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 th { background: #f3f3f3; }
-p.stopped { color: #b00020; }
+p.stopped, p.damaged { color: #b00020; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code { font-size: 0.95em; }
 """
-_CAPTIONS = {
-    "timeline": "Global gradient norm over time, with the clip threshold and detections marked.",
-    "heatmap": "Gradient flow: log10 gradient norm of every group (rows, input to output) at "
-    "every logged step. Black: zero; red: NaN/Inf; grey: not logged.",
-    "depth_profile": "Depth profile: gradient norm and gradient/parameter norm per group.",
-}
 
 
 def page(
@@ -39,9 +40,6 @@ def page(
 ) -> str:
     """The report of ``runs``: per run, its figures, detections and groups most at risk."""
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta name="generator" content="{GENERATOR}">',
         f"<title>gradwatch report: {_e(log_dir)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>gradwatch report</h1><p>Log directory: <code>{_e(log_dir)}</code></p>",
@@ -62,11 +60,13 @@ def page(
         ]
         if run.stopped:
             parts.append(f'<p class="stopped">gradwatch {_e(run.stopped)}.</p>')
+        parts += [f'<p class="damaged">{_e(file.damage())}</p>' for file in run.damaged]
+        texts = captions(run)
         for name, png in figures[run.name].items():
             encoded = base64.b64encode(png).decode("ascii")
             parts.append(
                 f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
-                f"<figcaption>{_e(_CAPTIONS.get(name, name))}</figcaption></figure>"
+                f"<figcaption>{_e(texts.get(name, name))}</figcaption></figure>"
             )
         parts += [
             "<h3>Detections</h3>",
@@ -80,7 +80,7 @@ def page(
             "</section>",
         ]
     parts.append("</body></html>")
-    return "\n".join(parts)
+    return HEAD + "\n".join(parts)
 
 
 def _e(text: object) -> str:

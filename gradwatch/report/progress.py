@@ -1,58 +1,65 @@
-"""A progress bar over bytes read: tqdm's when installed, else a line on stderr."""
+"""tqdm's progress bar over the bytes read, with no estimate of the time left too early."""
 
 from __future__ import annotations
 
 import sys
-import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-__all__ = ["ByteProgress"]
+from gradwatch.report.output import ReportError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+__all__ = ["ETA_AFTER", "ByteProgress"]
+
+ETA_AFTER = 0.05  # share of the bytes read before the time left is shown
+_EARLY = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]"
 
 
 class ByteProgress:
     """Count bytes read out of ``total``; ``quiet`` shows nothing.
 
+    The bar's clock starts at the first bytes read, not when the bar is made: TensorBoard's
+    reader imports TensorFlow first (seconds), and a rate measured over that wait made the
+    first estimate hours long. The time left and the rate appear once :data:`ETA_AFTER` of the
+    bytes are read.
+
     Example:
-        >>> import io
-        >>> with ByteProgress(2048, quiet=True) as bar:
-        ...     bar(1024)
-        >>> bar.done
-        1024
+        >>> with ByteProgress(2048, quiet=True) as progress:
+        ...     progress(1024)
+        >>> progress.done, progress.bar
+        (1024, None)
     """
 
     def __init__(self, total: int, *, quiet: bool = False, stream: TextIO | None = None) -> None:
-        self.total, self.done, self.quiet = total, 0, quiet
-        self.stream = stream or sys.stderr
-        self._tqdm = None
-        self._shown = 0.0
-        if not quiet:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                pass
-            else:
-                self._tqdm = tqdm(
-                    total=total, unit="B", unit_scale=True, desc="reading", file=self.stream
-                )
+        self.total, self.done = total, 0
+        self.bar: tqdm | None = None if quiet else _bar(total, stream or sys.stderr)
 
     def __call__(self, count: int) -> None:
+        if self.bar is not None:
+            if self.done == 0:
+                self.bar.reset(total=self.total)  # the clock starts now
+            if self.bar.bar_format and self.done + count >= ETA_AFTER * self.total:
+                self.bar.bar_format = None  # tqdm's default: with the time left and the rate
+            self.bar.update(count)
         self.done += count
-        if self.quiet:
-            return
-        if self._tqdm is not None:
-            self._tqdm.update(count)
-        elif time.monotonic() - self._shown > 0.2 or self.done >= self.total:
-            self._shown = time.monotonic()
-            share = min(self.done / self.total, 1.0) if self.total else 1.0
-            bar = "#" * int(30 * share)
-            self.stream.write(f"\rreading [{bar:<30}] {100 * share:5.1f}%")
-            self.stream.flush()
 
     def __enter__(self) -> ByteProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
-        elif not self.quiet:
-            self.stream.write("\n")
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _bar(total: int, stream: TextIO) -> tqdm:
+    try:
+        from tqdm import tqdm
+    except ImportError as error:
+        raise ReportError(
+            "the progress bar of gradwatch report needs tqdm: pip install 'gradwatch[report]' "
+            "(or pass -q/--quiet)"
+        ) from error
+    return tqdm(
+        total=total, unit="B", unit_scale=True, desc="reading", file=stream, bar_format=_EARLY
+    )

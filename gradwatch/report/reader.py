@@ -1,10 +1,12 @@
 """Read gradwatch's data back from TensorBoard event files, with TensorBoard's own reader.
 
-Events are streamed with ``tensorboard``'s ``LegacyEventFileLoader`` (the reader under its
+Events are streamed with ``tensorboard``'s ``RawEventFileLoader`` (the reader under its
 ``EventAccumulator``, without the conversion of scalars to tensors) rather than with the
-accumulator itself, for two reasons: progress can be reported within a large file, and the tags
-of a step come in the order gradwatch wrote them, which is the depth order of the groups.
-Where TensorFlow is installed, TensorBoard's reader imports it (a few seconds).
+accumulator itself, for three reasons: progress can be reported within a large file, the tags
+of a step come in the order gradwatch wrote them, which is the depth order of the groups, and
+a damaged record is skipped and counted instead of silently ending the file (see
+:mod:`gradwatch.report.records`). Where TensorFlow is installed, TensorBoard's reader imports it
+(a few seconds).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import numpy as np
 
 from gradwatch import keys
 from gradwatch.flow import FlowHistory
+from gradwatch.report.records import EventFile
 from gradwatch.reporting import plain_text
 
 __all__ = ["Run", "event_files", "parse_events", "read_runs"]
 
-_FRAMING = 16  # bytes around each TFRecord: length, its CRC, and the data's CRC
 _TOTAL_PREFIX = f"{keys.TOTAL}/"
 _CLIP_PREFIX = f"{keys.CLIP}/"
 _ROW = re.compile(
@@ -44,6 +46,7 @@ class Run:
     series: dict[str, dict[int, float]] = field(default_factory=dict)  # tag -> step -> value
     events: list[dict] = field(default_factory=list)
     stopped: str | None = None  # "stopped at step N: cause" when gradwatch stopped the run
+    damaged: list[EventFile] = field(default_factory=list)  # files with records skipped
 
     def steps_and_values(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
         """A whole-model series in step order (a step logged twice keeps its last value)."""
@@ -58,18 +61,21 @@ def event_files(log_dir: Path) -> list[Path]:
 
 
 def read_runs(log_dir: Path, progress: Progress | None = None) -> list[Run]:
-    """Runs below ``log_dir`` (one per directory of event files) that hold gradwatch data."""
-    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    """Runs below ``log_dir`` (one per directory of event files) that hold gradwatch data.
 
+    A damaged or truncated record is skipped; each run lists its files with skipped records in
+    ``Run.damaged``.
+    """
     runs: dict[Path, Run] = {}
     for path in event_files(log_dir):
         name = os.path.relpath(path.parent, log_dir)
         run = runs.setdefault(path.parent, Run(path.parent.name if name == os.curdir else name))
-        for event in LegacyEventFileLoader(str(path)).Load():
-            if progress is not None:
-                progress(event.ByteSize() + _FRAMING)
+        file = EventFile(path)
+        for event in file.events(progress):
             if event.HasField("summary"):
                 _add(run, event.step, event.summary)
+        if file.damaged:
+            run.damaged.append(file)
     return [run for run in runs.values() if len(run.history)]
 
 
