@@ -1,7 +1,8 @@
 """gradwatch inside Keras' compiled train step (TensorFlow backend).
 
 Keras callbacks never see gradients: they exist only inside the train step, where the trainer
-hands them to ``optimizer.apply``. :class:`Capture` wraps that call on the optimizer instance.
+hands them to ``optimizer.apply``. :class:`Capture` wraps that call on the optimizer instance;
+it is created at the first call, once the model has built its variables.
 In the traced graph, every step, it
 
 * takes the gradients the optimizer receives (under ``mixed_float16`` the capture sits on the
@@ -43,7 +44,7 @@ from gradwatch.stats import (
     update_summary,
 )
 
-__all__ = ["Capture"]
+__all__ = ["Capture", "cross_replica"]
 
 _ON_READ = {
     # Every replica computes the same value (from the all-reduced gradient) and keeps its own
@@ -89,6 +90,16 @@ class _Stored:
 
 def _as_dense(gradient: Any) -> tf.Tensor:
     return tf.cast(tf.convert_to_tensor(gradient), tf.float32)
+
+
+def cross_replica(fn: Callable[[], None]) -> None:
+    """``fn()`` once, in the cross-replica context: from a replica's step through
+    ``merge_call`` (every replica waits for it; Keras' optimizer updates its variables so)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        fn()
+    else:
+        context.merge_call(lambda strategy: fn())
 
 
 _ROW = (256, 128, 64, 32, 16)  # row lengths a large tensor is viewed in, for its norm
@@ -151,12 +162,15 @@ class Capture:
         self._position = {id(v): i for i, v in enumerate(variables)}
         self._variables = list(variables)
         tensors, groups = len(self._variables), len(grouping.groups)
-        like = tf.zeros((), tf.float32)
 
         def stored(value: Any, name: str) -> _Stored:
             return _Stored(value, name, replicated=strategy.num_replicas_in_sync > 1)
 
-        with strategy.scope():
+        # The capture starts inside the traced step (at its first `apply`): `init_scope`
+        # creates the variables eagerly, out of the trace, as Keras initializes a layer's
+        # deferred variables; the step captures them like the model's own.
+        with tf.init_scope(), strategy.scope():
+            like = tf.zeros((), tf.float32)
             self.guard_state = stored(guard.init(like, groups), "guard")
             self.summary = stored(init_summary(like), "summary")
             # per tensor: [present, grad norm, max abs, non-finite count], [param, update norm]
@@ -177,7 +191,7 @@ class Capture:
         """Replaces ``optimizer.apply(grads, trainable_variables)`` in the traced step."""
         variables = list(trainable_variables or self.optimizer._trainable_variables)
         present = [k for k, g in enumerate(grads) if g is not None]
-        if not present:
+        if not present or not variables:  # nothing to measure, or Keras' own error to raise
             return original(grads, trainable_variables)
         index = [self._position[id(variables[k])] for k in present]
         self._last_index = index  # at trace time: the tensors every traced step measures

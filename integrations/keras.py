@@ -3,10 +3,14 @@
 Keras callbacks never see gradients, so at ``on_train_begin`` the callback wraps the
 optimizer's ``apply`` on the instance and rebuilds the train function: statistics, detectors,
 clipping and skipping then run inside the compiled train step (see
-:mod:`gradwatch.integrations._keras_capture`). At ``on_train_end`` the optimizer gets its own
-``apply`` back and the train function is dropped, so the next ``fit`` traces a clean one. When
-``fit`` ends by an exception instead (Keras then skips ``on_train_end``), the same happens at
-the start of the next ``fit`` or ``train_on_batch``.
+:mod:`gradwatch.integrations._keras_capture`). The capture itself starts at the first
+``apply``, while the step is traced: Keras builds a model without ``keras.Input``, or a
+subclassed one, at its first batch, so its variables are known only then. A custom
+``train_step`` is measured when it calls ``optimizer.apply`` or ``apply_gradients``. At
+``on_train_end`` the optimizer gets its own ``apply`` back and the train function is dropped,
+so the next ``fit`` traces a clean one. When ``fit`` ends by an exception instead (Keras then
+skips ``on_train_end``), the same happens at the start of the next ``fit`` or
+``train_on_batch``.
 
 Event files go to ``<log_dir>/train``, the folder Keras' own ``TensorBoard`` callback writes
 its ``batch_``/``epoch_`` metrics to, with the step = ``optimizer.iterations`` before the update.
@@ -148,8 +152,6 @@ class GradWatch(keras.callbacks.Callback):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        from gradwatch.integrations._keras_capture import Capture
-
         if keras.config.backend() != "tensorflow":
             raise RuntimeError(
                 "gradwatch's Keras callback needs the TensorFlow backend (KERAS_BACKEND="
@@ -160,31 +162,19 @@ class GradWatch(keras.callbacks.Callback):
         self._warn_if_keras_clips(optimizer)
         # Under mixed_float16 the inner optimizer receives the unscaled gradients.
         target = getattr(optimizer, "inner_optimizer", optimizer)
-        variables = list(model.trainable_variables)
-        paths = [v.path for v in variables]
-        self.grouping = Grouping.build(paths, _group_rule(self.group_by))
-        self._capture = Capture(
-            target,
-            variables,
-            self.grouping,
-            self.guard,
-            self.cadence,
-            self.histogram_bins,
-            model.distribute_strategy,
-            self.track_update_ratio,
-            scaled=target is not optimizer,
-        )
-        capture, original = self._capture, type(target).apply.__get__(target)
+        self._target, self._capture, self.grouping = target, None, None
+        original = type(target).apply.__get__(target)
 
         def apply(grads: list, trainable_variables: Any = None) -> None:
+            capture = self._started(trainable_variables)
             return capture.apply(original, list(grads), trainable_variables)
 
         object.__setattr__(target, "apply", apply)  # bypasses Keras' attribute tracking
-        self._target = target
         if target is not optimizer:  # count the steps the loss scaler drops itself
             outer = type(optimizer).apply.__get__(optimizer)
 
             def scaled_apply(grads: list, trainable_variables: Any = None) -> Any:
+                capture = self._started(trainable_variables)
                 before = capture.calls.read()
                 result = outer(grads, trainable_variables)
                 capture.count_scaler_skip(before)
@@ -209,6 +199,40 @@ class GradWatch(keras.callbacks.Callback):
         sinks = [TensorBoardSink(Path(log_dir) / "train")] if log_dir is not None else []
         pictures = FlowPictures(images=self.cadence.histogram_every_n_steps > 0)
         self.reporter = Reporter(Monitor([*sinks, *self.extra_sinks], pictures=pictures))
+
+    def _started(self, trainable_variables: Any) -> Any:
+        """The capture, started at the first optimizer step (inside the traced train step,
+        or eagerly under ``run_eagerly``): a model built at its first batch (a ``Sequential``
+        without ``keras.Input``, a subclassed model) has its variables only then."""
+        if self._capture is not None:
+            return self._capture
+        from gradwatch.integrations._keras_capture import Capture, cross_replica
+
+        model, target = self.model, self._target
+
+        def start() -> None:
+            variables = list(model.trainable_variables)
+            known = {id(v) for v in variables}
+            given = trainable_variables
+            if given is None:  # Keras requires a built optimizer then
+                given = target._trainable_variables
+            variables += [v for v in given if id(v) not in known]
+            paths = [v.path for v in variables]
+            self.grouping = Grouping.build(paths, _group_rule(self.group_by))
+            self._capture = Capture(
+                target,
+                variables,
+                self.grouping,
+                self.guard,
+                self.cadence,
+                self.histogram_bins,
+                model.distribute_strategy,
+                self.track_update_ratio,
+                scaled=target is not model.optimizer,
+            )
+
+        cross_replica(start)
+        return self._capture
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._capture is None or self.reporter is None:

@@ -44,11 +44,15 @@ def regression_data(n: int = 256, seed: int = 1) -> tuple[np.ndarray, np.ndarray
     return x, (2 * x[:, :1] + 0.1 * rng.normal(size=(n, 1))).astype("float32")
 
 
-def mlp(seed: int = 0, width: int = 32, activation: str = "tanh") -> keras.Model:
+def mlp(
+    seed: int = 0, width: int = 32, activation: str = "tanh", built: bool = True
+) -> keras.Model:
+    """A Sequential; ``built=False`` leaves out ``keras.Input``: Keras builds it at the first
+    batch, inside the traced train step."""
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
-            keras.Input((8,)),
+            *([keras.Input((8,))] if built else []),
             keras.layers.Dense(width, activation=activation, name="hidden"),
             keras.layers.Dense(width, activation=activation, name="middle"),
             keras.layers.Dense(1, name="head"),
@@ -103,6 +107,73 @@ def test_logged_norms_equal_gradient_tape_norms(mode):
             assert scalars[f"param_norm/{layer}"] == pytest.approx(param, rel=1e-5)
         assert scalars["grad_nonfinite/net/head"] == 0.0
     assert "apply" not in vars(model.optimizer)  # the user's optimizer is its own again
+
+
+class Regressor(keras.Model):
+    """A subclassed model: its layers are built at the first batch."""
+
+    def __init__(self) -> None:
+        super().__init__(name="regressor")
+        self.hidden = keras.layers.Dense(32, activation="tanh", name="hidden")
+        self.head = keras.layers.Dense(1, name="head")
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+
+class OwnStep(Regressor):
+    """A custom ``train_step``, as the Keras guides write it."""
+
+    def __init__(self, call: str) -> None:
+        super().__init__()
+        self.call_name = call
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_variables)
+        if self.call_name == "apply":
+            self.optimizer.apply(grads, self.trainable_variables)
+        else:
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
+        return {"loss": loss}
+
+
+LATE = {
+    "sequential": lambda: mlp(built=False),
+    "subclassed": Regressor,
+    "train_step_apply": lambda: OwnStep("apply"),
+    "train_step_apply_gradients": lambda: OwnStep("apply_gradients"),
+}
+
+
+@pytest.mark.parametrize(
+    ("form", "mode"),
+    [(form, "auto") for form in LATE] + [("sequential", mode) for mode in MODES if mode != "auto"],
+)
+def test_models_built_at_their_first_batch_are_measured(form, mode):
+    x, y = regression_data(32)
+    keras.utils.set_random_seed(0)
+    model = LATE[form]()
+    assert not model.trainable_variables  # no variables until the first batch
+    model.compile(keras.optimizers.SGD(0.0), "mse", **MODES[mode])
+    sink = MemorySink()
+    watch = GradWatch(log_dir=None, log_every_n_steps=2, sinks=[sink])
+    quiet_fit(model, x, y, [watch], batch_size=32, epochs=3)
+
+    expected = tape_norms(model, x, y)
+    assert [r.step for r in sink.records] == [0, 1, 2]  # logging steps 0 and 1, the last
+    for record in sink.records:
+        groups = {tag.partition("/")[2] for tag in record.scalars if tag.startswith("grad_norm/")}
+        assert groups == {layer.path for layer in model.layers}
+        assert record.scalars["grad_norm_total/global"] == pytest.approx(
+            expected["global"], rel=1e-5
+        )
+        for layer in groups:
+            norm = layer_norm(expected, layer)
+            assert record.scalars[f"grad_norm/{layer}"] == pytest.approx(norm, rel=1e-5)
+    assert "apply" not in vars(model.optimizer)
 
 
 def test_event_files_are_in_the_train_folder_beside_keras_tensorboard(tmp_path):
@@ -184,11 +255,12 @@ def test_a_spike_inside_an_execution_is_kept():
     assert last["grad_norm_total/max_since_last_log"] > 100 * last["grad_norm_total/global"]
 
 
-def test_mixed_float16_statistics_are_on_unscaled_gradients():
+@pytest.mark.parametrize("built", [True, False])
+def test_mixed_float16_statistics_are_on_unscaled_gradients(built):
     x, y = regression_data(32)
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = mlp()
+        model = mlp(built=built)
         model.compile(keras.optimizers.SGD(0.0), "mse")
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         sink = MemorySink()
@@ -307,11 +379,13 @@ class Snapshots(keras.callbacks.Callback):
         self.taken.append([np.array(v.numpy(), copy=True) for v in variables])
 
 
-@pytest.mark.parametrize("mode", ["auto", "jit", "eager"])
-def test_a_nonfinite_step_is_skipped_bit_for_bit(mode):
+@pytest.mark.parametrize(
+    ("mode", "built"), [("auto", True), ("jit", True), ("eager", True), ("jit", False)]
+)
+def test_a_nonfinite_step_is_skipped_bit_for_bit(mode, built):
     x, y = regression_data(32 * 8)
     x[32 * 5] = np.nan  # batch 5 has non-finite gradients
-    model = mlp()
+    model = mlp(built=built)
     model.compile(keras.optimizers.AdamW(1e-2, weight_decay=0.1), "mse", **MODES[mode])
     snapshots = Snapshots()
     watch = GradWatch(log_dir=None, log_every_n_steps=2, on_nonfinite="skip")
@@ -482,6 +556,8 @@ def test_mirrored_strategy_statistics_and_clipping_are_those_of_the_aggregated_g
     single, mirrored = found["single"], found["mirrored"]
     for tag, value in single.items():
         assert mirrored[tag] == pytest.approx(value, rel=1e-5), tag
+        # without keras.Input, built by Keras' `fit` under the strategy before training
+        assert found["late_mirrored"][tag] == pytest.approx(value, rel=1e-5), tag
     # the same under mixed_float16, where the capture sits in a LossScaleOptimizer
     single, mirrored = found["mixed_single"], found["mixed_mirrored"]
     assert single.keys() == mirrored.keys() and "grad_norm/net/hidden" in single

@@ -28,11 +28,11 @@ Y = (2 * X[:, :1] + 0.1 * rng.normal(size=(64, 1))).astype("float32")
 STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
-def model(optimizer) -> keras.Model:
+def model(optimizer, built: bool = True) -> keras.Model:
     keras.utils.set_random_seed(0)
     net = keras.Sequential(
         [
-            keras.Input((8,)),
+            *([keras.Input((8,))] if built else []),
             keras.layers.Dense(32, activation="tanh", name="hidden"),
             keras.layers.Dense(1, name="head", dtype="float32"),
         ],
@@ -42,10 +42,10 @@ def model(optimizer) -> keras.Model:
     return net
 
 
-def logged(distributed: bool) -> dict[str, float]:
+def logged(distributed: bool, built: bool = True) -> dict[str, float]:
     sink = MemorySink()
     with STRATEGY.scope() if distributed else tf.device("/cpu:0"):
-        net = model(keras.optimizers.SGD(0.0))
+        net = model(keras.optimizers.SGD(0.0), built)
     watch = GradWatch(log_dir=None, log_every_n_steps=1, sinks=[sink])
     net.fit(X, Y, batch_size=64, epochs=1, verbose=0, shuffle=False, callbacks=[watch])
     return sink.records[0].scalars
@@ -90,6 +90,7 @@ print(
         {
             "single": logged(distributed=False),
             "mirrored": logged(distributed=True),
+            "late_mirrored": logged(distributed=True, built=False),
             "mixed_single": logged_mixed(distributed=False),
             "mixed_mirrored": logged_mixed(distributed=True),
             "gradwatch_update_norm": update_norm(
