@@ -171,13 +171,43 @@ def test_explosion_does_not_learn_from_a_spike():
     detector = Explosion(factor=10.0, warmup_steps=10)
     norms = steady(seed=2, steps=40)
     _, before = run(detector, norms[:30])
-    spike = norms[30] * 50.0
+    spike = norms[30] * 500.0  # every group fires too: each rose factor times beyond the rest
     verdict, after = detector.update(stats_at(spike), before)
     assert verdict.flag.all()
     assert np.array_equal(np.exp(after.log_mean), np.exp(before.log_mean))  # baseline unmoved
     assert np.array_equal(after.count, before.count)
     next_verdict, _ = detector.update(stats_at(norms[31]), after)
     assert not next_verdict.flag.any()
+
+
+def test_explosion_a_group_rising_with_the_whole_gradient_is_judged_on_the_global_norm():
+    detector = Explosion(factor=10.0, warmup_steps=10)
+    norms = steady(seed=8, steps=30)
+    _, state = run(detector, norms[:29])
+    together, _ = detector.update(stats_at(norms[29] * 50.0), state)
+    assert together.flag.tolist() == [True, False, False, False]  # one event: the whole's
+    beyond, _ = detector.update(stats_at(norms[29] * [50.0, 50.0, 2000.0]), state)
+    assert beyond.flag.tolist() == [True, False, False, True]  # the head rose 40x beyond the rest
+
+
+def test_explosion_a_group_leaping_while_the_whole_gradient_is_quiet_must_rise_further():
+    detector = Explosion(factor=10.0, warmup_steps=10)
+    norms = steady(seed=9, steps=30, base=(10.0, 10.0, 0.01))  # the head: a sliver of the whole
+    _, state = run(detector, norms[:29])
+    for rise, fires in [(20.0, False), (50.0, True), (1000.0, True)]:  # factor**1.5 is ~32
+        row = norms[29].copy()
+        row[2] *= rise
+        verdict, _ = detector.update(stats_at(row), state)
+        assert verdict.flag.tolist() == [False, False, False, fires], rise
+
+
+def test_explosion_a_group_settling_at_a_new_level_is_learnt_not_flagged_at_every_step():
+    detector = Explosion(factor=10.0, warmup_steps=10)
+    norms = steady(seed=10, steps=200, base=(10.0, 10.0, 0.01))
+    norms[30:, 2] *= 20.0  # the head comes back from a dip, say, and stays there
+    verdicts, state = run(detector, norms)
+    assert not flags(verdicts).any()
+    assert np.exp(state.log_mean[3]) > 0.1  # its baseline has moved up to the new level (0.2)
 
 
 def test_explosion_baseline_is_the_geometric_mean_during_warmup():
@@ -198,9 +228,11 @@ def test_explosion_max_norm_fires_from_step_zero():
 
 
 def test_explosion_threshold_is_the_smaller_of_max_norm_and_factor_times_baseline():
-    detector = Explosion(factor=10.0, warmup_steps=3, max_norm=5.0)
+    detector = Explosion(factor=10.0, warmup_steps=3, max_norm=2.0)
     verdicts, _ = run(detector, np.full((5, 3), 0.1, np.float32))
-    expected = np.array([10.0 * 0.1 * math.sqrt(3), 1.0, 1.0, 1.0], np.float32)
+    # the global norm: 10x its baseline; the groups (the whole gradient is quiet, so their bound
+    # is 10**1.5 times their baseline, 3.16): max_norm
+    expected = np.array([10.0 * 0.1 * math.sqrt(3), 2.0, 2.0, 2.0], np.float32)
     np.testing.assert_allclose(verdicts[4].threshold, expected, rtol=1e-5)
 
 

@@ -1,0 +1,104 @@
+"""Healthy runs of real architectures raise no detection at the defaults; broken gradients do.
+
+A GPT-2 (LayerNorm, learning induction after a plateau at chance), a narrow ResNet-18
+(BatchNorm) and an LSTM language model train for 300 steps under ``TorchGradWatch`` with its
+defaults (see ``_architectures.py``). Then the same runs, shorter, with a 1000x gradient spike in
+one module and a NaN in another, must report each at the step it was injected.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+pytest.importorskip("torch")
+
+import torch
+from _architectures import train
+from torch import nn
+
+from gradwatch.guard import GradWatchWarning
+
+pytestmark = pytest.mark.slow  # ~1 minute on one CPU core
+
+ARCHITECTURES = ["gpt2", "resnet", "lstm"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These small models train fastest on one core, and far slower on cores shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def needs(architecture: str) -> None:
+    if architecture == "gpt2":
+        pytest.importorskip("transformers")
+
+
+def describe(events: list[dict]) -> list[str]:
+    return [
+        f"step {e['step']} {e['kind']} {e['group']} value {e['value']:.4g} "
+        f"threshold {e['threshold']:.4g}"
+        for e in events
+    ]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_healthy_run_raises_no_detection(architecture, tmp_path):
+    needs(architecture)
+    run = train(architecture, tmp_path, steps=300)
+    assert describe(run.events) == []
+    start, end = statistics.mean(run.losses[:10]), statistics.mean(run.losses[-30:])
+    assert start > 0.9 * run.chance  # it starts at chance ...
+    assert end < 0.6 * start  # ... and learns
+
+
+# (module spiked 1000x at step 30, module given a NaN at step 40)
+FAULTS = {
+    "gpt2": ("transformer.h.1.mlp.c_fc", "transformer.h.2.attn.c_proj"),
+    "resnet": ("layer2.0.conv1", "layer3.1.conv2"),
+    "lstm": ("lstm", "head"),
+}
+SPIKE_STEP, NAN_STEP = 30, 40  # after the 20-step warm-up
+
+
+def break_gradients(spike: str, nan: str):
+    def fault(step: int, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            module = name.rpartition(".")[0]
+            if step == SPIKE_STEP and module == spike:
+                p.grad.mul_(1000.0)
+            if step == NAN_STEP and module == nan:
+                p.grad.view(-1)[0] = math.nan
+
+    return fault
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_spike_and_a_nan_are_caught_at_the_step_they_happen(architecture, tmp_path):
+    needs(architecture)
+    spike, nan = FAULTS[architecture]
+    # "skip" drops both broken steps, so the run stays healthy around them and every event
+    # it raises can be listed
+    with pytest.warns(GradWatchWarning):
+        run = train(
+            architecture,
+            tmp_path,
+            steps=50,
+            fault=break_gradients(spike, nan),
+            on_explosion="skip",
+            on_nonfinite="skip",
+        )
+    found = {(e["step"], e["kind"], e["group"]) for e in run.events}
+    assert found == {
+        (SPIKE_STEP, "explosion", spike),
+        (SPIKE_STEP, "explosion", "global"),
+        (NAN_STEP, "nonfinite", nan),
+        (NAN_STEP, "nonfinite", "global"),
+    }, describe(run.events)
+    assert all(torch.isfinite(torch.tensor(run.losses)))
