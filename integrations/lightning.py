@@ -40,7 +40,8 @@ from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatch", "GradWatchWarning"]
 
-SUBDIRECTORY = "gradwatch"
+SUBDIRECTORY = "gradwatch"  # inside a logger's run folder
+RUNS = "gradwatch_logs"  # without a logger: a folder of runs (no importable package's name)
 log = logging.getLogger(__name__)
 
 
@@ -62,26 +63,6 @@ class _LoggerSink:
         """Lightning finalizes its loggers itself."""
 
 
-class _WithoutScalars:
-    """Passes histograms, text and images on, leaving scalars (and their layout) to the loggers."""
-
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-
-    def write(self, record: Record) -> None:
-        self.sink.write(
-            Record(
-                record.step, histograms=record.histograms, texts=record.texts, images=record.images
-            )
-        )
-
-    def flush(self) -> None:
-        self.sink.flush()
-
-    def close(self) -> None:
-        self.sink.close()
-
-
 class GradWatch(Callback):
     """Watch gradient flow: per-group gradient statistics in every logger and in TensorBoard.
 
@@ -92,10 +73,11 @@ class GradWatch(Callback):
             none.
         group_by: ``"module"`` (default: one group per module owning parameters, e.g.
             ``blocks.0.attn``), ``"parameter"``, or a callable from parameter name to group name.
-        log_dir: directory of gradwatch's TensorBoard event files (histograms, text, and the
-            scalars when the Trainer has a TensorBoardLogger or no logger). Default: a
-            ``gradwatch`` folder inside the TensorBoardLogger's run directory (else inside
-            ``trainer.log_dir``), so TensorBoard shows it as a run beside the user's own.
+        log_dir: directory of gradwatch's TensorBoard event files (every statistic, histogram,
+            picture and text, whatever the loggers; loggers other than TensorBoard get the
+            scalars too). Default: a ``gradwatch`` folder inside the first logger's run
+            directory, so TensorBoard shows it as a run beside the user's own; without a
+            logger, ``<default_root_dir>/gradwatch_logs/version_N``, a new one per fit.
         track_update_ratio: also log ``update_to_param/<group>`` (needs a copy of the
             parameters at logging steps).
         histogram_bins: buckets per histogram (at most 10,000).
@@ -263,27 +245,41 @@ class GradWatch(Callback):
     # -- internals ---------------------------------------------------------------------------
 
     def default_log_dir(self, trainer: pl.Trainer) -> str:
-        """Where gradwatch's event files go when ``log_dir`` is not given."""
+        """Where gradwatch's event files go when ``log_dir`` is not given: beside the first
+        logger's files (``<run dir>/gradwatch``), else, without a logger, a run folder of its
+        own, ``<default_root_dir>/gradwatch_logs/version_N``, so that fits never share one.
+
+        A collective: every rank must call it (``trainer.log_dir`` broadcasts, and so does
+        the version chosen on rank 0)."""
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 return str(Path(logger.log_dir) / SUBDIRECTORY)
-        return str(Path(trainer.log_dir or trainer.default_root_dir) / SUBDIRECTORY)
+        if trainer.loggers:
+            return str(Path(trainer.log_dir or trainer.default_root_dir) / SUBDIRECTORY)
+        root = Path(trainer.default_root_dir) / RUNS
+        return trainer.strategy.broadcast(str(root / f"version_{_next_version(root)}"))
 
     def _sinks(self, trainer: pl.Trainer, log_dir: str) -> list[Sink]:
-        """Scalars: to gradwatch's event file if TensorBoard is a logger (or there is none),
-        and to every other logger; histograms and text: to gradwatch's event file."""
-        events = TensorBoardSink(log_dir)
+        """gradwatch's own event file always gets the whole record (so ``gradwatch report``
+        works with any logger); every logger but TensorBoard gets the scalars as well."""
         others = [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
-        if not others:
-            return [events]
-        with_tensorboard = len(others) < len(trainer.loggers)
-        return [_LoggerSink(others), events if with_tensorboard else _WithoutScalars(events)]
+        return [TensorBoardSink(log_dir), *([_LoggerSink(others)] if others else [])]
 
     def _close(self) -> None:
         """Write the last step when it was not logged, and close the files (once)."""
         if self.reporter is not None and not self.reporter.monitor.closed:
             assert self.engine is not None
             self.reporter.close(self.engine.finish())
+
+
+def _next_version(root: Path) -> int:
+    """The first N for which ``root/version_N`` does not exist yet."""
+    taken = {
+        int(p.name.removeprefix("version_"))
+        for p in (root.iterdir() if root.is_dir() else ())
+        if p.name.startswith("version_") and p.name.removeprefix("version_").isdigit()
+    }
+    return next(n for n in range(len(taken) + 1) if n not in taken)
 
 
 def _group_by_name(group_by: GroupBy) -> str:

@@ -74,14 +74,14 @@ def test_logged_norms_equal_a_direct_computation_in_every_logger(tmp_path):
     assert float(rows[0]["grad_norm/net.0"]) == pytest.approx(expected["net.0"], rel=1e-5)
 
 
-def test_a_csv_logger_alone_gets_the_scalars_and_the_event_file_the_rest(tmp_path):
+def test_a_csv_logger_gets_the_scalars_and_the_event_file_everything(tmp_path):
     watch = GradWatch(log_every_n_steps=4, histogram_every_n_steps=4)
     run = trainer(tmp_path, logger=CSVLogger(tmp_path, name="csv"), callbacks=[watch])
     run.fit(Regressor(lr=0.0), loader())
     (path,) = event_files(tmp_path)
     assert os.path.dirname(path) == str(tmp_path / "csv" / "version_0" / "gradwatch")
     events = read_events(path)
-    assert events.Tags()["scalars"] == []
+    assert "grad_norm/net.0" in events.Tags()["scalars"]  # `gradwatch report` reads them
     assert sorted(events.Tags()["histograms"]) == [f"grad_hist/{g}" for g in GROUPS]
     (metrics,) = glob.glob(str(tmp_path / "csv" / "**" / "metrics.csv"), recursive=True)
     with open(metrics) as f:
@@ -90,14 +90,25 @@ def test_a_csv_logger_alone_gets_the_scalars_and_the_event_file_the_rest(tmp_pat
 
 
 def test_no_arguments_and_no_logger(tmp_path):
-    watch = GradWatch()
-    trainer(tmp_path, logger=False, callbacks=[watch], log_every_n_steps=4).fit(
-        Regressor(lr=0.01), loader()
-    )
-    (path,) = event_files(tmp_path)
-    assert path.startswith(str(tmp_path / "gradwatch"))
-    events = read_events(path)
+    for _ in range(2):  # two fits: two runs, never one folder
+        trainer(tmp_path, logger=False, callbacks=[GradWatch()], log_every_n_steps=4).fit(
+            Regressor(lr=0.01), loader()
+        )
+    first, second = event_files(tmp_path)
+    assert os.path.dirname(first) == str(tmp_path / "gradwatch_logs" / "version_0")
+    assert os.path.dirname(second) == str(tmp_path / "gradwatch_logs" / "version_1")
+    events = read_events(first)
     assert [s for s, _ in logged(events, "grad_norm/net.0")] == [0, 3, 7]  # the Trainer's cadence
+    assert not (tmp_path / "gradwatch").exists()  # no folder named like the package
+
+
+def test_an_unwritable_log_dir_is_an_error_at_fit_start(tmp_path):
+    (tmp_path / "a_file").write_text("the user's")
+    watch = GradWatch(log_dir=tmp_path / "a_file" / "logs")
+    run = trainer(tmp_path, callbacks=[watch], logger=False)
+    with pytest.raises(OSError, match=r"cannot write its event files to '.*a_file/logs'"):
+        run.fit(Regressor(lr=0.01), loader())
+    assert run.global_step == 0 and (tmp_path / "a_file").read_text() == "the user's"
 
 
 def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):

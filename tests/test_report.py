@@ -421,3 +421,15 @@ def test_progress_is_tqdm_only(monkeypatch):
     with pytest.raises(ReportError, match=r"needs tqdm: pip install 'gradwatch\[report\]'"):
         ByteProgress(10)
     assert ByteProgress(10, quiet=True).bar is None
+
+
+def test_two_writers_in_one_folder_are_two_runs(tmp_path):
+    """Two processes (or two fits) given the same log_dir: the report keeps them apart."""
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        with TensorBoardSink(tmp_path / "shared") as sink:
+            for step in range(3):
+                sink.write(Record(step, scalars=synthetic_scalars(step, rng)))
+    runs = read_runs(tmp_path)
+    assert len(runs) == 2 and all(len(run.history) == 3 for run in runs)
+    assert runs[0].name != runs[1].name and all(r.name.startswith("shared (") for r in runs)

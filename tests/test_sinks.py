@@ -141,12 +141,15 @@ def test_scalar_not_a_real_number_raises(tmp_path: Path, value: object) -> None:
 # --- TensorBoardSink: files ---------------------------------------------------------------------
 
 
-def test_file_is_created_lazily(tmp_path: Path) -> None:
+def test_file_is_created_lazily_and_the_folder_checked_at_once(tmp_path: Path) -> None:
     log_dir = tmp_path / "not" / "yet"
     with TensorBoardSink(log_dir) as sink:
         sink.write(Record(step=0))  # empty: writes nothing
         assert sink.path is None
-    assert not log_dir.exists()
+    assert list(log_dir.iterdir()) == []  # the folder is made (and checked), no file in it
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match=r"cannot write its event files to .*file/below"):
+        TensorBoardSink(tmp_path / "file" / "below")
 
 
 def test_first_write_creates_directory_and_file(tmp_path: Path) -> None:

@@ -157,8 +157,8 @@ def _no_data_message(log_dir: Path, files: int) -> str:
         return f"No TensorBoard event files below {str(log_dir)!r}: nothing to report."
     return (
         f"No gradwatch data in {str(log_dir)!r}: {files} event file(s), but none holds "
-        "gradwatch's per-group gradient norms (grad_norm/<group>). With a Lightning Trainer "
-        "whose loggers include no TensorBoardLogger, gradwatch's scalars go to those loggers."
+        "gradwatch's per-group gradient norms (grad_norm/<group>). Point LOGDIR at the folder "
+        "gradwatch wrote to (its `log_dir`)."
     )
 
 

@@ -61,15 +61,25 @@ def event_files(log_dir: Path) -> list[Path]:
 
 
 def read_runs(log_dir: Path, progress: Progress | None = None) -> list[Run]:
-    """Runs below ``log_dir`` (one per directory of event files) that hold gradwatch data.
+    """Runs below ``log_dir`` that hold gradwatch data: one per directory of event files, or,
+    where several gradwatch sinks wrote into one directory (two processes, two fits), one per
+    sink.
 
     A damaged or truncated record is skipped; each run lists its files with skipped records in
     ``Run.damaged``.
     """
-    runs: dict[Path, Run] = {}
-    for path in event_files(log_dir):
+    runs: dict[tuple[Path, str], Run] = {}
+    paths = event_files(log_dir)
+    writers: dict[Path, set[str]] = {}
+    for path in paths:
+        writers.setdefault(path.parent, set()).add(_writer(path))
+    for path in paths:
         name = os.path.relpath(path.parent, log_dir)
-        run = runs.setdefault(path.parent, Run(path.parent.name if name == os.curdir else name))
+        name = path.parent.name if name == os.curdir else name
+        writer = _writer(path) if len(writers[path.parent] - {""}) > 1 else ""
+        if writer:  # several gradwatch sinks wrote here: a run each
+            name = f"{name} ({writer})"
+        run = runs.setdefault((path.parent, writer), Run(name))
         file = EventFile(path)
         for event in file.events(progress):
             if event.HasField("summary"):
@@ -77,6 +87,21 @@ def read_runs(log_dir: Path, progress: Progress | None = None) -> list[Run]:
         if file.damaged:
             run.damaged.append(file)
     return [run for run in runs.values() if len(run.history)]
+
+
+def _writer(path: Path) -> str:
+    """Which gradwatch sink wrote an event file: ``host pid P #N`` from the name it gave it
+    (``events.out.tfevents.<time>.<host>.<pid>.<N>.gradwatch``); "" for other writers' files.
+
+    Example:
+        >>> _writer(Path("events.out.tfevents.0001.box.42.3.gradwatch"))
+        'box pid 42 #3'
+    """
+    parts = path.name.split(".")
+    if len(parts) < 7 or parts[-1] != "gradwatch":
+        return ""
+    host = ".".join(parts[4:-3])
+    return f"{host} pid {parts[-3]} #{parts[-2]}"
 
 
 def _add(run: Run, step: int, summary) -> None:

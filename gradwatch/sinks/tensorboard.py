@@ -12,6 +12,7 @@ import numbers
 import os
 import socket
 import struct
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +62,7 @@ class TensorBoardSink:
 
     def __init__(self, log_dir: str | os.PathLike[str]) -> None:
         self._log_dir = Path(log_dir)
+        _check_writable(self._log_dir)
         self._path: Path | None = None
         self._file: BinaryIO | None = None
         self._closed = False
@@ -128,6 +130,21 @@ class TensorBoardSink:
         self._file = self._path.open("xb")  # "x": never append to another writer's file
         self._file.write(_frame(event_pb2.Event(wall_time=time.time(), file_version=_FILE_VERSION)))
         return self._file
+
+
+def _check_writable(directory: Path) -> None:
+    """Create ``directory`` and make sure a file can be created in it, now rather than at the
+    first logging step; raise ``OSError`` naming it otherwise."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise OSError(
+            f"gradwatch cannot write its event files to {str(directory)!r}: {reason}."
+            " Pass a writable folder as `log_dir`."
+        ) from None
 
 
 def _file_name() -> str:
