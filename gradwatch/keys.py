@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 __all__ = [
+    "DEFAULT_STATISTICS",
     "DEPTH_PROFILE",
     "GLOBAL",
     "HEATMAP",
     "LAYOUT",
+    "STATISTICS",
     "TAGS",
     "TagSpec",
     "amp_tag",
@@ -51,6 +53,11 @@ PARAM_NORM = "param_norm"
 GRAD_TO_PARAM = "grad_to_param"
 UPDATE_TO_PARAM = "update_to_param"
 GRAD_HISTOGRAM = "grad_hist"
+# Which per-group statistics are written: the first two at the defaults (two charts a group),
+# the others on request (`statistics=`). Non-finite values are reported through the events
+# whatever is chosen.
+DEFAULT_STATISTICS = (GRAD_NORM, GRAD_TO_PARAM)
+STATISTICS = (GRAD_NORM, GRAD_TO_PARAM, GRAD_MAX_ABS, GRAD_NONFINITE, PARAM_NORM, UPDATE_TO_PARAM)
 # Whole-model statistics.
 TOTAL = "grad_norm_total"
 GLOBAL = "global"
@@ -77,14 +84,29 @@ LOGGING = "every `log_every_n_steps`"
 
 TAGS: tuple[TagSpec, ...] = (
     TagSpec(f"{GRAD_NORM}/<group>", "scalar", LOGGING, "L2 norm of the group's gradient"),
-    TagSpec(f"{GRAD_MAX_ABS}/<group>", "scalar", LOGGING, "largest absolute gradient value"),
-    TagSpec(f"{GRAD_NONFINITE}/<group>", "scalar", LOGGING, "count of NaN/Inf gradient values"),
-    TagSpec(f"{PARAM_NORM}/<group>", "scalar", LOGGING, "L2 norm of the group's parameters"),
     TagSpec(f"{GRAD_TO_PARAM}/<group>", "scalar", LOGGING, "gradient norm / parameter norm"),
+    TagSpec(
+        f"{GRAD_MAX_ABS}/<group>",
+        "scalar",
+        f"{LOGGING}, with `statistics=`",
+        "largest absolute gradient value",
+    ),
+    TagSpec(
+        f"{GRAD_NONFINITE}/<group>",
+        "scalar",
+        f"{LOGGING}, with `statistics=`",
+        "count of NaN/Inf gradient values",
+    ),
+    TagSpec(
+        f"{PARAM_NORM}/<group>",
+        "scalar",
+        f"{LOGGING}, with `statistics=`",
+        "L2 norm of the group's parameters",
+    ),
     TagSpec(
         f"{UPDATE_TO_PARAM}/<group>",
         "scalar",
-        f"{LOGGING}, with `track_update_ratio=True`",
+        f"{LOGGING}, with `track_update_ratio=True` or `statistics=`",
         "norm of the optimizer's update / parameter norm",
     ),
     TagSpec(

@@ -83,9 +83,11 @@ def build_record(
     optimizer: int | None = None,
     skips: bool = False,
     scaler: bool = False,
+    statistics: Sequence[str] = keys.STATISTICS,
 ) -> Record:
     """Name every statistic of one logging step.
 
+    ``statistics`` are the per-group statistics written (of those measured).
     ``summary`` is the host copy of the step's :class:`StepSummary`; ``skips`` writes the
     count of steps gradwatch dropped, ``scaler`` that of the loss scaler's. ``optimizer`` is
     the optimizer's index when a model has several, else ``None``.
@@ -101,7 +103,7 @@ def build_record(
     }
     scalars: dict[str, float] = {}
     for statistic, values in per_group.items():
-        if values is None:  # not measured at this step
+        if values is None or statistic not in statistics:  # not measured, or not wanted
             continue
         for g in np.flatnonzero(groups.present):
             scalars[keys.group_tag(statistic, grouping.tags[g])] = float(values[g])

@@ -25,16 +25,56 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gradwatch import keys
 from gradwatch.checks import OFF, check_count, check_flag, check_path, check_sinks
 from gradwatch.grouping import check_group_by
 from gradwatch.guard import Guard
 from gradwatch.monitor import Cadence
 
-__all__ = ["MAX_HISTOGRAM_BINS", "Options", "check_histogram_bins", "check_options"]
+__all__ = [
+    "MAX_HISTOGRAM_BINS",
+    "Options",
+    "check_histogram_bins",
+    "check_options",
+    "check_statistics",
+]
 
 MAX_HISTOGRAM_BINS = 10_000
 """The most buckets per histogram: one row of them per group is built on the device and
 copied to the host at every histogram step (TensorBoard draws about 30)."""
+
+
+def check_statistics(statistics: object, track_update_ratio: bool = False) -> tuple[str, ...]:
+    """The per-group statistics to write: ``"default"`` (the gradient norm and the
+    gradient/parameter ratio: two charts a group), ``"all"``, or a list of names from
+    :data:`gradwatch.keys.STATISTICS`; the gradient norm is always written, and
+    ``update_to_param`` with ``track_update_ratio``.
+
+    Example:
+        >>> check_statistics(["param_norm"])
+        ('grad_norm', 'param_norm')
+        >>> check_statistics("default", track_update_ratio=True)
+        ('grad_norm', 'grad_to_param', 'update_to_param')
+    """
+    allowed = ", ".join(repr(s) for s in keys.STATISTICS)
+    if statistics == "default":
+        chosen = set(keys.DEFAULT_STATISTICS)
+    elif statistics == "all":
+        chosen = set(keys.STATISTICS)
+    elif isinstance(statistics, (list, tuple)) and all(s in keys.STATISTICS for s in statistics):
+        chosen = set(statistics)
+    else:
+        raise ValueError(
+            "`statistics` must be 'default', 'all', or a list of names from "
+            f"{allowed}. Received: statistics={statistics!r}"
+        )
+    chosen |= {keys.GRAD_NORM} | ({keys.UPDATE_TO_PARAM} if track_update_ratio else set())
+    if keys.UPDATE_TO_PARAM in chosen and not track_update_ratio and statistics != "all":
+        raise ValueError(
+            "`statistics` names 'update_to_param', which needs `track_update_ratio=True`."
+            f" Received: statistics={statistics!r}"
+        )
+    return tuple(s for s in keys.STATISTICS if s in chosen)
 
 
 def check_histogram_bins(histogram_bins: object) -> int:
@@ -57,6 +97,7 @@ class Options:
         histogram_bins: buckets per histogram, at most :data:`MAX_HISTOGRAM_BINS`.
         guard: the ``clip``, ``on_*``, ``explosion`` and ``vanishing`` options.
         sinks: extra sinks for the records.
+        statistics: the per-group statistics written (see :func:`check_statistics`).
     """
 
     log_every_n_steps: int | None
@@ -67,6 +108,7 @@ class Options:
     histogram_bins: int
     guard: Guard
     sinks: tuple[Any, ...] = ()
+    statistics: tuple[str, ...] = keys.DEFAULT_STATISTICS
 
     def cadence(self, log_every_n_steps: int | None = None) -> Cadence:
         """The cadence; ``log_every_n_steps`` is the framework's, used where the options have
@@ -89,6 +131,7 @@ def check_options(
     explosion: object,
     vanishing: object,
     sinks: object = (),
+    statistics: object = "default",
     group_rules: tuple[str, ...] = ("module", "parameter"),
     group_member: str = "parameter name",
     default_log_every: str | None = None,
@@ -112,13 +155,17 @@ def check_options(
     histograms = check_count(
         "histogram_every_n_steps", histogram_every_n_steps, smallest=0, meaning=OFF
     )
+    update_ratio = check_flag("track_update_ratio", track_update_ratio)
+    if statistics == "all":
+        update_ratio = True  # every statistic, the update ratio included
     return Options(
         log_every_n_steps=every,
         histogram_every_n_steps=histograms,
         group_by=check_group_by(group_by, group_rules, group_member),
         log_dir=check_path("log_dir", log_dir),
-        track_update_ratio=check_flag("track_update_ratio", track_update_ratio),
+        track_update_ratio=update_ratio,
         histogram_bins=check_histogram_bins(histogram_bins),
         guard=Guard.configure(clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing),
         sinks=check_sinks("sinks", sinks),
+        statistics=check_statistics(statistics, update_ratio),
     )

@@ -24,6 +24,7 @@ from gradwatch.record import Record
 __all__ = [
     "GradWatchWarning",
     "Reporter",
+    "count_nonfinite",
     "describe",
     "events_markdown",
     "markdown_text",
@@ -106,6 +107,18 @@ class Reporter:
         return events
 
 
+def count_nonfinite(events: list[dict], step: int, counts: dict[str, float]) -> list[dict]:
+    """Put on the non-finite findings of ``step`` how many NaN/Inf values were found:
+    ``counts`` by group (the global finding gets their sum). The detectors see only norms;
+    an engine counts the values where it can (at a logging step, at a dropped step)."""
+    for event in events:
+        if event["kind"] == "nonfinite" and event["step"] == step:
+            total = sum(counts.values()) if event["group"] == GLOBAL else counts.get(event["group"])
+            if total:
+                event["count"] = int(total)
+    return events
+
+
 def describe(event: dict) -> str:
     """One detection in words.
 
@@ -125,7 +138,8 @@ def describe(event: dict) -> str:
         )
     if event["kind"] == "nonfinite":
         where = "the gradient" if whole else event["group"]
-        text = f"non-finite values (NaN/Inf) in {where} at step {step}"
+        many = f"{event['count']} " if "count" in event else ""
+        text = f"{many}non-finite values (NaN/Inf) in {where} at step {step}"
     elif event["kind"] == "explosion":
         text = f"explosion at step {step}: {subject} {value:.3g} > {bound:.3g}"
     else:
@@ -169,7 +183,9 @@ def summary_line(events: list[dict]) -> str:
 
 
 def _names(events: list[dict]) -> str:
-    names = ", ".join(e["group"] for e in events[:_LISTED])
+    names = ", ".join(
+        e["group"] + (f" ({e['count']})" if "count" in e else "") for e in events[:_LISTED]
+    )
     return names + (f" and {len(events) - _LISTED} more" if len(events) > _LISTED else "")
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "global_norm",
     "group_norms",
     "init_summary",
+    "nonzero_sums",
     "reset_summary",
     "update_summary",
 ]
@@ -159,6 +160,20 @@ def group_norms(tensor_norms: np.ndarray, group_of: np.ndarray, groups: int) -> 
     """
     squares = np.square(tensor_norms, dtype=np.float64)
     return np.sqrt(np.bincount(group_of, weights=squares, minlength=groups))
+
+
+def nonzero_sums(grouping: Grouping, tensors: np.ndarray, values: np.ndarray) -> dict[str, float]:
+    """``values`` of the tensors at positions ``tensors`` summed by group, for the groups
+    whose sum is not zero (a step's NaN/Inf counts, say), by group name.
+
+    Example:
+        >>> g = Grouping.build(["a.w", "a.b", "c.w"], "module")
+        >>> nonzero_sums(g, np.array([0, 1, 2]), np.array([2.0, 1.0, 0.0]))
+        {'a': 3.0}
+    """
+    tensors = np.asarray(tensors, dtype=np.int64)
+    sums = np.bincount(grouping.index[tensors], weights=values, minlength=len(grouping.groups))
+    return {grouping.groups[g]: float(sums[g]) for g in np.flatnonzero(sums)}
 
 
 def _root_sum_square(grouping: Grouping, values: np.ndarray, present: np.ndarray) -> np.ndarray:

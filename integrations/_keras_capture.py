@@ -35,6 +35,7 @@ from gradwatch.integrations import _tf_namespace
 from gradwatch.monitor import Cadence, build_histogram_record, build_record
 from gradwatch.policies import AGC, ClipStats
 from gradwatch.record import Histogram, Record
+from gradwatch.reporting import count_nonfinite
 from gradwatch.stats import (
     StepSummary,
     TensorStats,
@@ -149,8 +150,10 @@ class Capture:
         strategy: tf.distribute.Strategy,
         track_update_ratio: bool = False,
         scaled: bool = False,
+        statistics: Sequence[str] = keys.DEFAULT_STATISTICS,
     ) -> None:
         _tf_namespace.install()
+        self.statistics = tuple(statistics)
         self.optimizer = optimizer
         self.grouping = grouping
         self.guard = guard
@@ -411,7 +414,7 @@ class Capture:
         records = []
         if logged > last_logged:
             record = self._record(logged, histograms if histogram == logged else {})
-            record.events = self.drain()
+            record.events = count_nonfinite(self.drain(), logged, self._nonfinite_by_group())
             records.append(record)
             if histogram == logged:
                 histograms = {}
@@ -455,6 +458,7 @@ class Capture:
             histograms=histograms,
             skips=self.guard.reads_every_step,
             scaler=self.scaled,
+            statistics=self.statistics,
         )
 
     def _record(self, step: int, histograms: dict[str, Histogram]) -> Record:
@@ -475,6 +479,16 @@ class Capture:
             record.scalars[keys.clip_tag(keys.COEFFICIENT, None)] = float(coefficient)
             record.scalars[keys.total_tag(keys.CLIPPED, None)] = float(clipped)
         return record
+
+    def _nonfinite_by_group(self) -> dict[str, float]:
+        """NaN/Inf counts of the stored logging step, summed by group (groups with none
+        left out)."""
+        present, _, _, nonfinite = self.gradients.host()
+        index = self.grouping.index[present > 0]
+        sums = np.bincount(
+            index, weights=nonfinite[present > 0], minlength=len(self.grouping.groups)
+        )
+        return {self.grouping.groups[g]: float(sums[g]) for g in np.flatnonzero(sums)}
 
     def _read_histograms(self) -> dict[str, Histogram]:
         found = {}

@@ -22,7 +22,7 @@ import inspect
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,11 @@ class GradWatch(keras.callbacks.Callback):
             before it, the weights would be copied at every step inside XLA. The update itself
             is measured against a copy of the weights from before it.)
         histogram_bins: buckets per histogram (at most 10,000).
+        statistics: the per-group statistics written: ``"default"`` (``grad_norm`` and
+            ``grad_to_param``, two charts a group), ``"all"``, or a list of names from
+            ``grad_norm``, ``grad_to_param``, ``grad_max_abs``, ``grad_nonfinite``,
+            ``param_norm``, ``update_to_param``. Non-finite values are reported through the
+            events whatever is chosen.
         clip: ``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``, ``AGC``, a float for
             ``ClipByNorm(float)``, or None. Taken on the aggregated gradient under
             ``tf.distribute``. For ``AGC`` a unit is a slice along a weight's last axis.
@@ -99,6 +104,7 @@ class GradWatch(keras.callbacks.Callback):
         group_by: GroupBy = "layer",
         track_update_ratio: bool = False,
         histogram_bins: int = 30,
+        statistics: str | Sequence[str] = "default",
         clip: Policy | float | None = None,
         on_nonfinite: str = "warn",
         on_explosion: str = "warn",
@@ -115,6 +121,7 @@ class GradWatch(keras.callbacks.Callback):
             group_by=group_by,
             track_update_ratio=track_update_ratio,
             histogram_bins=histogram_bins,
+            statistics=statistics,
             clip=clip,
             on_nonfinite=on_nonfinite,
             on_explosion=on_explosion,
@@ -130,6 +137,7 @@ class GradWatch(keras.callbacks.Callback):
         self.group_by = options.group_by
         self.track_update_ratio = options.track_update_ratio
         self.histogram_bins = options.histogram_bins
+        self.statistics = options.statistics
         self.guard = options.guard
         self.extra_sinks = options.sinks
         self.grouping: Grouping | None = None
@@ -229,6 +237,7 @@ class GradWatch(keras.callbacks.Callback):
                 model.distribute_strategy,
                 self.track_update_ratio,
                 scaled=target is not model.optimizer,
+                statistics=self.statistics,
             )
 
         cross_replica(start)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,11 @@ class GradWatch(Callback):
         track_update_ratio: also log ``update_to_param/<group>`` (needs a copy of the
             parameters at logging steps).
         histogram_bins: buckets per histogram (at most 10,000).
+        statistics: the per-group statistics written: ``"default"`` (``grad_norm`` and
+            ``grad_to_param``, two charts a group), ``"all"``, or a list of names from
+            ``grad_norm``, ``grad_to_param``, ``grad_max_abs``, ``grad_nonfinite``,
+            ``param_norm``, ``update_to_param``. Non-finite values are reported through the
+            events whatever is chosen.
         clip: a clipping policy (``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``,
             ``AGC``), a float for ``ClipByNorm(float)``, or None.
         on_nonfinite, on_explosion: ``"warn"`` (default), ``"skip"`` (drop the optimizer step:
@@ -109,6 +115,7 @@ class GradWatch(Callback):
         log_dir: str | os.PathLike | None = None,
         track_update_ratio: bool = False,
         histogram_bins: int = 30,
+        statistics: str | Sequence[str] = "default",
         clip: Policy | float | None = None,
         on_nonfinite: str = "warn",
         on_explosion: str = "warn",
@@ -123,6 +130,7 @@ class GradWatch(Callback):
             log_dir=log_dir,
             track_update_ratio=track_update_ratio,
             histogram_bins=histogram_bins,
+            statistics=statistics,
             clip=clip,
             on_nonfinite=on_nonfinite,
             on_explosion=on_explosion,
@@ -137,6 +145,7 @@ class GradWatch(Callback):
         self.log_dir = options.log_dir
         self.track_update_ratio = options.track_update_ratio
         self.histogram_bins = options.histogram_bins
+        self.statistics = options.statistics
         self.guard = options.guard
         self.engine: TorchEngine | None = None
         self.reporter: Reporter | None = None
@@ -178,6 +187,7 @@ class GradWatch(Callback):
             track_update_ratio=self.track_update_ratio,
             label_optimizers=len(trainer.optimizers) > 1,
             histogram_bins=self.histogram_bins,
+            statistics=self.statistics,
             guard=self.guard,
             scaler=scaler,
         )

@@ -43,13 +43,14 @@ from gradwatch.options import check_histogram_bins, check_options
 from gradwatch.pictures import FlowPictures
 from gradwatch.policies import Policy
 from gradwatch.record import Histogram, Record, Sink
-from gradwatch.reporting import GradWatchWarning, Reporter
+from gradwatch.reporting import GradWatchWarning, Reporter, count_nonfinite
 from gradwatch.sinks import TensorBoardSink
 from gradwatch.stats import (
     StepSummary,
     TensorStats,
     global_norm,
     init_summary,
+    nonzero_sums,
     reset_summary,
     update_summary,
 )
@@ -169,6 +170,7 @@ class TorchEngine:
         label_optimizers: name whole-model tags by optimizer index even for the first
             optimizer (the second and later always are).
         histogram_bins: buckets per histogram (at most 10,000).
+        statistics: the per-group statistics written (``gradwatch.keys.STATISTICS``).
         guard: detectors, their actions and a clipping policy (default: warn on every kind,
             no clipping).
     """
@@ -184,6 +186,7 @@ class TorchEngine:
         histogram_bins: int = 30,
         guard: Guard | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        statistics: Sequence[str] = keys.DEFAULT_STATISTICS,
     ) -> None:
         named = [(_original_name(n), p) for n, p in named_parameters if p.requires_grad]
         self.params = [p for _, p in named]
@@ -193,12 +196,14 @@ class TorchEngine:
         self.label_optimizers = label_optimizers
         self.histogram_bins = check_histogram_bins(histogram_bins)
         self.scaler = scaler
+        self.statistics = tuple(statistics)
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._optimizers: dict[int, _OptimizerState] = {}
         self._pending: list[_Pending] = []
         self._restored: dict[str, list] = {}
         self.guard = TorchGuard(guard or Guard(), self.grouping)
         self._skipped: deque[int] = deque(maxlen=_KEPT)
+        self._counts: dict[int, dict[str, float]] = {}  # NaN/Inf values by group, at a step
         self.skipped_count = 0  # optimizer steps dropped by a "skip" or "stop" action, in all
         self.stopped_at: int | None = None  # the step a "stop" action dropped
 
@@ -253,6 +258,10 @@ class TorchEngine:
         if dropped is not None and bool(dropped):
             self._skipped.append(number)
             self.skipped_count += 1
+            if not np.isfinite(float(total)):  # say how many values, while they are here
+                host = view(norms, True) if on_host else norms.cpu().numpy()
+                counts = self._nonfinite(local_grads, host, reducer)
+                self._counts[number] = nonzero_sums(self.grouping, np.asarray(indices), counts)
             stop = bool(decision.stop)
             if stop and self.stopped_at is None:
                 self.stopped_at = number
@@ -295,7 +304,7 @@ class TorchEngine:
                 grad_norm=self._scatter(last.indices, norms),
             )
             record = self._build(last.step, state, stats, summary, {})
-            record.events = self.guard.drain(state.guard)
+            record.events = self._drain(state)
             last.logged = True
             records.append(record)
         return records
@@ -479,8 +488,18 @@ class TorchEngine:
             record.scalars[keys.clip_tag(keys.COEFFICIENT, optimizer)] = float(clip[1])
             record.scalars[keys.total_tag(keys.CLIPPED, optimizer)] = float(clip[2])
         assert state.guard is not None
-        record.events = self.guard.drain(state.guard)
+        self._counts[pending.step] = nonzero_sums(self.grouping, np.asarray(indices), nonfinite)
+        record.events = self._drain(state)
         return record
+
+    def _drain(self, state: _OptimizerState) -> list[dict]:
+        """The detections since the last read, with the NaN/Inf counts known for their steps."""
+        assert state.guard is not None
+        events = self.guard.drain(state.guard)
+        for step, counts in self._counts.items():
+            count_nonfinite(events, step, counts)
+        self._counts.clear()
+        return events
 
     def _label(self, state: _OptimizerState) -> int | None:
         """The optimizer's index in tags, or None for a lone first optimizer."""
@@ -503,6 +522,7 @@ class TorchEngine:
             optimizer=self._label(state),
             skips=self.guard.guard.reads_every_step,
             scaler=self.scaler is not None and self.scaler.is_enabled(),
+            statistics=self.statistics,
         )
 
 
@@ -565,6 +585,11 @@ class TorchGradWatch:
         group_by: see :class:`TorchEngine`.
         track_update_ratio: see :class:`TorchEngine`.
         histogram_bins: buckets per histogram (at most 10,000).
+        statistics: the per-group statistics written: ``"default"`` (``grad_norm`` and
+            ``grad_to_param``, two charts a group), ``"all"``, or a list of names from
+            ``grad_norm``, ``grad_to_param``, ``grad_max_abs``, ``grad_nonfinite``,
+            ``param_norm``, ``update_to_param``. Non-finite values are reported through the
+            events whatever is chosen.
         sinks: extra sinks (for example a :class:`gradwatch.sinks.MemorySink`).
         scaler: the ``torch.amp.GradScaler`` of the loop, if any. The steps it drops itself
             (its overflow checks) are counted (``amp/skipped_steps``), never reported as
@@ -589,6 +614,7 @@ class TorchGradWatch:
         group_by: GroupBy = "module",
         track_update_ratio: bool = False,
         histogram_bins: int = 30,
+        statistics: str | Sequence[str] = "default",
         sinks: Sequence[Sink] = (),
         scaler: torch.amp.GradScaler | None = None,
         clip: Policy | float | None = None,
@@ -607,6 +633,7 @@ class TorchGradWatch:
             group_by=group_by,
             track_update_ratio=track_update_ratio,
             histogram_bins=histogram_bins,
+            statistics=statistics,
             sinks=sinks,
             clip=clip,
             on_nonfinite=on_nonfinite,
@@ -625,6 +652,7 @@ class TorchGradWatch:
             histogram_bins=options.histogram_bins,
             guard=options.guard,
             scaler=scaler,
+            statistics=options.statistics,
         )
         outputs = [] if options.log_dir is None else [TensorBoardSink(options.log_dir)]
         pictures = FlowPictures(images=cadence.histogram_every_n_steps > 0)

@@ -19,6 +19,18 @@ _CLIP = (
 _SINKS = "`sinks` must be a list or tuple of sinks (objects with write, flush and close)."
 
 COMMON = [
+    (
+        {"statistics": "max"},
+        ValueError,
+        "`statistics` must be 'default', 'all', or a list of names from 'grad_norm',"
+        " 'grad_to_param', 'grad_max_abs', 'grad_nonfinite', 'param_norm', 'update_to_param'."
+        " Received: statistics='max'",
+    ),
+    (
+        {"statistics": ["update_to_param"]},
+        ValueError,
+        "`statistics` names 'update_to_param', which needs `track_update_ratio=True`.",
+    ),
     ({"log_every_n_steps": 0}, ValueError, "Received: log_every_n_steps=0"),
     ({"log_every_n_steps": "10"}, TypeError, "Received: log_every_n_steps='10'"),
     ({"log_every_n_steps": 2.0}, TypeError, "Received: log_every_n_steps=2.0"),

@@ -34,7 +34,7 @@ def test_records_are_exact_and_only_logging_steps_read_the_gpu():
         log_dir=None,
         log_every_n_steps=3,
         histogram_every_n_steps=4,
-        track_update_ratio=True,
+        statistics="all",
         sinks=[sink],
     )
     x, y = torch.randn(128, 64, device="cuda"), torch.randn(128, 8, device="cuda")

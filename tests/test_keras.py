@@ -91,7 +91,7 @@ def test_logged_norms_equal_gradient_tape_norms(mode):
     model = mlp(width=128)  # the 128x128 kernel takes the large-tensor norm, the rest not
     model.compile(keras.optimizers.SGD(0.0), "mse", **MODES[mode])
     sink = MemorySink()
-    watch = GradWatch(log_dir=None, log_every_n_steps=4, sinks=[sink])
+    watch = GradWatch(log_dir=None, log_every_n_steps=4, sinks=[sink], statistics="all")
     quiet_fit(model, x, y, [watch], batch_size=32, epochs=12)
 
     expected = tape_norms(model, x, y)
@@ -203,7 +203,7 @@ def test_update_ratio_is_the_sgd_step_over_the_parameter_norm(mode):
     model = mlp()
     model.compile(keras.optimizers.SGD(0.1), "mse", **MODES[mode])
     sink = MemorySink()
-    watch = GradWatch(log_dir=None, log_every_n_steps=1, track_update_ratio=True, sinks=[sink])
+    watch = GradWatch(log_dir=None, log_every_n_steps=1, statistics="all", sinks=[sink])
     quiet_fit(model, x, y, [watch], batch_size=32, epochs=3)
     for record in sink.records:
         s = record.scalars

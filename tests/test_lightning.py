@@ -39,7 +39,7 @@ def logged(accumulator, tag):
 def test_logged_norms_equal_a_direct_computation_in_every_logger(tmp_path):
     expected = direct_group_norms(make_net())
     loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
-    watch = GradWatch(log_every_n_steps=3, histogram_every_n_steps=4)
+    watch = GradWatch(log_every_n_steps=3, histogram_every_n_steps=4, statistics="all")
     trainer(tmp_path, logger=loggers, callbacks=[watch], max_steps=10).fit(
         Regressor(lr=0.0), loader()
     )
@@ -87,6 +87,18 @@ def test_a_csv_logger_gets_the_scalars_and_the_event_file_everything(tmp_path):
     with open(metrics) as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("grad_norm/net.0")]
     assert steps == [0, 3, 7]
+
+
+def test_the_defaults_write_two_charts_a_group_and_more_on_request(tmp_path):
+    for statistics, expected in [
+        ("default", {"grad_norm", "grad_to_param"}),
+        (["param_norm"], {"grad_norm", "param_norm"}),
+    ]:
+        root = tmp_path / ("default" if statistics == "default" else "chosen")
+        watch = GradWatch(log_every_n_steps=2, statistics=statistics)
+        trainer(root, callbacks=[watch], max_steps=4).fit(Regressor(lr=0.01), loader())
+        tags = gradwatch_events(root).Tags()["scalars"]
+        assert {t.split("/")[0] for t in tags if t.split("/", 1)[1] in GROUPS} == expected
 
 
 def test_no_arguments_and_no_logger(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from _arguments import COMMON, NUMPY, SINKS
+from gradwatch import keys
 from gradwatch.detectors import Explosion
 from gradwatch.integrations.torch import TorchEngine, TorchGradWatch
 from gradwatch.monitor import Cadence
@@ -44,7 +45,7 @@ def test_plain_loop_logs_exact_statistics():
         log_dir=None,
         log_every_n_steps=2,
         histogram_every_n_steps=4,
-        track_update_ratio=True,
+        statistics="all",
         sinks=[sink],
     )
     x, y = torch.randn(32, 6), torch.randn(32, 1)
@@ -156,7 +157,11 @@ def test_histogram_counts_match_numpy():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     engine = TorchEngine(
-        model.named_parameters(), cadence=Cadence(1, 1), histogram_bins=7, group_by="parameter"
+        model.named_parameters(),
+        cadence=Cadence(1, 1),
+        histogram_bins=7,
+        group_by="parameter",
+        statistics=keys.STATISTICS,
     )
     nn.functional.mse_loss(model(torch.randn(16, 6)), torch.randn(16, 1)).backward()
     model[0].weight.grad[0, 0] = float("nan")

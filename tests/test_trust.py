@@ -273,13 +273,14 @@ def test_each_logging_step_tells_its_findings_in_one_line_global_first(caplog):
                 watch.after_optimizer_step()
     lines = [str(w.message) for w in told if issubclass(w.category, GradWatchWarning)]
     assert lines == [
-        "gradwatch: non-finite values (NaN/Inf) in the gradient at step 3 (step skipped), in 0, 2"
+        "gradwatch: 513 non-finite values (NaN/Inf) in the gradient at step 3 (step skipped),"
+        " in 0 (512), 2 (1)"
     ]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert {(e["group"], e["action"]) for e in watch.events} == {
-        ("global", "skip"),
-        ("0", "warn"),
-        ("2", "warn"),
+    assert {(e["group"], e["action"], e["count"]) for e in watch.events} == {
+        ("global", "skip", 513),  # which group, how many values: without grad_nonfinite charts
+        ("0", "warn", 512),
+        ("2", "warn", 1),
     }
 
 

@@ -163,7 +163,7 @@ def main(mode: str, out: str) -> None:
         log_every_n_steps=LOG_EVERY,
         histogram_every_n_steps=HISTOGRAM_EVERY,
         histogram_bins=BINS,
-        track_update_ratio=True,
+        statistics="all",
     )
     trainer = L.Trainer(
         default_root_dir=out,
