@@ -64,6 +64,8 @@ THRESHOLD = "threshold"
 COEFFICIENT = "coefficient"
 # Loss scaling (mixed precision).
 AMP_SKIPPED = "amp/skipped_steps"
+# Whole-model tags of a model with several optimizers end in `_optimizer<index>`.
+OPTIMIZER = "_optimizer"
 # Text events.
 EVENTS = "gradwatch/events"
 STOPPED = "gradwatch/stopped"
@@ -259,7 +261,7 @@ def amp_tag(optimizer: int | None = None) -> str:
 
 
 def _optimizer_suffix(optimizer: int | None) -> str:
-    return "" if optimizer is None else f"_optimizer{optimizer}"
+    return "" if optimizer is None else f"{OPTIMIZER}{optimizer}"
 
 
 def markdown_table() -> str:
