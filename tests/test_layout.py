@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from gradwatch import keys
 from gradwatch.grouping import Grouping
@@ -100,3 +103,64 @@ def test_bad_arguments(kwargs, error, message):
     kwargs = {"grouping": Grouping.build(["a.w"], "module"), **kwargs}
     with pytest.raises(error, match=message):
         build_layout(**kwargs)
+
+
+# --- a real run ----------------------------------------------------------------------------------
+
+
+def read_layout(log_dir) -> tuple[layout_pb2.Layout, set[str]]:
+    """The layout TensorBoard's custom_scalars plugin reads from a run, and its scalar tags."""
+    accumulator = event_accumulator.EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    (config,) = accumulator.Tensors(keys.LAYOUT)  # written once
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    return layout, set(accumulator.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_torch_run_writes_the_layout_of_its_groups(tmp_path, clip):
+    torch = pytest.importorskip("torch")
+    from gradwatch.integrations.torch import TorchGradWatch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        *[m for _ in range(25) for m in (torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))]
+    )
+    generator, critic = (
+        torch.optim.SGD(model[:25].parameters(), lr=0.01),
+        torch.optim.SGD(model[25:].parameters(), lr=0.01),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # detections are not what this test is about
+        with TorchGradWatch(model, tmp_path, log_every_n_steps=1, clip=clip) as watch:
+            for _ in range(3):
+                for optimizer in (generator, critic):
+                    model(torch.randn(8, 4)).pow(2).mean().backward()
+                    watch.before_optimizer_step(optimizer)
+                    optimizer.step()
+                    watch.after_optimizer_step()
+                    optimizer.zero_grad()
+
+    layout, written = read_layout(tmp_path)
+    groups = watch.engine.grouping.groups
+    assert len(groups) == 50
+    titled = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    for statistic in PER_GROUP:
+        split = [tags for title, tags in titled.items() if title.startswith(f"{statistic}: ")]
+        assert len(split) == 5 and all(len(tags) <= MAX_LINES for tags in split)
+        order = [t for tags in split for t in tags]
+        assert order == [f"^{re.escape(keys.group_tag(statistic, g))}$" for g in groups]
+    assert written >= {keys.group_tag(keys.GRAD_NORM, g) for g in groups}
+    for tag in written:  # every chart draws something; every tag is on at most one chart
+        on = [t for t, tags in titled.items() if any(re.match(p, tag) for p in tags)]
+        assert len(on) <= 1, (tag, on)
+    for title, tags in titled.items():
+        assert any(re.match(p, tag) for p in tags for tag in written), title
+    assert ("clip/threshold_optimizer1" in written) == (clip is not None)
+    assert any("clip" in p for tags in titled.values() for p in tags) == (clip is not None)
+    (global_chart,) = [tags for title, tags in titled.items() if title.startswith("global")]
+    for tag in ("grad_norm_total/global", "grad_norm_total/global_optimizer1"):
+        assert tag in written and any(re.match(p, tag) for p in global_chart)
+    closed = {cat.title: cat.closed for cat in layout.category}
+    assert closed["gradwatch: non-finite gradient values per group"]
+    assert not closed["gradwatch: gradient norm per group"]
