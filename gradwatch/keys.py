@@ -162,7 +162,8 @@ TAGS: tuple[TagSpec, ...] = (
         LAYOUT,
         "layout",
         "once, with the first scalars",
-        "Custom Scalars dashboard: global norms and clipping, non-finite counts, per-group norms",
+        "Custom Scalars dashboard: global norm (and clipping, with `clip=`), non-finite counts,"
+        " per-group statistics on charts of at most 10 groups",
     ),
 )
 
