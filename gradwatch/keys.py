@@ -71,6 +71,8 @@ THRESHOLD = "threshold"
 COEFFICIENT = "coefficient"
 # Loss scaling (mixed precision).
 AMP_SKIPPED = "amp/skipped_steps"
+# Whole-model tags of a model with several optimizers end in `_optimizer<index>`.
+OPTIMIZER = "_optimizer"
 # Text events.
 EVENTS = "gradwatch/events"
 STOPPED = "gradwatch/stopped"
@@ -182,7 +184,8 @@ TAGS: tuple[TagSpec, ...] = (
         LAYOUT,
         "layout",
         "once, with the first scalars",
-        "Custom Scalars dashboard: global norms and clipping, non-finite counts, per-group norms",
+        "Custom Scalars dashboard: global norm (and clipping, with `clip=`), non-finite counts,"
+        " per-group statistics on charts of at most 10 groups",
     ),
 )
 
@@ -281,7 +284,7 @@ def amp_tag(optimizer: int | None = None) -> str:
 
 
 def _optimizer_suffix(optimizer: int | None) -> str:
-    return "" if optimizer is None else f"_optimizer{optimizer}"
+    return "" if optimizer is None else f"{OPTIMIZER}{optimizer}"
 
 
 def markdown_table() -> str:

@@ -1,24 +1,41 @@
-"""Which charts TensorBoard's Custom Scalars dashboard shows first, and what each plots.
+"""Which charts TensorBoard's Custom Scalars dashboard shows, and what each plots.
 
 A :class:`Layout` is plain data; the TensorBoard sink turns it into the ``custom_scalars``
-plugin's layout proto. Each chart plots every scalar tag matching any of its regular
-expressions as one line, so a model with several optimizers or fifty groups needs no new
-configuration.
+plugin's layout proto. Each chart plots every scalar tag matching one of its regular
+expressions as one line. :func:`build_layout` makes the layout of one run from its groups,
+so that every chart is readable: at most :data:`MAX_LINES` groups on a chart, each tag
+named exactly, and the clipping charts only in a run that clips.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gradwatch import keys
+from gradwatch.checks import check_flag
+from gradwatch.grouping import Grouping
 
-__all__ = ["Category", "Chart", "Layout", "default_layout"]
+__all__ = ["MAX_LINES", "Category", "Chart", "Layout", "build_layout"]
+
+MAX_LINES = 10
+"""The most groups one per-group chart draws; more are split over several charts."""
+
+# Per-group statistics on the dashboard: (statistic, what it is, category starts collapsed).
+_PER_GROUP = (
+    (keys.GRAD_NORM, "gradient norm", False),
+    (keys.GRAD_TO_PARAM, "gradient / parameter norm", False),
+    (keys.GRAD_NONFINITE, "non-finite gradient values", True),  # zero while all is well
+)
 
 
 @dataclass(frozen=True)
 class Chart:
-    """One multi-line chart: every scalar tag matching one of ``tags`` (regular expressions)."""
+    """One multi-line chart: every scalar tag matching one of ``tags`` (regular expressions,
+    matched from the start of the tag)."""
 
     title: str
     tags: tuple[str, ...]
@@ -35,10 +52,11 @@ class Chart:
 
 @dataclass(frozen=True)
 class Category:
-    """A collapsible section of charts."""
+    """A collapsible section of charts; ``closed`` sections start collapsed."""
 
     title: str
     charts: tuple[Chart, ...]
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,38 +66,114 @@ class Layout:
     categories: tuple[Category, ...]
 
 
-def _prefix(tag: str) -> str:
-    return "^" + re.escape(tag)
+def build_layout(
+    grouping: Grouping,
+    *,
+    clipping: bool = False,
+    optimizers: Sequence[int | None] | None = (None,),
+) -> Layout:
+    r"""The Custom Scalars dashboard of a run: global norms first, then each per-group
+    statistic on charts of at most :data:`MAX_LINES` groups, in depth order.
 
+    ``n`` groups are split into ``ceil(n / MAX_LINES)`` consecutive charts of nearly equal
+    size (41 groups: 9, 8, 8, 8 and 8), each listing its tags exactly; its title says which
+    groups it holds. TensorBoard's layout has no setting for a logarithmic axis: each chart's
+    own button toggles one.
 
-def default_layout() -> Layout:
-    """The charts a user needs first: global norms and clipping, non-finite counts, groups.
+    Args:
+        grouping: the run's groups, in depth order, and their names in tags.
+        clipping: a clip policy is configured: add the norm after clipping, the threshold and
+            the clip coefficient (without one those tags are never written).
+        optimizers: the labels whole-model tags carry, as ``keys.total_tag`` takes them
+            (``(None,)``, the default: one optimizer; ``(0, 1)``: two), one global-norm chart
+            each; None when the optimizers are not known in advance (a plain loop meets them
+            as they step): one chart then matches every label.
 
     Example:
-        >>> for chart in default_layout().categories[0].charts:
+        >>> grouping = Grouping.build([f"blocks.{i}.w" for i in range(12)], "module")
+        >>> layout = build_layout(grouping)
+        >>> [category.title for category in layout.categories]  # doctest: +NORMALIZE_WHITESPACE
+        ['gradwatch: global', 'gradwatch: gradient norm per group',
+         'gradwatch: gradient / parameter norm per group',
+         'gradwatch: non-finite gradient values per group']
+        >>> for chart in layout.categories[1].charts:
         ...     print(chart.title)
-        global gradient norm: before and after clipping, threshold
-        clip coefficient
-        non-finite: steps since the last log, values per group
+        grad_norm: groups 1-6 of 12 (blocks.0 … blocks.5)
+        grad_norm: groups 7-12 of 12 (blocks.6 … blocks.11)
+        >>> print(*layout.categories[1].charts[1].tags[:2])
+        ^grad_norm/blocks\.6$ ^grad_norm/blocks\.7$
     """
-    global_norms = Chart(
-        "global gradient norm: before and after clipping, threshold",
-        (
-            _prefix(keys.total_tag(keys.GLOBAL)),
-            _prefix(keys.total_tag(keys.CLIPPED)),
-            _prefix(keys.clip_tag(keys.THRESHOLD)),
-        ),
-    )
-    coefficient = Chart("clip coefficient", (_prefix(keys.clip_tag(keys.COEFFICIENT)),))
-    nonfinite = Chart(
-        "non-finite: steps since the last log, values per group",
-        (_prefix(keys.total_tag(keys.NONFINITE_STEPS)), _prefix(f"{keys.GRAD_NONFINITE}/")),
-    )
-    per_group = Chart("gradient norm per group", (_prefix(f"{keys.GRAD_NORM}/"),))
-    ratio = Chart("gradient / parameter norm per group", (_prefix(f"{keys.GRAD_TO_PARAM}/"),))
-    return Layout(
-        (
-            Category("gradwatch: global", (global_norms, coefficient, nonfinite)),
-            Category("gradwatch: per group", (per_group, ratio)),
+    if not isinstance(grouping, Grouping):
+        raise TypeError(f"`grouping` must be a Grouping. Received: grouping={grouping!r}")
+    clipping = check_flag("clipping", clipping)
+    if optimizers is not None and (isinstance(optimizers, str) or not list(optimizers)):
+        raise ValueError(
+            "`optimizers` must be a non-empty sequence of labels, or None. Received: "
+            f"optimizers={optimizers!r}"
         )
-    )
+    categories = [Category("gradwatch: global", _global_charts(clipping, optimizers))]
+    chunks = _chunks(len(grouping.groups))
+    for statistic, meaning, closed in _PER_GROUP:
+        charts = tuple(_group_chart(grouping, statistic, chunk) for chunk in chunks)
+        if charts:
+            categories.append(Category(f"gradwatch: {meaning} per group", charts, closed))
+    return Layout(tuple(categories))
+
+
+def _global_charts(clipping: bool, optimizers: Sequence[int | None] | None) -> tuple[Chart, ...]:
+    """The global norm (before and after clipping, the threshold) of each optimizer; the clip
+    coefficient and the non-finite steps of all of them."""
+    any_label = optimizers is None
+    labels: list[int | None] = [None] if optimizers is None else list(optimizers)
+
+    def exact(tag_of, statistic: str, label: int | None) -> str:
+        return _exact(tag_of(statistic, label), any_label)
+
+    charts = []
+    for label in labels:
+        title = "global gradient norm"
+        tags = [exact(keys.total_tag, keys.GLOBAL, label)]
+        if clipping:
+            title += ": before and after clipping, threshold"
+            tags += [
+                exact(keys.total_tag, keys.CLIPPED, label),
+                exact(keys.clip_tag, keys.THRESHOLD, label),
+            ]
+        if len(labels) > 1:
+            title += f" (optimizer {label})"
+        charts.append(Chart(title, tuple(tags)))
+    if clipping:
+        coefficient = tuple(exact(keys.clip_tag, keys.COEFFICIENT, label) for label in labels)
+        charts.append(Chart("clip coefficient (1: not clipped)", coefficient))
+    nonfinite = tuple(exact(keys.total_tag, keys.NONFINITE_STEPS, label) for label in labels)
+    charts.append(Chart("non-finite steps since the last log", nonfinite))
+    return tuple(charts)
+
+
+def _chunks(n: int) -> list[range]:
+    """``range(n)`` cut into the fewest consecutive pieces of at most ``MAX_LINES``, the
+    longer pieces first, none longer than another by more than one."""
+    pieces = math.ceil(n / MAX_LINES)
+    if not pieces:
+        return []
+    size, extra = divmod(n, pieces)
+    bounds = [i * size + min(i, extra) for i in range(pieces + 1)]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def _group_chart(grouping: Grouping, statistic: str, chunk: range) -> Chart:
+    first, last = chunk[0], chunk[-1]
+    n = len(grouping.groups)
+    if first == last:
+        title = f"{statistic}: group {first + 1} of {n} ({grouping.groups[first]})"
+    else:
+        names = f"{grouping.groups[first]} … {grouping.groups[last]}"
+        title = f"{statistic}: groups {first + 1}-{last + 1} of {n} ({names})"
+    tags = tuple(_exact(keys.group_tag(statistic, grouping.tags[g])) for g in chunk)
+    return Chart(title, tags)
+
+
+def _exact(tag: str, any_optimizer: bool = False) -> str:
+    """A pattern matching ``tag`` only (and, with ``any_optimizer``, its optimizer labels)."""
+    label = f"(?:{re.escape(keys.OPTIMIZER)}[0-9]+)?" if any_optimizer else ""
+    return f"^{re.escape(tag)}{label}$"

@@ -18,11 +18,12 @@ import concurrent.futures
 import dataclasses
 import importlib.util
 import warnings
+from collections.abc import Callable
 
 from gradwatch import keys
 from gradwatch.checks import check_flag
 from gradwatch.flow import FlowHistory, FlowMatrix
-from gradwatch.layout import Layout, default_layout
+from gradwatch.layout import Layout
 from gradwatch.record import Image, Record
 
 __all__ = ["FlowPictures"]
@@ -47,12 +48,17 @@ class FlowPictures:
 
     Args:
         images: draw the images (needs matplotlib: without it, a warning and no images).
-        layout: the Custom Scalars layout to write once, or None for none.
+        layout: the Custom Scalars layout to write once (see
+            :func:`gradwatch.layout.build_layout`), a function called for it at the first
+            record holding scalars (an adapter that learns its groups only then), or None.
         max_columns: logged steps kept for the heatmap (older ones are merged in pairs).
         background: draw on a worker thread instead of the caller's.
 
     Example:
-        >>> pictures = FlowPictures(images=False)
+        >>> from gradwatch.grouping import Grouping
+        >>> from gradwatch.layout import build_layout
+        >>> layout = build_layout(Grouping.build(["emb.weight"], "module"))
+        >>> pictures = FlowPictures(images=False, layout=layout)
         >>> first = pictures(Record(step=0, scalars={"grad_norm/emb": 1.0}))
         >>> first.layout is not None, pictures(Record(step=1, scalars={"loss": 1.0})).layout
         (True, None)
@@ -61,13 +67,16 @@ class FlowPictures:
     def __init__(
         self,
         images: bool = True,
-        layout: Layout | None = default_layout(),  # noqa: B008 (immutable)
+        layout: Layout | Callable[[], Layout] | None = None,
         max_columns: int = 512,
         background: bool = True,
     ) -> None:
         images = check_flag("images", images)
-        if layout is not None and not isinstance(layout, Layout):
-            raise TypeError(f"`layout` must be a Layout or None. Received: layout={layout!r}")
+        if not (layout is None or isinstance(layout, Layout) or callable(layout)):
+            raise TypeError(
+                "`layout` must be a Layout, a function returning one, or None. Received: "
+                f"layout={layout!r}"
+            )
         if images and importlib.util.find_spec("matplotlib") is None:
             warnings.warn(_NO_MATPLOTLIB, stacklevel=2)
             images = False
@@ -85,7 +94,8 @@ class FlowPictures:
         self.history.update(record)
         changes: dict = {}
         if self._layout is not None and record.scalars:
-            changes["layout"], self._layout = self._layout, None
+            layout, self._layout = self._layout, None
+            changes["layout"] = layout if isinstance(layout, Layout) else layout()
         if self.images and record.histograms and len(self.history):
             if self.background:
                 self._submit(record.step)

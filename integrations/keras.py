@@ -30,6 +30,7 @@ import keras
 
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import ROOT, Grouping
+from gradwatch.layout import Layout, build_layout
 from gradwatch.monitor import Cadence, Monitor
 from gradwatch.options import check_options
 from gradwatch.pictures import FlowPictures
@@ -205,8 +206,15 @@ class GradWatch(keras.callbacks.Callback):
         )
         log_dir = self._resolve_log_dir()
         sinks = [TensorBoardSink(Path(log_dir) / "train")] if log_dir is not None else []
-        pictures = FlowPictures(images=self.cadence.histogram_every_n_steps > 0)
+        pictures = FlowPictures(
+            images=self.cadence.histogram_every_n_steps > 0, layout=self._layout
+        )
         self.reporter = Reporter(Monitor([*sinks, *self.extra_sinks], pictures=pictures))
+
+    def _layout(self) -> Layout:
+        """The Custom Scalars layout, made at the first record: the groups are known then."""
+        assert self.grouping is not None  # records come from the capture, which made it
+        return build_layout(self.grouping, clipping=self.guard.policy is not None)
 
     def _started(self, trainable_variables: Any) -> Any:
         """The capture, started at the first optimizer step (inside the traced train step,

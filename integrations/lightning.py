@@ -31,6 +31,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import GroupBy
 from gradwatch.integrations.torch import TorchEngine
+from gradwatch.layout import build_layout
 from gradwatch.monitor import Cadence, Monitor
 from gradwatch.options import check_options
 from gradwatch.pictures import FlowPictures
@@ -210,7 +211,13 @@ class GradWatch(Callback):
         # Every rank resolves the directory: `trainer.log_dir` is a collective (a broadcast).
         log_dir = self.log_dir or self.default_log_dir(trainer)
         if trainer.is_global_zero:
-            pictures = FlowPictures(images=self.histogram_every_n_steps > 0)
+            count = len(trainer.optimizers)
+            layout = build_layout(
+                self.engine.grouping,
+                clipping=self.guard.policy is not None,
+                optimizers=list(range(count)) if count > 1 else [None],
+            )
+            pictures = FlowPictures(images=self.histogram_every_n_steps > 0, layout=layout)
             monitor = Monitor(self._sinks(trainer, log_dir), pictures=pictures)
         else:
             monitor = Monitor([])

@@ -38,6 +38,7 @@ from gradwatch.grouping import GroupBy, Grouping
 from gradwatch.guard import Guard
 from gradwatch.integrations._shards import ShardReducer, has_dtensors, local
 from gradwatch.integrations._torch_guard import GuardRun, TorchGuard, view
+from gradwatch.layout import build_layout
 from gradwatch.monitor import Cadence, Monitor, build_histogram_record, build_record
 from gradwatch.options import check_histogram_bins, check_options
 from gradwatch.pictures import FlowPictures
@@ -655,7 +656,10 @@ class TorchGradWatch:
             statistics=options.statistics,
         )
         outputs = [] if options.log_dir is None else [TensorBoardSink(options.log_dir)]
-        pictures = FlowPictures(images=cadence.histogram_every_n_steps > 0)
+        layout = build_layout(  # a plain loop meets its optimizers only as they step
+            self.engine.grouping, clipping=options.guard.policy is not None, optimizers=None
+        )
+        pictures = FlowPictures(images=cadence.histogram_every_n_steps > 0, layout=layout)
         self.reporter = Reporter(Monitor([*outputs, *options.sinks], pictures=pictures))
 
     @property

@@ -176,6 +176,24 @@ def test_models_built_at_their_first_batch_are_measured(form, mode):
     assert "apply" not in vars(model.optimizer)
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_the_layout_names_the_layers_of_a_model_built_at_its_first_batch(clip):
+    x, y = regression_data(32)
+    model = mlp(built=False)  # its groups are known only inside the first train step
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    sink = MemorySink()
+    watch = GradWatch(log_dir=None, log_every_n_steps=1, clip=clip, sinks=[sink])
+    quiet_fit(model, x, y, [watch], batch_size=32, epochs=2)
+
+    layout = sink.records[0].layout
+    assert layout is not None and all(r.layout is None for r in sink.records[1:])
+    charts = {c.title: c.tags for category in layout.categories for c in category.charts}
+    tags = charts["grad_norm: groups 1-3 of 3 (net/hidden … net/head)"]
+    layers = ["net/hidden", "net/middle", "net/head"]
+    assert [next(g for g in layers if re.match(p, f"grad_norm/{g}")) for p in tags] == layers
+    assert ("clip coefficient (1: not clipped)" in charts) == (clip is not None)
+
+
 def test_event_files_are_in_the_train_folder_beside_keras_tensorboard(tmp_path):
     x, y = regression_data(64)
     model = mlp()

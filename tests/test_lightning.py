@@ -14,6 +14,7 @@ import re
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from _arguments import COMMON, NUMPY
 from _models import (
@@ -26,6 +27,7 @@ from _models import (
     read_events,
     trainer,
 )
+from gradwatch import keys
 from gradwatch.integrations.lightning import GradWatch
 from gradwatch.policies import ClipByNorm
 
@@ -167,6 +169,13 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     tail = (expected["net.2"] ** 2 + expected["net.4"] ** 2) ** 0.5
     assert second[0][1] == pytest.approx(tail, rel=1e-5)
     assert watch.state_dict()["optimizer_steps"] == [4, 4]
+    (config,) = events.Tensors(keys.LAYOUT)  # one global-norm chart per optimizer
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
+    for label in (0, 1):
+        tag = f"grad_norm_total/global_optimizer{label}"
+        on = [title for title, tags in charts.items() if any(re.match(p, tag) for p in tags)]
+        assert on == [f"global gradient norm (optimizer {label})"]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 
 from gradwatch import keys
 from gradwatch.flow import FlowHistory
-from gradwatch.layout import Chart, default_layout
+from gradwatch.grouping import Grouping
+from gradwatch.layout import Chart, build_layout
 from gradwatch.monitor import Monitor
 from gradwatch.pictures import FlowPictures
 from gradwatch.record import Histogram, Image, Record
@@ -20,6 +21,7 @@ from gradwatch.sinks import MemorySink, TensorBoardSink
 
 GROUPS = ["embed"] + [f"encoder.layers.{i // 2}.{('attn', 'mlp')[i % 2]}" for i in range(48)]
 GROUPS += ["head"]
+LAYOUT = build_layout(Grouping.build(GROUPS, "parameter"))
 DEAD, SPIKE, NAN = range(0, 12), 60, (75, 30)  # dead early layers (steps < 30), a spike, a NaN
 
 
@@ -153,7 +155,7 @@ def test_pictures_are_pngs_of_a_readable_size():
 def test_images_only_at_histogram_records_and_the_layout_once():
     pytest.importorskip("matplotlib")
     sink = MemorySink()
-    monitor = Monitor([sink], pictures=FlowPictures(background=False))
+    monitor = Monitor([sink], pictures=FlowPictures(background=False, layout=LAYOUT))
     rng = np.random.default_rng(2)
     first = Record(
         0, scalars=synthetic_scalars(0, rng), histograms={"grad_hist/embed": histogram()}
@@ -162,8 +164,18 @@ def test_images_only_at_histogram_records_and_the_layout_once():
     monitor.write(Record(1, scalars=synthetic_scalars(1, rng)))
     monitor.write(Record(2, histograms={"grad_hist/embed": histogram()}))  # between logging steps
     assert [bool(r.images) for r in sink.records] == [True, False, True]
-    assert [r.layout is not None for r in sink.records] == [True, False, False]
+    assert [r.layout for r in sink.records] == [LAYOUT, None, None]
     assert not first.images and first.layout is None  # the adapter's record is not changed
+
+
+def test_a_layout_function_is_called_once_at_the_first_record_holding_scalars():
+    calls = []
+    pictures = FlowPictures(images=False, layout=lambda: calls.append(1) or LAYOUT)
+    assert calls == []  # an adapter may learn its groups only at the first step
+    pictures(Record(0, histograms={"grad_hist/embed": histogram()}))
+    assert calls == []
+    records = [pictures(Record(step, scalars={"loss": 1.0})) for step in (1, 2)]
+    assert calls == [1] and [r.layout for r in records] == [LAYOUT, None]
 
 
 class ThreadSink(MemorySink):
@@ -279,7 +291,7 @@ def test_without_matplotlib_images_are_off_with_a_warning(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
     )
     with pytest.warns(UserWarning, match=r"pip install 'gradwatch\[report\]'"):
-        pictures = FlowPictures(images=True)
+        pictures = FlowPictures(images=True, layout=LAYOUT)
     record = pictures(Record(0, scalars={"grad_norm/a": 1.0}, histograms={"h": histogram()}))
     assert not record.images and record.layout is not None
 
@@ -294,7 +306,7 @@ def test_no_sinks_no_pictures():
     ("kwargs", "message"),
     [
         ({"images": "yes"}, r"`images` must be True or False"),
-        ({"layout": {}}, r"`layout` must be"),
+        ({"layout": {}}, r"`layout` must be a Layout, a function returning one, or None"),
         ({"background": 1}, r"`background` must be True or False. Received: background=1"),
     ],
 )
@@ -313,7 +325,7 @@ def test_chart_patterns_must_be_regular_expressions():
 
 def test_images_and_layout_read_back_by_tensorboard(tmp_path):
     pytest.importorskip("matplotlib")
-    pictures = FlowPictures(background=False)
+    pictures = FlowPictures(background=False, layout=LAYOUT)
     rng = np.random.default_rng(3)
     with TensorBoardSink(tmp_path) as sink:
         for step in range(3):
@@ -328,10 +340,10 @@ def test_images_and_layout_read_back_by_tensorboard(tmp_path):
     assert heatmap.encoded_image_string.startswith(b"\x89PNG")
     (config,) = accumulator.Tensors(keys.LAYOUT)
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
-    ours = default_layout()
-    assert [c.title for c in layout.category] == [c.title for c in ours.categories]
+    assert [c.title for c in layout.category] == [c.title for c in LAYOUT.categories]
+    assert [c.closed for c in layout.category] == [c.closed for c in LAYOUT.categories]
     assert list(layout.category[1].chart[0].multiline.tag) == list(
-        ours.categories[1].charts[0].tags
+        LAYOUT.categories[1].charts[0].tags
     )
 
 

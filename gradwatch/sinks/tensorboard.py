@@ -246,6 +246,7 @@ def _layout_value(layout: Layout) -> summary_pb2.Summary.Value:
                     )
                     for chart in category.charts
                 ],
+                closed=category.closed,
             )
             for category in layout.categories
         ]
