@@ -28,7 +28,10 @@ MAX_LINES = 10
 _PER_GROUP = (
     (keys.GRAD_NORM, "gradient norm", False),
     (keys.GRAD_TO_PARAM, "gradient / parameter norm", False),
+    (keys.GRAD_MAX_ABS, "largest absolute gradient value", True),
     (keys.GRAD_NONFINITE, "non-finite gradient values", True),  # zero while all is well
+    (keys.PARAM_NORM, "parameter norm", True),
+    (keys.UPDATE_TO_PARAM, "update / parameter norm", True),
 )
 
 
@@ -71,6 +74,7 @@ def build_layout(
     *,
     clipping: bool = False,
     optimizers: Sequence[int | None] | None = (None,),
+    statistics: Sequence[str] = keys.DEFAULT_STATISTICS,
 ) -> Layout:
     r"""The Custom Scalars dashboard of a run: global norms first, then each per-group
     statistic on charts of at most :data:`MAX_LINES` groups, in depth order.
@@ -88,14 +92,14 @@ def build_layout(
             (``(None,)``, the default: one optimizer; ``(0, 1)``: two), one global-norm chart
             each; None when the optimizers are not known in advance (a plain loop meets them
             as they step): one chart then matches every label.
+        statistics: the per-group statistics the run writes (no chart for the others).
 
     Example:
         >>> grouping = Grouping.build([f"blocks.{i}.w" for i in range(12)], "module")
         >>> layout = build_layout(grouping)
         >>> [category.title for category in layout.categories]  # doctest: +NORMALIZE_WHITESPACE
         ['gradwatch: global', 'gradwatch: gradient norm per group',
-         'gradwatch: gradient / parameter norm per group',
-         'gradwatch: non-finite gradient values per group']
+         'gradwatch: gradient / parameter norm per group']
         >>> for chart in layout.categories[1].charts:
         ...     print(chart.title)
         grad_norm: groups 1-6 of 12 (blocks.0 … blocks.5)
@@ -114,6 +118,8 @@ def build_layout(
     categories = [Category("gradwatch: global", _global_charts(clipping, optimizers))]
     chunks = _chunks(len(grouping.groups))
     for statistic, meaning, closed in _PER_GROUP:
+        if statistic not in statistics:
+            continue
         charts = tuple(_group_chart(grouping, statistic, chunk) for chunk in chunks)
         if charts:
             categories.append(Category(f"gradwatch: {meaning} per group", charts, closed))

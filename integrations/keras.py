@@ -214,7 +214,9 @@ class GradWatch(keras.callbacks.Callback):
     def _layout(self) -> Layout:
         """The Custom Scalars layout, made at the first record: the groups are known then."""
         assert self.grouping is not None  # records come from the capture, which made it
-        return build_layout(self.grouping, clipping=self.guard.policy is not None)
+        return build_layout(
+            self.grouping, clipping=self.guard.policy is not None, statistics=self.statistics
+        )
 
     def _started(self, trainable_variables: Any) -> Any:
         """The capture, started at the first optimizer step (inside the traced train step,

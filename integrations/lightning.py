@@ -216,6 +216,7 @@ class GradWatch(Callback):
                 self.engine.grouping,
                 clipping=self.guard.policy is not None,
                 optimizers=list(range(count)) if count > 1 else [None],
+                statistics=self.statistics,
             )
             pictures = FlowPictures(images=self.histogram_every_n_steps > 0, layout=layout)
             monitor = Monitor(self._sinks(trainer, log_dir), pictures=pictures)

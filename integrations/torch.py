@@ -657,7 +657,10 @@ class TorchGradWatch:
         )
         outputs = [] if options.log_dir is None else [TensorBoardSink(options.log_dir)]
         layout = build_layout(  # a plain loop meets its optimizers only as they step
-            self.engine.grouping, clipping=options.guard.policy is not None, optimizers=None
+            self.engine.grouping,
+            clipping=options.guard.policy is not None,
+            optimizers=None,
+            statistics=options.statistics,
         )
         pictures = FlowPictures(images=cadence.histogram_every_n_steps > 0, layout=layout)
         self.reporter = Reporter(Monitor([*outputs, *options.sinks], pictures=pictures))

@@ -14,7 +14,7 @@ from gradwatch.grouping import Grouping
 from gradwatch.layout import MAX_LINES, Layout, build_layout
 from gradwatch.reporting import GradWatchWarning
 
-PER_GROUP = (keys.GRAD_NORM, keys.GRAD_TO_PARAM, keys.GRAD_NONFINITE)
+PER_GROUP = keys.DEFAULT_STATISTICS  # the per-group statistics written at the defaults
 # 50 groups in depth order; "blocks.1" is a prefix of "blocks.10" to "blocks.19".
 GROUPS = [f"blocks.{i}" for i in range(49)] + ["head"]
 
@@ -32,9 +32,9 @@ def per_group_charts(layout: Layout, statistic: str) -> list[tuple[str, tuple[st
     return [(t, tags) for t, tags in charts(layout) if t.startswith(f"{statistic}: ")]
 
 
-@pytest.mark.parametrize("statistic", PER_GROUP)
+@pytest.mark.parametrize("statistic", keys.STATISTICS)
 def test_fifty_groups_are_split_in_depth_order_into_charts_of_at_most_ten(statistic):
-    layout = build_layout(Grouping.build(GROUPS, "parameter"))
+    layout = build_layout(Grouping.build(GROUPS, "parameter"), statistics=keys.STATISTICS)
     split = per_group_charts(layout, statistic)
     assert len(split) == 5 and all(len(tags) <= MAX_LINES for _, tags in split)
     drawn = [
@@ -45,6 +45,14 @@ def test_fifty_groups_are_split_in_depth_order_into_charts_of_at_most_ten(statis
         assert len(on_charts(layout, f"{statistic}/{group}")) == 1
     assert split[0][0] == f"{statistic}: groups 1-10 of 50 (blocks.0 … blocks.9)"
     assert split[-1][0] == f"{statistic}: groups 41-50 of 50 (blocks.40 … head)"
+
+
+def test_only_the_statistics_written_get_charts():
+    grouping = Grouping.build(GROUPS, "parameter")
+    assert not per_group_charts(build_layout(grouping), keys.GRAD_NONFINITE)  # not at defaults
+    chosen = build_layout(grouping, statistics=(keys.GRAD_NORM, keys.PARAM_NORM))
+    assert per_group_charts(chosen, keys.PARAM_NORM)
+    assert not per_group_charts(chosen, keys.GRAD_TO_PARAM)
 
 
 def test_groups_are_split_evenly_and_named_by_their_tags():
@@ -162,5 +170,9 @@ def test_a_torch_run_writes_the_layout_of_its_groups(tmp_path, clip):
     for tag in ("grad_norm_total/global", "grad_norm_total/global_optimizer1"):
         assert tag in written and any(re.match(p, tag) for p in global_chart)
     closed = {cat.title: cat.closed for cat in layout.category}
-    assert closed["gradwatch: non-finite gradient values per group"]
+    assert set(closed) == {
+        "gradwatch: global",
+        "gradwatch: gradient norm per group",
+        "gradwatch: gradient / parameter norm per group",
+    }
     assert not closed["gradwatch: gradient norm per group"]
