@@ -57,7 +57,7 @@ def main(log_dir: str, steps: int, seed: int = 0) -> dict[str, dict[str, float]]
         sink, losses = train(model, loss, Path(log_dir) / name, steps, optimizer)
         start = norms(sink, 0)
         first, *_, last = (start[g] for g in linears(start))
-        total = sink.scalars("grad_norm_total/global")[0][1]
+        total = sink.scalars("global/grad_norm")[0][1]
         found[name] = {"global": total, "ratio": first / last}
         print(
             f"{name:>11} (gain {gain:.2f}): gradient norm {sci(total)} at step 0, "

@@ -40,8 +40,8 @@ def main(log_dir: str, epochs: int) -> None:
     )
     board = keras.callbacks.TensorBoard(log_dir=log_dir, update_freq=10)  # gradwatch joins it
     model.fit(x, y, batch_size=64, epochs=epochs, verbose=2, callbacks=[board, watch])
-    norms = dict(sink.scalars("grad_norm_total/global"))
-    clipped = dict(sink.scalars("grad_norm_total/clipped"))  # at logging steps
+    norms = dict(sink.scalars("global/grad_norm"))
+    clipped = dict(sink.scalars("global/clipped_norm"))  # at logging steps
     scaled = sum(c < norms[step] for step, c in clipped.items())  # AutoClip's 10th percentile
     first, last = norms[min(norms)], norms[max(norms)]
     print(f"global gradient norm {first:.3g} at the start, {last:.3g} at the end; ", end="")

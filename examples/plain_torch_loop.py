@@ -38,7 +38,7 @@ def main(log_dir: str, steps: int) -> None:
             watch.before_optimizer_step(optimizer)  # 1: after backward, before the step
             optimizer.step()
             watch.after_optimizer_step()  # 2: after the step
-    (first, start), *_, (last, end) = sink.scalars("grad_norm_total/global")
+    (first, start), *_, (last, end) = sink.scalars("global/grad_norm")
     print(
         f"final loss {loss.item():.4f}; global gradient norm {start:.3g} at step {first}, ", end=""
     )

@@ -59,12 +59,12 @@ GRAD_HISTOGRAM = "grad_hist"
 DEFAULT_STATISTICS = (GRAD_NORM, GRAD_TO_PARAM)
 STATISTICS = (GRAD_NORM, GRAD_TO_PARAM, GRAD_MAX_ABS, GRAD_NONFINITE, PARAM_NORM, UPDATE_TO_PARAM)
 # Whole-model statistics.
-TOTAL = "grad_norm_total"
-GLOBAL = "global"
+TOTAL = "global"  # whole-model statistics: the section TensorBoard lists before the groups
+GLOBAL = "grad_norm"
 MAX_SINCE_LAST_LOG = "max_since_last_log"
 NONFINITE_STEPS = "nonfinite_steps"
 SKIPPED_STEPS = "skipped_steps"
-CLIPPED = "clipped"
+CLIPPED = "clipped_norm"
 # Clipping.
 CLIP = "clip"
 THRESHOLD = "threshold"
@@ -266,9 +266,9 @@ def total_tag(statistic: str, optimizer: int | None = None) -> str:
 
     Example:
         >>> total_tag(GLOBAL)
-        'grad_norm_total/global'
+        'global/grad_norm'
         >>> total_tag(GLOBAL, optimizer=1)
-        'grad_norm_total/global_optimizer1'
+        'global/grad_norm_optimizer1'
     """
     return f"{TOTAL}/{statistic}{_optimizer_suffix(optimizer)}"
 

@@ -62,7 +62,7 @@ def test_tags_hold_no_floats_and_no_lightning_keys():
     assert keys.group_tag(keys.GRAD_NORM, "blocks.0.attn") == "grad_norm/blocks.0.attn"
     assert keys.sanitize("a b[0]") == "a_b_0_"
     assert keys.sanitize("编码.слой.परत") == "编码.слой.परत"  # letters and marks of any script
-    assert keys.total_tag(keys.GLOBAL, 2) == "grad_norm_total/global_optimizer2"
+    assert keys.total_tag(keys.GLOBAL, 2) == "global/grad_norm_optimizer2"
 
 
 @pytest.mark.parametrize(
@@ -231,10 +231,10 @@ def test_build_record_names_every_statistic():
         "grad_nonfinite/a": 0.0,
         "param_norm/a": 6.0,
         "grad_to_param/a": 0.5,
-        "grad_norm_total/global": 3.0,
-        "grad_norm_total/max_since_last_log": 4.0,
-        "grad_norm_total/nonfinite_steps": 1.0,
-        "grad_norm_total/skipped_steps": 2.0,
+        "global/grad_norm": 3.0,
+        "global/max_since_last_log": 4.0,
+        "global/nonfinite_steps": 1.0,
+        "global/skipped_steps": 2.0,
         "amp/skipped_steps": 3.0,
     }
 

@@ -53,9 +53,9 @@ PER_GROUP = [
     "grad_to_param",
     "update_to_param",
 ]
-TOTALS = ["global", "max_since_last_log", "nonfinite_steps"]
+TOTALS = ["grad_norm", "max_since_last_log", "nonfinite_steps"]
 SCALAR_TAGS = sorted(
-    [f"{s}/{g}" for s in PER_GROUP for g in GROUPS] + [f"grad_norm_total/{t}" for t in TOTALS]
+    [f"{s}/{g}" for s in PER_GROUP for g in GROUPS] + [f"global/{t}" for t in TOTALS]
 )
 HISTOGRAM_TAGS = sorted(f"grad_hist/{g}" for g in GROUPS)
 _DISTRIBUTED_ENV = {
@@ -150,11 +150,9 @@ def expected_scalars(steps: list[dict], at: int) -> dict[str, float]:
         out[f"grad_to_param/{group}"] = (grad.norm() / param.norm()).item()
         out[f"update_to_param/{group}"] = (update.norm() / param.norm()).item()
     previous = max((s for s in LOG_STEPS if s < at), default=-1)
-    out["grad_norm_total/global"] = global_norm(step)
-    out["grad_norm_total/max_since_last_log"] = max(
-        global_norm(s) for s in steps[previous + 1 : at + 1]
-    )
-    out["grad_norm_total/nonfinite_steps"] = 0.0
+    out["global/grad_norm"] = global_norm(step)
+    out["global/max_since_last_log"] = max(global_norm(s) for s in steps[previous + 1 : at + 1])
+    out["global/nonfinite_steps"] = 0.0
     return out
 
 

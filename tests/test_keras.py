@@ -98,7 +98,7 @@ def test_logged_norms_equal_gradient_tape_norms(mode):
     assert [r.step for r in sink.records] == [0, 3, 7, 11]  # the steps Lightning logs too
     for record in sink.records:
         scalars = record.scalars
-        assert scalars["grad_norm_total/global"] == pytest.approx(expected["global"], rel=1e-5)
+        assert scalars["global/grad_norm"] == pytest.approx(expected["global"], rel=1e-5)
         for layer in ("net/hidden", "net/middle", "net/head"):
             norm = layer_norm(expected, layer)
             assert scalars[f"grad_norm/{layer}"] == pytest.approx(norm, rel=1e-5)
@@ -167,9 +167,7 @@ def test_models_built_at_their_first_batch_are_measured(form, mode):
     for record in sink.records:
         groups = {tag.partition("/")[2] for tag in record.scalars if tag.startswith("grad_norm/")}
         assert groups == {layer.path for layer in model.layers}
-        assert record.scalars["grad_norm_total/global"] == pytest.approx(
-            expected["global"], rel=1e-5
-        )
+        assert record.scalars["global/grad_norm"] == pytest.approx(expected["global"], rel=1e-5)
         for layer in groups:
             norm = layer_norm(expected, layer)
             assert record.scalars[f"grad_norm/{layer}"] == pytest.approx(norm, rel=1e-5)
@@ -205,11 +203,11 @@ def test_event_files_are_in_the_train_folder_beside_keras_tensorboard(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb" / "train"), size_guidance={"tensors": 0})
     events.Reload()
     tags = events.Tags()
-    assert "grad_norm_total/global" in tags["scalars"]
+    assert "global/grad_norm" in tags["scalars"]
     assert "clip/threshold" in tags["scalars"] and "clip/coefficient" in tags["scalars"]
     assert "grad_hist/net/hidden" in tags["histograms"]
     assert "batch_loss" in tags["tensors"] or "batch_loss" in tags["scalars"]  # Keras' own
-    steps = [e.step for e in events.Scalars("grad_norm_total/global")]
+    steps = [e.step for e in events.Scalars("global/grad_norm")]
     assert steps == [0, 1, 3, 5, 7]
     histogram = events.Histograms("grad_hist/net/hidden")[0].histogram_value
     assert histogram.num == 8 * 32 + 32  # the hidden layer's kernel and bias
@@ -270,7 +268,7 @@ def test_a_spike_inside_an_execution_is_kept():
     watch = GradWatch(log_dir=None, log_every_n_steps=4, sinks=[sink], on_explosion="ignore")
     quiet_fit(model, x, y, [watch], batch_size=16, epochs=2)
     last = sink.records[-1].scalars  # logs step 7; the spike was at step 5
-    assert last["grad_norm_total/max_since_last_log"] > 100 * last["grad_norm_total/global"]
+    assert last["global/max_since_last_log"] > 100 * last["global/grad_norm"]
 
 
 @pytest.mark.parametrize("built", [True, False])
@@ -287,7 +285,7 @@ def test_mixed_float16_statistics_are_on_unscaled_gradients(built):
         expected = tape_norms(model, x, y)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    logged = sink.records[-1].scalars["grad_norm_total/global"]
+    logged = sink.records[-1].scalars["global/grad_norm"]
     assert logged == pytest.approx(expected["global"], rel=2e-2)  # float16 arithmetic
     assert float(model.optimizer.dynamic_scale.numpy()) > 1000  # the loss really was scaled
 
@@ -313,7 +311,7 @@ def test_the_loss_scalers_own_skipped_steps_are_counted_never_reported(mode):
     assert 0 < applied < 24  # the scaler dropped 24 - applied steps
     (_, counted), *_ = reversed(sink.scalars("amp/skipped_steps"))
     assert counted == 24 - applied
-    assert all(v == 0 for _, v in sink.scalars("grad_norm_total/nonfinite_steps"))
+    assert all(v == 0 for _, v in sink.scalars("global/nonfinite_steps"))
 
 
 # -- policies and actions --------------------------------------------------------------------
@@ -370,7 +368,7 @@ def test_explosion_stops_training_dropping_that_step_and_logs_it(tmp_path, compi
     (stopped,) = events.Tensors("gradwatch/stopped")
     assert stopped.step == SPIKE + 1
     assert stopped.tensor_proto.string_val[0].startswith(b"stopped at step 31: explosion")
-    logged = {e.step: e.value for e in events.Scalars("grad_norm_total/global")}
+    logged = {e.step: e.value for e in events.Scalars("global/grad_norm")}
     assert logged[SPIKE + 1] == pytest.approx(first["value"], rel=1e-5)  # the stop step's norm
 
 
@@ -380,8 +378,8 @@ def test_clipping_keeps_the_spiking_run_finite(policy):
     sink = MemorySink()
     watch = GradWatch(log_dir=None, log_every_n_steps=5, clip=policy, sinks=[sink])
     assert finite(spiking_run(watch))
-    clipped = [r.scalars["grad_norm_total/clipped"] for r in sink.records]
-    before = [r.scalars["grad_norm_total/global"] for r in sink.records]
+    clipped = [r.scalars["global/clipped_norm"] for r in sink.records]
+    before = [r.scalars["global/grad_norm"] for r in sink.records]
     assert any(c < 0.99 * b for c, b in zip(clipped, before, strict=True))  # it did clip
 
 

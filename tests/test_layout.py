@@ -66,7 +66,7 @@ def test_groups_are_split_evenly_and_named_by_their_tags():
     assert one == ("grad_norm: group 1 of 1 (root)", ("^grad_norm/root$",))
 
 
-@pytest.mark.parametrize("tag", ["clip/threshold", "clip/coefficient", "grad_norm_total/clipped"])
+@pytest.mark.parametrize("tag", ["clip/threshold", "clip/coefficient", "global/clipped_norm"])
 def test_clipping_charts_only_with_a_clip_policy(tag):
     grouping = Grouping.build(GROUPS, "parameter")
     without, with_clip = build_layout(grouping), build_layout(grouping, clipping=True)
@@ -74,15 +74,15 @@ def test_clipping_charts_only_with_a_clip_policy(tag):
     assert on_charts(without, tag) == []
     assert len(on_charts(with_clip, tag)) == 1
     for layout in (without, with_clip):
-        assert on_charts(layout, "grad_norm_total/global") == [charts(layout)[0][0]]
-        assert len(on_charts(layout, "grad_norm_total/nonfinite_steps")) == 1
+        assert on_charts(layout, "global/grad_norm") == [charts(layout)[0][0]]
+        assert len(on_charts(layout, "global/nonfinite_steps")) == 1
         assert all(tags for _, tags in charts(layout))
 
 
 def test_whole_model_tags_of_each_optimizer():
     grouping = Grouping.build(GROUPS, "parameter")
     one = build_layout(grouping, clipping=True)
-    assert on_charts(one, "grad_norm_total/global_optimizer1") == []  # exact tags
+    assert on_charts(one, "global/grad_norm_optimizer1") == []  # exact tags
     two = build_layout(grouping, clipping=True, optimizers=(0, 1))
     for label in (0, 1):
         title = f"global gradient norm: before and after clipping, threshold (optimizer {label})"
@@ -90,9 +90,9 @@ def test_whole_model_tags_of_each_optimizer():
             assert on_charts(two, tag) == [title]
         assert on_charts(two, keys.total_tag(keys.NONFINITE_STEPS, label)) != []
     unknown = build_layout(grouping, optimizers=None)  # a plain loop: any label
-    for tag in ("grad_norm_total/global", "grad_norm_total/global_optimizer12"):
+    for tag in ("global/grad_norm", "global/grad_norm_optimizer12"):
         assert on_charts(unknown, tag) == ["global gradient norm"]
-    assert on_charts(unknown, "grad_norm_total/global_max") == []
+    assert on_charts(unknown, "global/grad_norm_max") == []
 
 
 @pytest.mark.parametrize(
@@ -167,7 +167,7 @@ def test_a_torch_run_writes_the_layout_of_its_groups(tmp_path, clip):
     assert ("clip/threshold_optimizer1" in written) == (clip is not None)
     assert any("clip" in p for tags in titled.values() for p in tags) == (clip is not None)
     (global_chart,) = [tags for title, tags in titled.items() if title.startswith("global")]
-    for tag in ("grad_norm_total/global", "grad_norm_total/global_optimizer1"):
+    for tag in ("global/grad_norm", "global/grad_norm_optimizer1"):
         assert tag in written and any(re.match(p, tag) for p in global_chart)
     closed = {cat.title: cat.closed for cat in layout.category}
     assert set(closed) == {

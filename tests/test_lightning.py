@@ -60,10 +60,8 @@ def test_logged_norms_equal_a_direct_computation_in_every_logger(tmp_path):
         for statistic in ["grad_max_abs", "grad_nonfinite", "param_norm", "grad_to_param"]:
             assert len(logged(scalars, f"{statistic}/{group}")) == 4
     total = sum(v**2 for v in expected.values()) ** 0.5
-    assert logged(scalars, "grad_norm_total/global")[-1][1] == pytest.approx(total, rel=1e-5)
-    assert logged(scalars, "grad_norm_total/max_since_last_log")[-1][1] == pytest.approx(
-        total, rel=1e-5
-    )
+    assert logged(scalars, "global/grad_norm")[-1][1] == pytest.approx(total, rel=1e-5)
+    assert logged(scalars, "global/max_since_last_log")[-1][1] == pytest.approx(total, rel=1e-5)
 
     histograms = scalars
     assert sorted(histograms.Tags()["histograms"]) == [f"grad_hist/{g}" for g in GROUPS]
@@ -162,8 +160,8 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     watch = GradWatch(log_every_n_steps=2)
     trainer(tmp_path, callbacks=[watch], max_steps=8).fit(TwoOptimizers(), loader())
     events = gradwatch_events(tmp_path)
-    first = logged(events, "grad_norm_total/global_optimizer0")
-    second = logged(events, "grad_norm_total/global_optimizer1")
+    first = logged(events, "global/grad_norm_optimizer0")
+    second = logged(events, "global/grad_norm_optimizer1")
     assert len(first) == len(second) == 3  # each optimizer stepped 4 times: logged at 0, 1, 3
     assert first[0][1] == pytest.approx(expected["net.0"], rel=1e-5)
     tail = (expected["net.2"] ** 2 + expected["net.4"] ** 2) ** 0.5
@@ -173,7 +171,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
     for label in (0, 1):
-        tag = f"grad_norm_total/global_optimizer{label}"
+        tag = f"global/grad_norm_optimizer{label}"
         on = [title for title, tags in charts.items() if any(re.match(p, tag) for p in tags)]
         assert on == [f"global gradient norm (optimizer {label})"]
 

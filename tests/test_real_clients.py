@@ -129,7 +129,7 @@ def test_tensorboard_serves_every_kind_of_summary(tensorboard):
     scalars = tensorboard.wait_for("/data/plugin/scalars/tags", lambda j: RUN in j)[RUN]
     for group in GROUPS:
         assert f"grad_norm/{group}" in scalars
-    for tag in ("grad_norm_total/global", "grad_norm_total/clipped", "clip/threshold"):
+    for tag in ("global/grad_norm", "global/clipped_norm", "clip/threshold"):
         assert tag in scalars
 
     listing = tensorboard.json("/data/plugins_listing")
@@ -158,12 +158,12 @@ def test_tensorboard_serves_the_custom_scalars_layout(tensorboard):
     charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"]}
     global_chart = charts["global gradient norm: before and after clipping, threshold"]
     patterns = global_chart["multiline"]["tag"]
-    assert any(re.search(p, "grad_norm_total/clipped") for p in patterns)
+    assert any(re.search(p, "global/clipped_norm") for p in patterns)
     assert any(re.search(p, "clip/threshold") for p in patterns)
-    assert any(re.search(p, "grad_norm_total/global") for p in patterns)
+    assert any(re.search(p, "global/grad_norm") for p in patterns)
     per_group = charts["grad_norm: groups 1-3 of 3 (net.0 … net.4)"]["multiline"]["tag"]
     assert [next(g for g in GROUPS if re.match(p, f"grad_norm/{g}")) for p in per_group] == GROUPS
-    assert not any(re.match(p, "grad_norm_total/global") for p in per_group)
+    assert not any(re.match(p, "global/grad_norm") for p in per_group)
     assert "clip coefficient (1: not clipped)" in charts  # the run clips
 
 

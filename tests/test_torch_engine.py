@@ -89,7 +89,7 @@ def test_plain_loop_logs_exact_statistics():
         for group, norm in norms.items():
             assert record.scalars[f"grad_norm/{group}"] == pytest.approx(norm, rel=1e-5)
         total = np.sqrt(sum(n**2 for n in norms.values()))
-        assert record.scalars["grad_norm_total/global"] == pytest.approx(total, rel=1e-5)
+        assert record.scalars["global/grad_norm"] == pytest.approx(total, rel=1e-5)
         assert max(record.scalars[f"grad_max_abs/{g}"] for g in norms) == pytest.approx(max_abs)
         assert record.scalars["update_to_param/0"] == pytest.approx(update_ratio, rel=1e-4)
         assert record.scalars["grad_nonfinite/0"] == 0.0
@@ -321,8 +321,8 @@ def test_several_optimizers_get_their_own_total_tags():
     engine.before_optimizer_step(first)
     engine.before_optimizer_step(second)
     one, two = engine.after_optimizer_step()
-    assert "grad_norm_total/global" in one.scalars and "grad_norm/2" not in one.scalars
-    assert "grad_norm_total/global_optimizer1" in two.scalars and "grad_norm/0" not in two.scalars
+    assert "global/grad_norm" in one.scalars and "grad_norm/2" not in one.scalars
+    assert "global/grad_norm_optimizer1" in two.scalars and "grad_norm/0" not in two.scalars
     assert engine.state_dict()["optimizer_steps"] == [1, 1]
 
 

@@ -108,7 +108,7 @@ def test_the_loss_scalers_own_overflow_checks_are_counted_never_reported():
     assert dropped >= 5  # the scaler really did drop steps
     counted = sink.scalars("amp/skipped_steps")
     assert counted[-1] == (39, float(dropped))
-    assert all(v == 0 for _, v in sink.scalars("grad_norm_total/nonfinite_steps"))
+    assert all(v == 0 for _, v in sink.scalars("global/nonfinite_steps"))
 
     # Without `scaler=`, the same gradients are non-finite to gradwatch: its first step stops.
     watch, _, last, _ = amp_loop(scaler_given=False)
@@ -205,7 +205,7 @@ def test_stop_leaves_only_finite_checkpoints_and_logs_the_stop_step(tmp_path):
         assert all(torch.isfinite(v).all() for v in state.values()), path
 
     events = gradwatch_events(tmp_path)
-    totals = {e.step: e.value for e in events.Scalars("grad_norm_total/global")}
+    totals = {e.step: e.value for e in events.Scalars("global/grad_norm")}
     assert 25 in totals and totals[25] > 1e20  # the value that triggered the stop
     (stopped,) = events.Tensors("gradwatch/stopped")
     assert stopped.step == 25
@@ -236,7 +236,7 @@ def test_a_lasting_rise_is_skipped_a_bounded_number_of_times_then_accepted():
     assert watch.engine.skipped == list(range(30, 30 + accept_after - 1))
     accepted = [e for e in watch.events if e["action"] == "accepted"]
     assert [(e["step"], e["group"]) for e in accepted] == [(30 + accept_after - 1, "global")]
-    assert sink.scalars("grad_norm_total/skipped_steps")[-1] == (299, accept_after - 1.0)
+    assert sink.scalars("global/skipped_steps")[-1] == (299, accept_after - 1.0)
 
 
 def test_the_events_kept_in_memory_stay_bounded_over_100_000_steps():
@@ -327,8 +327,8 @@ def test_finite_gradients_whose_squares_overflow_are_not_called_nonfinite():
         watch.after_optimizer_step()
     exact = torch.cat([g.flatten() for g in grads]).norm().item()
     (record,) = sink.records
-    assert record.scalars["grad_norm_total/global"] == pytest.approx(exact, rel=1e-5)
-    assert record.scalars["grad_norm_total/nonfinite_steps"] == 0
+    assert record.scalars["global/grad_norm"] == pytest.approx(exact, rel=1e-5)
+    assert record.scalars["global/nonfinite_steps"] == 0
     assert not [e for e in watch.events if e["kind"] == "nonfinite"]
 
 
