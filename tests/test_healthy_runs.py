@@ -19,7 +19,7 @@ import torch
 from _architectures import train
 from torch import nn
 
-from gradwatch.guard import GradWatchWarning
+from gradwatch.reporting import GradWatchWarning
 
 pytestmark = pytest.mark.slow  # ~1 minute on one CPU core
 
