@@ -93,11 +93,11 @@ def test_html_report_is_self_contained(log_dir, tmp_path):
     assert page.count('src="data:image/png;base64,') == 3
     assert "<script" not in page and "http" not in page.replace('name="generator"', "")
     assert '<td class="num">60</td><td>explosion</td><td><code>global</code>' in page
-    # Ratios decay with depth by two decades, less than the three that name a group: only the
-    # group that was NaN at a logged step is at risk, compared with the other MLPs.
+    # Ratios decay with depth by two decades (one each side of the median, less than the 2.5
+    # that name a group): only the group that was NaN at a logged step is at risk.
     vanishing, exploding = (page.split(title)[1].split("<h")[0] for title in _RISK_HEADINGS)
     assert vanishing.strip().startswith(
-        '<p class="no-risk">None: no group more than 3 decades below'
+        '<p class="no-risk">None: no group more than 2.5 decades below'
     )
     assert re.findall(r"<tr><td><code>([^<]+)</code></td><td><code>([^<]+)</code>", exploding) == [
         (GROUPS[NAN[1]], "encoder.layers.#.mlp")
@@ -142,6 +142,14 @@ def test_a_dead_and_an_exploding_group_are_named_against_their_kind():
         ("layer3.1.bn1", "layer#.#.bn#", 0),
     ]
     assert 3.5 < exploding[1].decades < 4.5
+
+
+def test_a_depth_trend_names_its_small_end_vanishing_and_nothing_exploding():
+    """A deep sigmoid net: each layer's ratio 0.7 decades below the next one's."""
+    groups = (*(f"blocks.{i}.linear" for i in range(20)), "head")
+    ratio = (10 ** np.linspace(-14, 0, 21))[:, None].repeat(4, axis=1)
+    vanishing, exploding = at_risk(FlowMatrix(groups, np.arange(4), ratio, ratio), top=20)
+    assert [r.group for r in vanishing] == list(groups[:6]) and exploding == []
 
 
 def test_a_kind_mostly_dead_does_not_make_its_living_members_exploding():

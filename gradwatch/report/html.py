@@ -79,7 +79,7 @@ def page(
             "<h4>Vanishing</h4>",
             _risk_table(vanishing, "below its kind, nor zero at half its logged steps or more"),
             "<h4>Exploding</h4>",
-            _risk_table(exploding, "above its kind, nor NaN/Inf at any logged step"),
+            _risk_table(exploding, "above the rest of its kind, nor NaN/Inf at any logged step"),
             "</section>",
         ]
     parts.append("</body></html>")
@@ -92,9 +92,10 @@ _RISK_RULE = (
     " does not grow with a group's size, and each with the groups of its kind: those whose names"
     " differ from its own only in their numbers (<code>layer#.#.bn#</code>, the same layer in"
     f" every block), or with all groups when its kind has fewer than {MIN_KIND}. A group is"
-    f" listed when it is more than {DECADES:g} decades ({10**DECADES:,.0f} times) from its kind's"
-    " median, when its gradient was zero at half its logged steps or more (vanishing), or when"
-    " it was NaN/Inf at any logged step (exploding).</p>"
+    f" vanishing when it is more than {DECADES:g} decades ({10**DECADES:,.0f} times) below its"
+    " kind's median, or its gradient was zero at half its logged steps or more; exploding when"
+    f" it stands more than {DECADES:g} decades above all the rest of its kind (with fewer than"
+    " half of it), or its gradient was NaN/Inf at any logged step.</p>"
 )
 
 
