@@ -63,7 +63,7 @@ def heatmap(flow: FlowMatrix, *, title: str = "gradient flow") -> Figure:
     """
     values, measure = flow.measure()
     span = f"steps {flow.steps[0]} to {flow.steps[-1]}" if len(flow.steps) else "no steps"
-    special = bool((values == 0).any() or np.isinf(values).any() or np.isnan(values).any())
+    special = bool(_below(values).any() or np.isinf(values).any() or np.isnan(values).any())
     figure, axes = _scale.rows_figure(
         flow.groups,
         [f"{measure} per group", f"{title}, {span}"],
@@ -107,11 +107,18 @@ def heatmap(flow: FlowMatrix, *, title: str = "gradient flow") -> Figure:
     _legend(
         axes,
         _scale.below(axes, _LEGEND_TOP),
-        zero=bool((values == 0).any()),
+        zero=under,
         nonfinite=bool(nonfinite.any()),
         missing=bool(np.isnan(values).any()),
     )
     return figure
+
+
+def _below(values: np.ndarray) -> np.ndarray:
+    """Where ``values`` are zero or below the colour scale (:func:`_scale.log_limits`)."""
+    lo, _ = _scale.log_limits(values)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (values == 0) | (np.log10(np.where(values > 0, values, np.nan)) < lo)
 
 
 def _colormap():
