@@ -61,8 +61,8 @@ def captions(run: Run) -> dict[str, str]:
     return {
         "timeline": timeline + ".",
         "heatmap": f"Gradient flow: log10 {measure} of every group{_SIZE_FREE.get(measure, '')}"
-        ", rows from input to output, at every logged step. Black: zero; red: NaN/Inf; grey: "
-        "not logged.",
+        ", rows from input to output, at every logged step. Black: zero or far below the scale; "
+        "red: NaN/Inf; grey: not logged.",
         "depth_profile": f"Depth profile: {measure} of every group, rows from input to output.",
     }
 
