@@ -15,18 +15,21 @@ from gradwatch import keys
 from gradwatch.checks import check_count
 from gradwatch.record import Record
 
-__all__ = ["FlowHistory", "FlowMatrix"]
+__all__ = ["NORM", "RATIO", "FlowHistory", "FlowMatrix"]
 
 _NORM_PREFIX = f"{keys.GRAD_NORM}/"
 _RATIO_PREFIX = f"{keys.GRAD_TO_PARAM}/"
+RATIO = "gradient norm / parameter norm"
+NORM = "gradient norm (not size-free)"
 
 
 @dataclass(frozen=True)
 class FlowMatrix:
     """Per-group values at logged steps, groups in depth order.
 
-    ``norm`` and ``ratio`` are ``[groups, steps]``: NaN where a group was not logged at a step,
-    ``inf`` where its gradient was not finite, 0 where it was exactly zero.
+    ``norm`` and ``ratio`` are ``[groups, steps]``: NaN where a group was not logged at a step
+    (or, in ``ratio``, where its parameters are all zero), ``inf`` where its gradient was not
+    finite, 0 where it was exactly zero.
     """
 
     groups: tuple[str, ...]
@@ -34,9 +37,26 @@ class FlowMatrix:
     norm: np.ndarray
     ratio: np.ndarray
 
+    def measure(self) -> tuple[np.ndarray, str]:
+        """What the pictures and the report compare groups by, and its name.
+
+        The gradient/parameter norm ratio, which does not grow with a group's size (both norms
+        grow as the square root of its number of elements): a raw norm makes a convolution with
+        9·C² weights look larger than the BatchNorm after it, with 2·C. Where no ratio was
+        logged at all (records without ``grad_to_param``), the raw norm, named as such.
+
+        Example:
+            >>> flow = FlowMatrix(("a",), np.array([0]), np.array([[4.0]]), np.array([[0.5]]))
+            >>> flow.measure()
+            (array([[0.5]]), 'gradient norm / parameter norm')
+        """
+        if np.isnan(self.ratio).all() and not np.isnan(self.norm).all():
+            return self.norm, NORM
+        return self.ratio, RATIO
+
 
 class FlowHistory:
-    """Per-group gradient norms and gradient/parameter ratios at every logged step.
+    """Per-group gradient norms and gradient/parameter norm ratios at every logged step.
 
     Groups keep the order in which they first appear, which is the order of the model's
     parameters (depth order): records name them in that order. When more than ``max_columns``
@@ -85,7 +105,11 @@ class FlowHistory:
             if tag.startswith(_NORM_PREFIX):
                 norm[self._index(tag[len(_NORM_PREFIX) :])] = _finite_or_inf(value)
             elif tag.startswith(_RATIO_PREFIX):
-                ratio[self._index(tag[len(_RATIO_PREFIX) :])] = _finite_or_inf(value)
+                group = tag[len(_RATIO_PREFIX) :]
+                gradient = float(scalars.get(_NORM_PREFIX + group, np.nan))
+                if np.isnan(value) and np.isfinite(gradient):
+                    continue  # parameters all zero: a ratio without meaning, not a bad gradient
+                ratio[self._index(group)] = _finite_or_inf(value)
         if not norm:
             return False
         if self._steps and self._steps[-1] == step:

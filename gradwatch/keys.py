@@ -171,14 +171,14 @@ TAGS: tuple[TagSpec, ...] = (
         HEATMAP,
         "image",
         "`histogram_every_n_steps`, with matplotlib",
-        "log10 gradient norm of every group (rows, in depth order) at every logged step",
+        "log10 gradient norm / parameter norm of every group (rows, in depth order) at every"
+        " logged step",
     ),
     TagSpec(
         DEPTH_PROFILE,
         "image",
         "`histogram_every_n_steps`, with matplotlib",
-        "gradient norm and gradient/parameter norm per group, in depth order, at the last"
-        " logged step",
+        "gradient norm / parameter norm per group, in depth order, at the last logged step",
     ),
     TagSpec(
         LAYOUT,

@@ -2,8 +2,10 @@
 
 A GPT-2 (LayerNorm, learning induction after a plateau at chance), a narrow ResNet-18
 (BatchNorm) and an LSTM language model train for 300 steps under ``TorchGradWatch`` with its
-defaults (see ``_architectures.py``). Then the same runs, shorter, with a 1000x gradient spike in
-one module and a NaN in another, must report each at the step it was injected.
+defaults (see ``_architectures.py``): no detection, and no group named at risk by the report.
+Then the same runs, shorter, with a 1000x gradient spike in one module and a NaN in another,
+must report each at the step it was injected; and a GPT-2 with one module's gradient zeroed and
+another's 10^4 times too large has both named at risk.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import torch
 from _architectures import train
 from torch import nn
 
+from gradwatch import MemorySink
+from gradwatch.flow import FlowHistory
+from gradwatch.report.risk import at_risk
 from gradwatch.reporting import GradWatchWarning
 
 pytestmark = pytest.mark.slow  # ~1 minute on one CPU core
@@ -48,11 +53,24 @@ def describe(events: list[dict]) -> list[str]:
     ]
 
 
+def named_at_risk(sink: MemorySink) -> tuple[list[str], list[str]]:
+    """The groups the report names at risk of vanishing, and of exploding."""
+    history = FlowHistory()
+    for record in sink.records:
+        history.update(record)
+    vanishing, exploding = at_risk(history.matrix(), top=100)
+    return [r.group for r in vanishing], [r.group for r in exploding]
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_a_healthy_run_raises_no_detection(architecture, tmp_path):
+def test_a_healthy_run_raises_no_detection_and_names_no_group_at_risk(architecture, tmp_path):
     needs(architecture)
-    run = train(architecture, tmp_path, steps=300)
+    sink = MemorySink()
+    run = train(architecture, tmp_path, steps=300, sinks=[sink])
     assert describe(run.events) == []
+    # Its BatchNorms or LayerNorms have ratios a decade or two below its weights': only within
+    # their kind are they alike (by raw norm, the report named them all "vanishing").
+    assert named_at_risk(sink) == ([], [])
     start, end = statistics.mean(run.losses[:10]), statistics.mean(run.losses[-30:])
     assert start > 0.9 * run.chance  # it starts at chance ...
     assert end < 0.6 * start  # ... and learns
@@ -102,3 +120,29 @@ def test_a_spike_and_a_nan_are_caught_at_the_step_they_happen(architecture, tmp_
         (NAN_STEP, "nonfinite", "global"),
     }, describe(run.events)
     assert all(torch.isfinite(torch.tensor(run.losses)))
+
+
+def test_the_report_names_a_dead_and_an_exploding_group_at_risk(tmp_path):
+    needs("gpt2")
+    dead, huge = "transformer.h.1.mlp.c_fc", "transformer.h.2.attn.c_proj"
+
+    def fault(step: int, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            module = name.rpartition(".")[0]
+            if module == dead:
+                p.grad.zero_()
+            if module == huge:  # AdamW's update does not grow with it: training goes on
+                p.grad.mul_(1e4)
+
+    sink = MemorySink()
+    train(
+        "gpt2",
+        tmp_path,
+        steps=100,
+        fault=fault,
+        sinks=[sink],
+        log_every_n_steps=10,
+        on_explosion="ignore",
+        on_vanishing="ignore",
+    )
+    assert named_at_risk(sink) == ([dead], [huge])

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from gradwatch import keys
-from gradwatch.flow import FlowHistory
+from gradwatch.flow import FlowHistory, FlowMatrix
 from gradwatch.grouping import Grouping
 from gradwatch.layout import Chart, build_layout
 from gradwatch.monitor import Monitor
@@ -77,6 +77,16 @@ def test_history_keeps_depth_order_and_marks_zero_nan_and_missing():
     assert np.isnan(flow.matrix().norm[1, 0])  # "b" was not logged at step 0
 
 
+def test_a_ratio_of_zero_parameters_is_missing_and_of_a_nan_gradient_infinite():
+    flow = FlowHistory()
+    nan = float("nan")
+    flow.add(0, {"grad_norm/a": 1.0, "grad_to_param/a": nan, "grad_norm/b": nan})
+    flow.add(1, {"grad_norm/a": nan, "grad_to_param/a": nan, "grad_to_param/b": 0.5})
+    ratio = flow.matrix().ratio
+    assert np.isnan(ratio[0, 0]) and np.isinf(ratio[0, 1])  # a's parameters were zero at 0
+    assert np.isnan(ratio[1, 0]) and ratio[1, 1] == 0.5
+
+
 def test_history_merges_a_second_optimizer_and_halves_keeping_spikes():
     flow = FlowHistory(max_columns=4)
     flow.add(0, {"grad_norm/a": 1.0})
@@ -97,13 +107,13 @@ def test_history_rejects_bad_sizes():
 # --- figures -----------------------------------------------------------------------------------
 
 
-def test_heatmap_of_fifty_groups_labels_every_row_and_shows_the_anomalies():
+def test_heatmap_of_fifty_groups_labels_every_other_row_and_shows_the_anomalies():
     pytest.importorskip("matplotlib")
     from gradwatch.plots import heatmap
 
     figure = heatmap(history().matrix())
     axes = figure.axes[0]
-    assert [t.get_text() for t in axes.get_yticklabels()] == GROUPS
+    assert [t.get_text() for t in axes.get_yticklabels()] == GROUPS[::2]
     shown = axes.images[0]
     values, (lo, hi) = shown.get_array(), shown.get_clim()
     assert (values[0, :15] < lo).all()  # zero: drawn in the "under" colour
@@ -112,7 +122,33 @@ def test_heatmap_of_fifty_groups_labels_every_row_and_shows_the_anomalies():
     assert spike > np.ma.median(values) + 3 and hi >= values[:, SPIKE].max()
     red = axes.images[1].get_array()
     assert not np.ma.is_masked(red[NAN[1], NAN[0]]) and red.count() == 1  # one NaN cell
-    assert "log10" in figure.axes[1].get_ylabel()  # the colour bar
+
+
+def ratio_and_norm(groups=("conv", "bn", "conv2", "bn2"), ratio=True) -> FlowMatrix:
+    """Equal gradient/parameter ratios, raw norms 100x apart (a conv and a BatchNorm)."""
+    norm = np.array([[1.0, 1.0], [0.01, 0.01], [1.0, 1.0], [0.01, 0.01]])
+    ratios = np.full((4, 2), 1e-3) if ratio else np.full((4, 2), np.nan)
+    return FlowMatrix(groups, np.array([0, 1]), norm, ratios)
+
+
+def test_both_pictures_draw_the_size_free_ratio_and_say_so():
+    pytest.importorskip("matplotlib")
+    from gradwatch.plots import depth_profile, heatmap
+
+    figure = heatmap(ratio_and_norm())
+    values = figure.axes[0].images[0].get_array()
+    assert np.ptp(values) == 0  # the BatchNorms are no stripes: like is compared with like
+    assert figure.texts[0].get_text() == "gradient norm / parameter norm per group"
+    assert figure.axes[1].get_xlabel() == "log10 ‖grad‖ / ‖param‖"  # the colour bar
+    profile = depth_profile(ratio_and_norm())
+    (line,) = profile.axes[0].lines
+    assert set(line.get_xdata()) == {1e-3}
+    assert profile.texts[0].get_text() == "gradient norm / parameter norm per group"
+    assert profile.axes[0].get_xlabel() == "‖grad‖ / ‖param‖ (log scale)"
+    # Records without the ratio: the raw norm, named as such.
+    figure = heatmap(ratio_and_norm(ratio=False))
+    assert figure.texts[0].get_text() == "gradient norm (not size-free) per group"
+    assert np.ptp(figure.axes[0].images[0].get_array()) == 2
 
 
 def test_heatmap_bins_long_histories_without_losing_a_spike():
@@ -129,15 +165,44 @@ def test_depth_profile_draws_the_chosen_steps_and_marks_zero_and_nan():
     from gradwatch.plots import depth_profile
 
     figure = depth_profile(history().matrix(), steps=[0, SPIKE, NAN[0]])
-    left, right = figure.axes[:2]
-    assert [line.get_label() for line in left.lines] == ["step 0", f"step {SPIKE}", "step 75"]
-    assert len(right.lines) == 3 and right.get_xscale() == "log"
-    assert left.get_ylim()[0] > left.get_ylim()[1]  # first group on top
+    (axes,) = figure.axes
+    assert [line.get_label() for line in axes.lines] == ["step 0", f"step {SPIKE}", "step 75"]
+    assert axes.get_xscale() == "log"
+    assert axes.get_ylim()[0] > axes.get_ylim()[1]  # first group on top
     labels = {t.get_text() for t in figure.legends[0].get_texts()}
     assert {"zero", "NaN / Inf"} <= labels
 
 
-def test_pictures_are_pngs_of_a_readable_size():
+def tensorboard_pixels(figure, size: float) -> float:
+    """Pixels a font of ``size`` points takes in TensorBoard's Images tab (350 px wide)."""
+    return size / 72 * figure.dpi * 350 / (figure.get_size_inches()[0] * figure.dpi)
+
+
+@pytest.mark.parametrize("groups", [3, 50, 500])
+def test_pictures_are_legible_in_tensorboards_images_tab(groups):
+    """TensorBoard shows an image 350 px wide (up to 1024 px tall without scrolling) until
+    "Show actual image size" is ticked: text must be legible at that size."""
+    pytest.importorskip("matplotlib")
+    from gradwatch.plots import depth_profile, heatmap
+
+    names = tuple(f"model.layers.{i}.mlp.down_proj" for i in range(groups))
+    rng = np.random.default_rng(0)
+    values = 10 ** rng.normal(-3, 1, (groups, 300))
+    flow = FlowMatrix(names, np.arange(300) * 10, values, values)
+    for figure in (heatmap(flow), depth_profile(flow)):
+        width, height = figure.get_size_inches() * figure.dpi
+        assert width == 700 and height * 350 / width <= 1024  # drawn at twice the size shown
+        axes = figure.axes[0]
+        labels = [t.get_text() for t in axes.get_yticklabels()]
+        assert labels[0] == "0.mlp.down_proj"  # without the prefix all groups share
+        assert 3 <= len(labels) <= 31
+        rows = axes.get_position().height * height * 350 / width / groups
+        assert rows * (groups // max(len(labels) - 1, 1)) >= 12  # pixels between labels
+        texts = [*axes.get_yticklabels(), *axes.get_xticklabels(), *figure.texts]
+        assert min(tensorboard_pixels(figure, t.get_fontsize()) for t in texts) >= 11
+
+
+def test_pictures_are_pngs_at_twice_the_size_tensorboard_shows():
     pytest.importorskip("matplotlib")
     pictures = FlowPictures()
     rng = np.random.default_rng(1)
@@ -146,7 +211,7 @@ def test_pictures_are_pngs_of_a_readable_size():
     images = pictures.draw()
     assert set(images) == {keys.HEATMAP, keys.DEPTH_PROFILE}
     for image in images.values():
-        assert image.width == 1000 and 900 <= image.height <= 1800  # 50 rows of ~17 px
+        assert image.width == 700 and 900 <= image.height <= 2048  # 50 rows
 
 
 # --- FlowPictures in a monitor -----------------------------------------------------------------
@@ -336,7 +401,7 @@ def test_images_and_layout_read_back_by_tensorboard(tmp_path):
     accumulator = event_accumulator.EventAccumulator(str(sink.path), size_guidance={"images": 0})
     accumulator.Reload()
     (heatmap,) = accumulator.Images(keys.HEATMAP)
-    assert heatmap.step == 2 and heatmap.width == 1000
+    assert heatmap.step == 2 and heatmap.width == 700
     assert heatmap.encoded_image_string.startswith(b"\x89PNG")
     (config,) = accumulator.Tensors(keys.LAYOUT)
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])

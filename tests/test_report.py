@@ -19,9 +19,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-from test_pictures import GROUPS, SPIKE, synthetic_scalars
+from test_pictures import GROUPS, NAN, SPIKE, synthetic_scalars
 
 from gradwatch import keys
+from gradwatch.flow import FlowMatrix
 from gradwatch.monitor import Monitor
 from gradwatch.plots import png_bytes, timeline
 from gradwatch.record import Record
@@ -30,6 +31,7 @@ from gradwatch.report.html import HEAD
 from gradwatch.report.output import ReportError
 from gradwatch.report.progress import ByteProgress
 from gradwatch.report.reader import event_files, parse_events, read_runs
+from gradwatch.report.risk import ALL_GROUPS, at_risk
 from gradwatch.reporting import Reporter, events_markdown
 from gradwatch.sinks import MemorySink, TensorBoardSink
 
@@ -39,6 +41,9 @@ EVENTS = [
     {"step": SPIKE, "kind": "explosion", "group": "global", "value": 250.0, "threshold": 3.0,
      "action": "skip"},
 ]  # fmt: skip
+
+
+_RISK_HEADINGS = ("<h4>Vanishing</h4>", "<h4>Exploding</h4>")
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +93,71 @@ def test_html_report_is_self_contained(log_dir, tmp_path):
     assert page.count('src="data:image/png;base64,') == 3
     assert "<script" not in page and "http" not in page.replace('name="generator"', "")
     assert '<td class="num">60</td><td>explosion</td><td><code>global</code>' in page
-    # Norms decay with depth: the deepest groups are the smallest over the run, the first largest.
-    smallest, largest = (
-        re.findall(r"<tr><td><code>([^<]+)</code>", page.split(title)[1].split("</table>")[0])
-        for title in ("Smallest (vanishing)", "Largest (exploding)")
+    # Ratios decay with depth by two decades (one each side of the median, less than the 2.5
+    # that name a group): only the group that was NaN at a logged step is at risk.
+    vanishing, exploding = (page.split(title)[1].split("<h")[0] for title in _RISK_HEADINGS)
+    assert vanishing.strip().startswith(
+        '<p class="no-risk">None: no group more than 2.5 decades below'
     )
-    assert len(smallest) == len(largest) == 3
-    assert set(smallest) <= set(GROUPS[-8:]) and set(largest) <= set(GROUPS[:8])
+    assert re.findall(r"<tr><td><code>([^<]+)</code></td><td><code>([^<]+)</code>", exploding) == [
+        (GROUPS[NAN[1]], "encoder.layers.#.mlp")
+    ]
     for data in page.split('src="data:image/png;base64,')[1:]:
         assert base64.b64decode(data.split('"')[0]).startswith(b"\x89PNG")
+
+
+def resnet_ratios(steps: int = 8) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """A healthy ResNet's groups, ratios and norms: as measured, a BatchNorm's ratio is ~1
+    decade below its convolution's, its raw norm smaller still."""
+    groups = ["conv1", "bn1"]
+    for stage in range(1, 5):
+        for block in range(2):
+            groups += [f"layer{stage}.{block}.{name}" for name in ("conv1", "bn1", "conv2", "bn2")]
+    groups.append("fc")
+    rng = np.random.default_rng(0)
+    ratio = np.array([-1.2 if ".conv" in g or g == "conv1" else -2.2 for g in groups])
+    ratio = 10 ** (ratio[:, None] + 0.3 * rng.normal(size=(len(groups), steps)))
+    return tuple(groups), ratio, ratio * 30
+
+
+def test_a_healthy_run_names_no_group_though_kinds_differ_by_decades():
+    groups, ratio, norm = resnet_ratios()
+    flow = FlowMatrix(groups, np.arange(8), norm, ratio)
+    assert at_risk(flow) == ([], [])
+    assert at_risk(flow, decades=1.0) == ([], [])  # each is within a decade of its own kind
+
+
+def test_a_dead_and_an_exploding_group_are_named_against_their_kind():
+    groups, ratio, norm = resnet_ratios()
+    dead, huge, nan = groups.index("layer2.0.conv2"), groups.index("layer3.1.bn1"), 1
+    ratio[dead] = 0.0
+    ratio[huge] *= 1e4
+    ratio[nan, 3] = np.inf
+    vanishing, exploding = at_risk(FlowMatrix(groups, np.arange(8), norm, ratio))
+    assert [(r.group, r.kind, r.zero_steps) for r in vanishing] == [
+        ("layer2.0.conv2", "layer#.#.conv#", 8)
+    ]
+    assert [(r.group, r.kind, r.nonfinite_steps) for r in exploding] == [
+        ("bn1", ALL_GROUPS, 1),  # a kind of its own (with conv1 it is in no stack): all groups
+        ("layer3.1.bn1", "layer#.#.bn#", 0),
+    ]
+    assert 3.5 < exploding[1].decades < 4.5
+
+
+def test_a_depth_trend_names_its_small_end_vanishing_and_nothing_exploding():
+    """A deep sigmoid net: each layer's ratio 0.7 decades below the next one's."""
+    groups = (*(f"blocks.{i}.linear" for i in range(20)), "head")
+    ratio = (10 ** np.linspace(-14, 0, 21))[:, None].repeat(4, axis=1)
+    vanishing, exploding = at_risk(FlowMatrix(groups, np.arange(4), ratio, ratio), top=20)
+    assert [r.group for r in vanishing] == list(groups[:6]) and exploding == []
+
+
+def test_a_kind_mostly_dead_does_not_make_its_living_members_exploding():
+    groups = tuple(f"blocks.{i}.linear" for i in range(10))
+    ratio = np.full((10, 4), 1e-3)
+    ratio[:6] = 0.0
+    vanishing, exploding = at_risk(FlowMatrix(groups, np.arange(4), ratio, ratio), top=10)
+    assert [r.group for r in vanishing] == list(groups[:6]) and exploding == []
 
 
 def test_png_format_writes_the_figures(log_dir, tmp_path):

@@ -43,8 +43,10 @@ def require_matplotlib() -> None:
         ) from error
 
 
-def new_figure(width: float, height: float, *, layout: str | None = None) -> Figure:
-    """A figure of ``width`` x ``height`` inches drawn by the Agg renderer.
+def new_figure(
+    width: float, height: float, *, layout: str | None = None, dpi: float = DPI
+) -> Figure:
+    """A figure of ``width`` x ``height`` inches drawn by the Agg renderer at ``dpi``.
 
     Without a ``layout`` engine the caller places its axes (see :func:`axes_box`): the
     constrained layout measures every tick label on every draw, most of a picture's cost.
@@ -53,7 +55,7 @@ def new_figure(width: float, height: float, *, layout: str | None = None) -> Fig
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=DPI, layout=layout)
+    figure = Figure(figsize=(width, height), dpi=dpi, layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
@@ -82,12 +84,12 @@ def axes_box(
 
 
 def png_bytes(figure: Figure, **metadata: Any) -> bytes:
-    """Encode ``figure`` as PNG bytes."""
+    """Encode ``figure`` as PNG bytes, at the resolution it was made with."""
     buffer = io.BytesIO()
     figure.savefig(
         buffer,
         format="png",
-        dpi=DPI,
+        dpi=figure.dpi,
         metadata={"Software": SOFTWARE, **metadata},
         pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL},
     )

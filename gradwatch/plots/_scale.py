@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gradwatch.plots._figure import short_label
+from gradwatch.flow import NORM, RATIO
+from gradwatch.plots._figure import axes_box, new_figure, short_label, text_width
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
-    "BOTTOM",
     "DECADES",
+    "DPI",
+    "LABEL",
+    "LINE",
     "MISSING",
     "NONFINITE",
-    "TOP",
+    "SMALL",
+    "TITLE",
+    "WIDTH",
     "ZERO",
+    "below",
+    "common_prefix",
     "label_every",
-    "left_margin",
     "log_limits",
-    "place_axis_labels",
+    "place_xlabel",
     "row_labels",
+    "rows_figure",
     "rows_height",
 ]
 
@@ -27,14 +39,24 @@ DECADES = 14.0  # colour range: values more than this many decades below the lar
 ZERO = "#000000"
 NONFINITE = "#e4002b"
 MISSING = "#e6e6e6"
-_MAX_LABELS = 80
 
+# The pictures are laid out for TensorBoard's Images tab, which shows an image 350 px wide
+# (scaled, pixel by pixel) unless "Show actual image size" is ticked: WIDTH inches at 100 px
+# an inch, drawn at twice that resolution so that they stay sharp where shown larger.
+WIDTH = 3.5
+DPI = 200
+TITLE = 9.0  # font sizes in points (at 100 px an inch, 12.5 px), for the title,
+LABEL = 8.5  # axis labels,
+SMALL = 8.0  # and tick labels, row labels and legends
+LABEL_CHARS = 22  # longest row label, in characters (longer names lose their start)
 # Fixed margins in inches (no layout engine: it measured every label on every draw).
-TOP = 0.45  # the title
-BOTTOM = 0.95  # tick labels, the axis label, one row of legend
-_TICKS = 0.1  # tick length and the pad to its label
-_YLABEL = 0.2  # the rotated y label's height, and the gap to the tick labels
-_XLABEL = 0.32  # from the axes' bottom edge to the top of the x label
+_PAD = 0.08  # figure edge to text
+_TICKS = 0.07  # tick length and the pad to its label
+LINE = 0.16  # height of a line of SMALL or LABEL text
+_TITLE_LINE = 0.17
+_ROW_PITCH = 0.13  # inches from one labelled row to the next: SMALL text is ~0.11 in tall
+_ROWS_MIN, _ROWS_MAX = 1.2, 4.0  # height of the rows, inches
+SYMBOLS = {RATIO: "‖grad‖ / ‖param‖", NORM: "‖grad‖, not size-free"}  # short names of measures
 
 
 def log_limits(values: np.ndarray) -> tuple[float, float]:
@@ -62,35 +84,97 @@ def log_limits(values: np.ndarray) -> tuple[float, float]:
 
 
 def rows_height(rows: int) -> float:
-    """Figure height in inches for ``rows`` labelled rows, readable from 3 to 200 groups."""
-    return float(min(max(1.6 + 0.17 * rows, 3.2), 18.0))
+    """Height in inches of ``rows`` rows: a labelled row each up to 30 groups, then 4 inches.
+
+    Example:
+        >>> rows_height(3), rows_height(20), rows_height(500)
+        (1.2, 2.6, 4.0)
+    """
+    return float(min(max(_ROW_PITCH * rows, _ROWS_MIN), _ROWS_MAX))
 
 
 def label_every(rows: int) -> int:
-    """Label every ``k``-th row so that at most ~80 labels are drawn."""
-    return max(1, math.ceil(rows / _MAX_LABELS))
+    """Label every ``k``-th row, so that labels are at least ``_ROW_PITCH`` inches apart.
+
+    Example:
+        >>> label_every(30), label_every(41), label_every(500)
+        (1, 2, 17)
+    """
+    pitch = rows_height(rows) / max(rows, 1)
+    return max(1, math.ceil(round(_ROW_PITCH / pitch, 6)))
 
 
-def label_size(rows: int) -> float:
-    """Font size of row labels."""
-    return 9.0 if rows <= 24 else 7.5
+def common_prefix(groups: tuple[str, ...]) -> str:
+    """The dotted prefix every group name starts with (and none is), which labels can drop.
+
+    Example:
+        >>> common_prefix(("model.layers.0.attn", "model.layers.1.mlp", "model.norm"))
+        'model.'
+        >>> common_prefix(("conv1", "bn1")), common_prefix(("model",))
+        ('', '')
+    """
+    if len(groups) < 2:
+        return ""
+    parts = [g.split(".") for g in groups]
+    shared = 0
+    while all(len(p) > shared + 1 for p in parts) and len({p[shared] for p in parts}) == 1:
+        shared += 1
+    return "".join(f"{part}." for part in parts[0][:shared])
 
 
 def row_labels(groups: tuple[str, ...]) -> dict[int, str]:
-    """The labelled rows (every :func:`label_every`-th) and their shortened group names."""
-    return {i: short_label(groups[i]) for i in range(0, len(groups), label_every(len(groups)))}
+    """The labelled rows (every :func:`label_every`-th) and their names, without the prefix
+    they all share, shortened to :data:`LABEL_CHARS`."""
+    every = label_every(len(groups))
+    cut = len(common_prefix(groups))
+    return {i: short_label(groups[i][cut:], LABEL_CHARS) for i in range(0, len(groups), every)}
 
 
-def left_margin(label_width: float) -> float:
-    """Inches left of an axes whose row labels are ``label_width`` inches wide."""
-    return label_width + _TICKS + 2 * _YLABEL + 0.05
+def rows_figure(
+    groups: tuple[str, ...], titles: list[str], *, bottom: float, right: float = 0.12
+) -> tuple[Figure, Axes]:
+    """A figure :data:`WIDTH` inches wide and an axes with one row per group (the first on
+    top), its labelled rows named on the left, and ``titles`` above (the first line in bold)
+    with a line that says which way the rows go.
+
+    ``bottom`` is the height in inches the caller needs below the axes (tick labels, an axis
+    label, a colour bar, a legend), ``right`` the width right of it.
+    """
+    prefix = common_prefix(groups)
+    where = f" ({prefix}*)" if prefix else ""
+    titles = [*titles, f"rows{where}: input (top) to output"]
+    rows = len(groups)
+    top = _PAD + _TITLE_LINE * len(titles) + 0.05
+    height = top + rows_height(rows) + bottom
+    figure = new_figure(WIDTH, height, dpi=DPI)
+    labels = row_labels(groups)
+    left = _PAD + text_width(figure, labels.values(), SMALL) + _TICKS + 0.02
+    axes = figure.add_axes(axes_box(figure, left=left, right=right, top=top, bottom=bottom))
+    axes.set_yticks(list(labels), list(labels.values()), fontsize=SMALL)
+    axes.tick_params(labelsize=SMALL, length=3, pad=2)
+    axes.set_ylim(rows - 0.5, -0.5)  # depth goes down
+    for i, text in enumerate(titles):
+        figure.text(
+            0.5,
+            1 - (_PAD + _TITLE_LINE * i) / height,
+            text,
+            ha="center",
+            va="top",
+            fontsize=TITLE if i == 0 else SMALL,
+            fontweight="bold" if i == 0 else "normal",
+        )
+    return figure, axes
 
 
-def place_axis_labels(axes, label_width: float) -> None:
-    """Place the axis labels at fixed distances (in inches) from ``axes``, so that matplotlib
-    does not measure every tick label to place them; the y label names the groups."""
+def place_xlabel(axes: Axes, text: str) -> None:
+    """Name the x axis one line of tick labels below ``axes`` (at a fixed distance, so that
+    matplotlib does not measure every tick label to place it)."""
     box = axes.get_position()
-    width, height = axes.figure.get_size_inches()
-    axes.xaxis.set_label_coords(0.5, -_XLABEL / (box.height * height))
-    axes.set_ylabel("group (input → output)")
-    axes.yaxis.set_label_coords(-(label_width + _TICKS + 0.08) / (box.width * width), 0.5)
+    height = axes.figure.get_size_inches()[1]
+    axes.set_xlabel(text, fontsize=LABEL, va="top")
+    axes.xaxis.set_label_coords(0.5, -(_TICKS + LINE + 0.02) / (box.height * height))
+
+
+def below(axes: Axes, inches: float) -> float:
+    """The figure fraction ``inches`` below the bottom of ``axes``."""
+    return axes.get_position().y0 - inches / axes.figure.get_size_inches()[1]

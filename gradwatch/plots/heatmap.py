@@ -1,4 +1,5 @@
-"""The gradient-flow heatmap: groups in depth order x logged steps, colour = log10 norm."""
+"""The gradient-flow heatmap: groups in depth order x logged steps, colour = log10 of the
+gradient/parameter norm ratio."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ import numpy as np
 
 from gradwatch.flow import FlowMatrix
 from gradwatch.plots import _scale
-from gradwatch.plots._figure import axes_box, new_figure, text_width
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = ["bin_columns", "heatmap"]
 
-MAX_COLUMNS = 400  # about two pixels per column at the figure's width
-_BAR_WIDTH = 0.25  # inches: the colour bar
-_BAR_MARGIN = 1.2  # inches right of the heatmap: gap, colour bar, its ticks and label
+MAX_COLUMNS = 400
+_BAR = 0.09  # inches: the height of the colour bar under the step axis
+# From the heatmap's bottom edge down, in inches: step tick labels and "step", the colour bar,
+# its tick labels and name, and a line of legend.
+_BAR_TOP = 0.42
+_LEGEND_TOP = _BAR_TOP + _BAR + 0.07 + 2 * _scale.LINE
 
 
 def bin_columns(
@@ -50,25 +54,27 @@ def _nanmax(block: np.ndarray) -> np.ndarray:
 
 
 def heatmap(flow: FlowMatrix, *, title: str = "gradient flow") -> Figure:
-    """Draw ``flow.norm``: one row per group (the first group on top), one column per step.
+    """Draw :meth:`FlowMatrix.measure` (the gradient/parameter norm ratio): one row per group
+    (the first group on top), one column per logged step.
 
     Zero gradients are black, non-finite ones red, steps where a group was not logged grey.
+    Columns are merged (by their larger value) down to about one per pixel of the heatmap's
+    width in TensorBoard.
     """
-    steps, norm = bin_columns(flow.steps, flow.norm)
-    rows = len(flow.groups)
-    lo, hi = _scale.log_limits(norm)
-    figure = new_figure(10.0, _scale.rows_height(rows))
-    labels = _scale.row_labels(flow.groups)
-    size = _scale.label_size(rows)
-    label_width = text_width(figure, labels.values(), size)
-    left = _scale.left_margin(label_width)
-    x, y, width, height = axes_box(
-        figure, left=left, right=_BAR_MARGIN, top=_scale.TOP, bottom=_scale.BOTTOM
+    values, measure = flow.measure()
+    span = f"steps {flow.steps[0]} to {flow.steps[-1]}" if len(flow.steps) else "no steps"
+    special = bool(_below(values).any() or np.isinf(values).any() or np.isnan(values).any())
+    figure, axes = _scale.rows_figure(
+        flow.groups,
+        [f"{measure} per group", f"{title}, {span}"],
+        bottom=_LEGEND_TOP + (_scale.LINE + 0.1 if special else 0.05),
     )
-    axes = figure.add_axes((x, y, width, height))
+    pixels = int(axes.get_position().width * _scale.WIDTH * 100)  # as TensorBoard shows it
+    steps, values = bin_columns(flow.steps, values, min(MAX_COLUMNS, max(pixels, 2)))
+    lo, hi = _scale.log_limits(values)
     with np.errstate(divide="ignore"):
-        logs = np.log10(np.where(np.isfinite(norm), norm, np.nan))
-    logs[norm == 0] = lo - 1.0  # drawn in the "under" colour
+        logs = np.log10(np.where(np.isfinite(values), values, np.nan))
+    logs[values == 0] = lo - 1.0  # drawn in the "under" colour
     image = axes.imshow(
         np.ma.masked_invalid(logs),
         aspect="auto",
@@ -77,33 +83,42 @@ def heatmap(flow: FlowMatrix, *, title: str = "gradient flow") -> Figure:
         vmin=lo,
         vmax=hi,
     )
-    nonfinite = np.isinf(norm)
+    nonfinite = np.isinf(values)
     if nonfinite.any():
         axes.imshow(
-            np.ma.masked_where(~nonfinite, np.ones_like(norm)),
+            np.ma.masked_where(~nonfinite, np.ones_like(values)),
             aspect="auto",
             interpolation="nearest",
             cmap=_single(_scale.NONFINITE),
         )
-    axes.set_yticks(list(labels), list(labels.values()), fontsize=size)
     _label_steps(axes, steps)
-    inch = figure.get_size_inches()
-    bar_axes = figure.add_axes((x + width + 0.1 / inch[0], y, _BAR_WIDTH / inch[0], height))
-    below = bool((np.nan_to_num(logs, nan=np.inf) < lo).any())
-    bar = figure.colorbar(image, cax=bar_axes, extend="min" if below else "neither")
-    bar.set_label("log10 gradient norm")
+    _scale.place_xlabel(axes, "step")
+    box = axes.get_position()
+    height = figure.get_size_inches()[1]
+    bar_axes = figure.add_axes(
+        (box.x0, _scale.below(axes, _BAR_TOP + _BAR), box.width, _BAR / height)
+    )
+    under = bool((np.nan_to_num(logs, nan=np.inf) < lo).any())
+    bar = figure.colorbar(
+        image, cax=bar_axes, orientation="horizontal", extend="min" if under else "neither"
+    )
+    bar.ax.tick_params(labelsize=_scale.SMALL, length=2, pad=1)
+    bar.set_label(f"log10 {_scale.SYMBOLS[measure]}", fontsize=_scale.LABEL, labelpad=1)
     _legend(
         axes,
-        x,
-        zero=bool((norm == 0).any()),
+        _scale.below(axes, _LEGEND_TOP),
+        zero=under,
         nonfinite=bool(nonfinite.any()),
-        missing=bool(np.isnan(norm).any()),
+        missing=bool(np.isnan(values).any()),
     )
-    span = f"steps {steps[0]} to {steps[-1]}" if len(steps) else "no steps"
-    axes.set_title(f"{title}: log10 gradient norm per group ({span})", fontsize=11)
-    axes.set_xlabel("step")
-    _scale.place_axis_labels(axes, label_width)
     return figure
+
+
+def _below(values: np.ndarray) -> np.ndarray:
+    """Where ``values`` are zero or below the colour scale (:func:`_scale.log_limits`)."""
+    lo, _ = _scale.log_limits(values)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (values == 0) | (np.log10(np.where(values > 0, values, np.nan)) < lo)
 
 
 def _colormap():
@@ -119,32 +134,36 @@ def _single(colour: str):
     return ListedColormap([colour])
 
 
-def _label_steps(axes, steps: np.ndarray) -> None:
+def _label_steps(axes: Axes, steps: np.ndarray) -> None:
     from matplotlib.ticker import MaxNLocator
 
     count = len(steps)
-    ticks = [int(t) for t in MaxNLocator(nbins=8, integer=True).tick_values(0, count - 1)]
+    ticks = [int(t) for t in MaxNLocator(nbins=4, integer=True).tick_values(0, count - 1)]
     ticks = [t for t in ticks if 0 <= t < count]
     axes.set_xticks(ticks, [str(int(steps[t])) for t in ticks])
 
 
-def _legend(axes, x: float, *, zero: bool, nonfinite: bool, missing: bool) -> None:
+def _legend(axes: Axes, y: float, *, zero: bool, nonfinite: bool, missing: bool) -> None:
     from matplotlib.patches import Patch
 
     handles = []
     if zero:
-        handles.append(Patch(color=_scale.ZERO, label="zero (or far below the scale)"))
+        handles.append(Patch(color=_scale.ZERO, label="zero or far below"))
     if nonfinite:
         handles.append(Patch(color=_scale.NONFINITE, label="NaN / Inf"))
     if missing:
         handles.append(Patch(color=_scale.MISSING, label="not logged"))
     if handles:
-        axes.legend(
+        axes.figure.legend(
             handles=handles,
-            loc="lower left",
-            bbox_to_anchor=(x, 0.0),
-            bbox_transform=axes.figure.transFigure,
+            loc="upper center",
+            bbox_to_anchor=(0.5, y),
             ncols=len(handles),
-            fontsize=8,
+            fontsize=_scale.SMALL,
             frameon=False,
+            handlelength=1.0,
+            handletextpad=0.4,
+            columnspacing=1.0,
+            borderaxespad=0,
+            borderpad=0,
         )

@@ -51,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the nearest logged steps are drawn",
     )
     parser.add_argument(
-        "--top", type=_positive, default=5, help="groups listed as most at risk (default: 5)"
+        "--top",
+        type=_positive,
+        default=5,
+        help="most groups listed as at risk of vanishing, and of exploding (default: 5)",
     )
     parser.add_argument(
         "--force",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gradwatch import keys, plots
+from gradwatch.flow import RATIO
 from gradwatch.plots.timeline import EVENT_COLOURS
 from gradwatch.report.reader import Run
 
@@ -22,11 +23,7 @@ _TIMELINE_EXTRAS = {  # what the caption says of each series the timeline draws
     "threshold": "the clip threshold",
     "clipped": "the norm after clipping",
 }
-_CAPTIONS = {
-    "heatmap": "Gradient flow: log10 gradient norm of every group (rows, input to output) at "
-    "every logged step. Black: zero; red: NaN/Inf; grey: not logged.",
-    "depth_profile": "Depth profile: gradient norm and gradient/parameter norm per group.",
-}
+_SIZE_FREE = {RATIO: " (unlike the gradient norm, it does not grow with a group's size)"}
 
 
 def run_figures(run: Run, steps: Sequence[int] | None = None) -> dict[str, bytes]:
@@ -60,7 +57,14 @@ def captions(run: Run) -> dict[str, str]:
         timeline += ", with " + (
             extras[0] if len(extras) == 1 else ", ".join(extras[:-1]) + " and " + extras[-1]
         )
-    return {"timeline": timeline + ".", **_CAPTIONS}
+    measure = run.history.matrix().measure()[1]
+    return {
+        "timeline": timeline + ".",
+        "heatmap": f"Gradient flow: log10 {measure} of every group{_SIZE_FREE.get(measure, '')}"
+        ", rows from input to output, at every logged step. Black: zero or far below the scale; "
+        "red: NaN/Inf; grey: not logged.",
+        "depth_profile": f"Depth profile: {measure} of every group, rows from input to output.",
+    }
 
 
 def _series(run: Run) -> dict:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from gradwatch.report.figures import captions
 from gradwatch.report.reader import Run
-from gradwatch.report.risk import GroupRisk
+from gradwatch.report.risk import DECADES, MIN_KIND, GroupRisk
 
 __all__ = ["HEAD", "page"]
 
@@ -23,6 +23,8 @@ HEAD = (
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 img { max-width: 100%; border: 1px solid #ddd; }
+figure { margin: 1em 0; }
+figure.half { display: inline-block; width: 48.5%; margin-right: 1%; vertical-align: top; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 th { background: #f3f3f3; }
@@ -51,7 +53,7 @@ def page(
         if run.stopped
     ]
     for run in runs:
-        smallest, largest = risks[run.name]
+        vanishing, exploding = risks[run.name]
         matrix = run.history.matrix()
         parts += [
             f'<section class="run"><h2>Run <code>{_e(run.name)}</code></h2>',
@@ -64,23 +66,37 @@ def page(
         texts = captions(run)
         for name, png in figures[run.name].items():
             encoded = base64.b64encode(png).decode("ascii")
+            half = ' class="half"' if name in _SIDE_BY_SIDE else ""
             parts.append(
-                f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
+                f'<figure{half}><img alt="{_e(name)}" src="data:image/png;base64,{encoded}">'
                 f"<figcaption>{_e(texts.get(name, name))}</figcaption></figure>"
             )
         parts += [
             "<h3>Detections</h3>",
             _events_table(run.events),
-            "<h3>Groups most at risk</h3>",
-            "<p>Median gradient norm over the run, in decades relative to the median group.</p>",
-            "<h4>Smallest (vanishing)</h4>",
-            _risk_table(smallest),
-            "<h4>Largest (exploding)</h4>",
-            _risk_table(largest),
+            "<h3>Groups at risk</h3>",
+            _RISK_RULE,
+            "<h4>Vanishing</h4>",
+            _risk_table(vanishing, "below its kind, nor zero at half its logged steps or more"),
+            "<h4>Exploding</h4>",
+            _risk_table(exploding, "above the rest of its kind, nor NaN/Inf at any logged step"),
             "</section>",
         ]
     parts.append("</body></html>")
     return HEAD + "\n".join(parts)
+
+
+_SIDE_BY_SIDE = ("heatmap", "depth_profile")  # narrow pictures, drawn for TensorBoard's cards
+_RISK_RULE = (
+    "<p>Groups are compared by their median gradient norm / parameter norm over the run, which"
+    " does not grow with a group's size, and each with the groups of its kind: those whose names"
+    " differ from its own only in their numbers (<code>layer#.#.bn#</code>, the same layer in"
+    f" every block), or with all groups when its kind has fewer than {MIN_KIND}. A group is"
+    f" vanishing when it is more than {DECADES:g} decades ({10**DECADES:,.0f} times) below its"
+    " kind's median, or its gradient was zero at half its logged steps or more; exploding when"
+    f" it stands more than {DECADES:g} decades above all the rest of its kind (with fewer than"
+    " half of it), or its gradient was NaN/Inf at any logged step.</p>"
+)
 
 
 def _e(text: object) -> str:
@@ -106,15 +122,29 @@ def _events_table(events: Sequence[dict]) -> str:
     return f'<table class="events"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
-def _risk_table(risks: Sequence[GroupRisk]) -> str:
+def _risk_table(risks: Sequence[GroupRisk], none: str) -> str:
+    if not risks:
+        return f'<p class="no-risk">None: no group more than {DECADES:g} decades {none}.</p>'
     head = "".join(
         f"<th>{h}</th>"
-        for h in ("group", "median norm", "decades vs. median group", "zero steps", "NaN/Inf steps")
+        for h in (
+            "group",
+            "compared with",
+            "median ratio",
+            "decades from its kind",
+            "zero steps",
+            "NaN/Inf steps",
+        )
     )
     rows = [
-        f'<tr><td><code>{_e(r.group)}</code></td><td class="num">{_number(r.median_norm)}</td>'
-        f'<td class="num">{r.decades:+.2f}</td><td class="num">{r.zero_steps}</td>'
+        f"<tr><td><code>{_e(r.group)}</code></td><td><code>{_e(r.kind)}</code></td>"
+        f'<td class="num">{_number(r.median)}</td><td class="num">{_signed(r.decades)}</td>'
+        f'<td class="num">{r.zero_steps} of {r.logged_steps}</td>'
         f'<td class="num">{r.nonfinite_steps}</td></tr>'
         for r in risks
     ]
     return f'<table class="risk"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}" if math.isfinite(value) else "n/a"

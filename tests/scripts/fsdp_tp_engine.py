@@ -48,6 +48,7 @@ def run(rank: int, out: str, port: str) -> None:
     )
 
     from gradwatch.integrations.torch import TorchEngine
+    from gradwatch.keys import STATISTICS
     from gradwatch.monitor import Cadence
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
@@ -74,6 +75,7 @@ def run(rank: int, out: str, port: str) -> None:
         cadence=Cadence(LOG_EVERY, HISTOGRAM_EVERY),
         track_update_ratio=True,
         histogram_bins=BINS,
+        statistics=STATISTICS,
     )
     x, y = rank_batch(mesh["data_parallel"].get_local_rank())
     records, gradients = [], []
