@@ -9,7 +9,7 @@ from gradwatch.monitor import Cadence
 from gradwatch.record import Histogram, Record
 from gradwatch.sinks import MemorySink, TensorBoardSink
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "Cadence",
