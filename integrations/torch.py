@@ -256,13 +256,15 @@ class TorchEngine:
         dropped = decision.skip if self.guard.guard.reads_every_step else None
         state.summary = update_summary(state.summary, total, dropped, scaler_skipped)
         stop = False
+        if (on_host or dropped is not None) and self._nonfinite_finding(total, scaler_skipped):
+            # How many NaN/Inf values, counted while they are here; the host has read this
+            # step's decision already, so counting adds no synchronisation.
+            host = view(norms, True) if on_host else norms.cpu().numpy()
+            counts = self._nonfinite(local_grads, host, reducer)
+            self._counts[number] = nonzero_sums(self.grouping, np.asarray(indices), counts)
         if dropped is not None and bool(dropped):
             self._skipped.append(number)
             self.skipped_count += 1
-            if not np.isfinite(float(total)):  # say how many values, while they are here
-                host = view(norms, True) if on_host else norms.cpu().numpy()
-                counts = self._nonfinite(local_grads, host, reducer)
-                self._counts[number] = nonzero_sums(self.grouping, np.asarray(indices), counts)
             stop = bool(decision.stop)
             if stop and self.stopped_at is None:
                 self.stopped_at = number
@@ -404,6 +406,14 @@ class TorchEngine:
             pending.clipped = True
             parts.append(clip)
         return pending
+
+    @staticmethod
+    def _nonfinite_finding(total: object, scaler_skipped: object) -> bool:
+        """Whether this step's gradient is non-finite and that is a finding (not the loss
+        scaler's own overflow check)."""
+        return not np.isfinite(float(total)) and not (
+            scaler_skipped is not None and bool(scaler_skipped)
+        )
 
     def _nonfinite(
         self, grads: list[torch.Tensor], norms: np.ndarray, reducer: ShardReducer

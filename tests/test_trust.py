@@ -284,6 +284,24 @@ def test_each_logging_step_tells_its_findings_in_one_line_global_first(caplog):
     }
 
 
+def test_a_warned_nonfinite_step_between_logging_steps_says_how_many_values():
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with quiet(), TorchGradWatch(model, None, log_every_n_steps=5) as watch:  # "warn"
+        for step in range(5):
+            optimizer.zero_grad()
+            x, y = batch(step)
+            nn.functional.mse_loss(model(x), y).backward()
+            if step == 2:  # not a logging step (0 and 4 are)
+                model[0].bias.grad[:3] = float("nan")
+            watch.before_optimizer_step(optimizer)
+            optimizer.step()
+            watch.after_optimizer_step()
+    # (the NaN update then spreads through the weights: later steps have findings of their own)
+    found = {(e["step"], e["group"]): e.get("count") for e in watch.events if e["step"] == 2}
+    assert found == {(2, "global"): 3, (2, "0"): 3}
+
+
 def test_a_stop_is_one_short_line_naming_its_cause():
     model = net()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
