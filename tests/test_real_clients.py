@@ -233,6 +233,7 @@ def test_report_in_headless_chromium(report_html, tmp_path):
     from matplotlib.image import imread
 
     pixels = imread(shot)[..., :3]
-    # The heatmap's viridis colours are on the page: the images were decoded and drawn.
-    greenish = (pixels[..., 1] > 0.5) & (pixels[..., 0] < 0.4) & (pixels[..., 2] < 0.6)
-    assert greenish.mean() > 0.01
+    # The heatmap's viridis colours fill a block of the page: the images were decoded and
+    # drawn (text, axes and the white page are all but colourless).
+    colourful = pixels.max(axis=-1) - pixels.min(axis=-1) > 0.3
+    assert colourful.mean() > 0.01
