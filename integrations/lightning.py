@@ -48,15 +48,40 @@ log = logging.getLogger(__name__)
 
 
 class _LoggerSink:
-    """Scalars to the Trainer's loggers, at the step gradwatch measured."""
+    """Scalars to the Trainer's loggers (TensorBoard's excepted), at the step gradwatch measured.
 
-    def __init__(self, loggers: list[Logger]) -> None:
+    Where Lightning logs that step itself, they join its row (a CSV row holds the step's own
+    metrics and gradwatch's): they go through ``log_dict`` just before Lightning sends the
+    step's metrics to its loggers. That reaches every logger, so only when none is a
+    TensorBoardLogger (gradwatch writes TensorBoard's scalars into its own file). Other steps
+    (the first, the last, those of another cadence) get a row of their own.
+    """
+
+    def __init__(self, trainer: pl.Trainer, loggers: list[Logger]) -> None:
+        self.trainer = trainer
         self.loggers = loggers
+        self.shared_row = len(loggers) == len(trainer.loggers)
 
     def write(self, record: Record) -> None:
-        if record.scalars:
-            for logger in self.loggers:
-                logger.log_metrics(record.scalars, step=record.step)
+        if not record.scalars:
+            return
+        if self.shared_row and self._lightning_logs(record.step):
+            module = self.trainer.lightning_module
+            module.log_dict(record.scalars, on_step=True, on_epoch=False, batch_size=1)
+            return
+        for logger in self.loggers:
+            logger.log_metrics(record.scalars, step=record.step)
+
+    def _lightning_logs(self, step: int) -> bool:
+        """Whether Lightning sends this batch's metrics to its loggers, at ``step``."""
+        trainer = self.trainer
+        return (
+            trainer.training
+            and trainer.lightning_module.automatic_optimization
+            and len(trainer.optimizers) == 1
+            and trainer.fit_loop.epoch_loop._batches_that_stepped == step
+            and trainer._logger_connector.should_update_logs
+        )
 
     def flush(self) -> None:
         """Loggers flush on their own schedule."""
@@ -281,7 +306,7 @@ class GradWatch(Callback):
         """gradwatch's own event file always gets the whole record (so ``gradwatch report``
         works with any logger); every logger but TensorBoard gets the scalars as well."""
         others = [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
-        return [TensorBoardSink(log_dir), *([_LoggerSink(others)] if others else [])]
+        return [TensorBoardSink(log_dir), *([_LoggerSink(trainer, others)] if others else [])]
 
     def _close(self) -> None:
         """Write the last step when it was not logged, and close the files (once)."""

@@ -74,10 +74,18 @@ def test_logged_norms_equal_a_direct_computation_in_every_logger(tmp_path):
     assert float(rows[0]["grad_norm/net.0"]) == pytest.approx(expected["net.0"], rel=1e-5)
 
 
+class LogsItsLoss(Regressor):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss)
+        return loss
+
+
 def test_a_csv_logger_gets_the_scalars_and_the_event_file_everything(tmp_path):
-    watch = GradWatch(log_every_n_steps=4, histogram_every_n_steps=4)
-    run = trainer(tmp_path, logger=CSVLogger(tmp_path, name="csv"), callbacks=[watch])
-    run.fit(Regressor(lr=0.0), loader())
+    watch = GradWatch(histogram_every_n_steps=4)  # the Trainer's cadence: 4
+    logger = CSVLogger(tmp_path, name="csv")
+    run = trainer(tmp_path, logger=logger, callbacks=[watch], log_every_n_steps=4)
+    run.fit(LogsItsLoss(lr=0.0), loader())
     (path,) = event_files(tmp_path)
     assert os.path.dirname(path) == str(tmp_path / "csv" / "version_0" / "gradwatch")
     events = read_events(path)
@@ -85,8 +93,13 @@ def test_a_csv_logger_gets_the_scalars_and_the_event_file_everything(tmp_path):
     assert sorted(events.Tags()["histograms"]) == [f"grad_hist/{g}" for g in GROUPS]
     (metrics,) = glob.glob(str(tmp_path / "csv" / "**" / "metrics.csv"), recursive=True)
     with open(metrics) as f:
-        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("grad_norm/net.0")]
-    assert steps == [0, 3, 7]
+        rows = [r for r in csv.DictReader(f) if r.get("grad_norm/net.0") or r.get("loss")]
+    # Where Lightning logs a step (3, 7), gradwatch's scalars share its row; step 0 has its own.
+    assert [(int(r["step"]), bool(r["loss"]), bool(r["grad_norm/net.0"])) for r in rows] == [
+        (0, False, True),
+        (3, True, True),
+        (7, True, True),
+    ]
 
 
 def test_the_defaults_write_two_charts_a_group_and_more_on_request(tmp_path):
