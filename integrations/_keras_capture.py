@@ -218,7 +218,8 @@ class Capture:
             tf.math.unsorted_segment_sum(tf.square(norms), segments, len(self.grouping.groups))
         )
         step = tf.convert_to_tensor(self.optimizer.iterations)
-        self.calls.write(self.calls.read() + 1)
+        if self.scaled:  # the loss-scale optimizer's wrapper compares it (count_scaler_skip)
+            self.calls.write(self.calls.read() + 1)
         self.last.write(self._scatter(index, norms))
         self.last_step.write(step)
         decision, state = self.guard.update(

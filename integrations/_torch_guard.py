@@ -40,7 +40,6 @@ class GuardRun:
     on_host: bool  # the core runs on numpy views of CPU tensors
     group_index: dict[tuple[int, ...], Array] = field(default_factory=dict)
     last: Decision | None = None
-    stopped: bool = False  # a "stop" fired (read at once: the step had to be dropped)
 
 
 class TorchGuard:
@@ -69,12 +68,12 @@ class TorchGuard:
         global_norm: Array,
         step: int,
         scaler_skipped: Array | None = None,
-    ) -> Decision:
-        """Decide for this step and clip; return the decision.
+    ) -> tuple[Decision, bool]:
+        """Decide for this step and clip; return the decision and whether to drop the step.
 
         ``global_norm`` and ``scaler_skipped`` are already where the run decides (see
-        :func:`view`). When an action may drop the step, ``decision.skip`` and
-        ``decision.stop`` are read here (one host read); the caller drops the step.
+        :func:`view`). Whether to drop is read on the host (the one read per step) only when
+        an action may drop the step; the caller drops it.
         """
         guard, on_host = self.guard, run.on_host
         if guard.active:
@@ -94,11 +93,10 @@ class TorchGuard:
             scaler_skipped,
         )
         run.last = decision
-        if guard.reads_every_step and bool(decision.skip):
-            run.stopped = run.stopped or bool(decision.stop)
-        elif decision.clip is not None:
+        dropped = guard.reads_every_step and bool(decision.skip)
+        if not dropped and decision.clip is not None:
             _apply(decision, grads)
-        return decision
+        return decision, dropped
 
     def state_dict(self, run: GuardRun) -> dict[str, Any]:
         """The policy's and detectors' state as plain lists (loads with weights_only=True)."""

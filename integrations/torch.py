@@ -248,21 +248,21 @@ class TorchEngine:
         if scaler_skipped is not None:
             scaler_skipped = view(scaler_skipped, on_host)
         number = count if step is None else step
-        decision = self.guard.step(
+        decision, dropped = self.guard.step(
             state.guard, indices, params, local_grads, norms, total, number, scaler_skipped
         )
         if state.summary is None:
             state.summary = init_summary(total)
-        dropped = decision.skip if self.guard.guard.reads_every_step else None
-        state.summary = update_summary(state.summary, total, dropped, scaler_skipped)
+        skips = decision.skip if self.guard.guard.reads_every_step else None
+        state.summary = update_summary(state.summary, total, skips, scaler_skipped)
         stop = False
-        if (on_host or dropped is not None) and self._nonfinite_finding(total, scaler_skipped):
-            # How many NaN/Inf values, counted while they are here; the host has read this
-            # step's decision already, so counting adds no synchronisation.
+        if (on_host or dropped) and self._nonfinite_finding(total, scaler_skipped):
+            # How many NaN/Inf values, counted while they are here, where the host knows the
+            # step already (on the CPU, or a step dropped after its one read on a GPU).
             host = view(norms, True) if on_host else norms.cpu().numpy()
             counts = self._nonfinite(local_grads, host, reducer)
             self._counts[number] = nonzero_sums(self.grouping, np.asarray(indices), counts)
-        if dropped is not None and bool(dropped):
+        if dropped:
             self._skipped.append(number)
             self.skipped_count += 1
             stop = bool(decision.stop)
