@@ -202,11 +202,10 @@ class Guard:
         if verdicts:  # one latch update for all rows, on their stacked verdicts
             stacked = Verdict(*(xp.stack(part) for part in zip(*verdicts, strict=True)))
             latched = latch(latched, stacked, step)
-        false = None
-        if not (acting["skip"] and acting["stop"]):
-            false = xp.zeros_like(stats.global_norm) != 0
+        # A stop drops its step too. Without a stop flag both may need a constant false.
+        false = None if acting["stop"] else xp.zeros_like(stats.global_norm) != 0
         stop = _any(acting["stop"], false)
-        skip = _any([*acting["skip"], stop] if acting["stop"] else acting["skip"], false)
+        skip = _any([*acting["skip"], *acting["stop"]], false)
         clip, policy_state = None, state.policy
         if self.policy is not None:
             clip, policy_state = self.policy.update(clip_stats, state.policy)
@@ -223,8 +222,8 @@ class Guard:
         ``weights_only=True``), with the configuration they belong to."""
         return {
             "config": self._config(),
-            "policy": [] if state.policy is None else [_plain(v) for v in state.policy],
-            "detectors": [[_plain(v) for v in d] for d in state.detectors],
+            "policy": [] if state.policy is None else [v.tolist() for v in state.policy],
+            "detectors": [[v.tolist() for v in d] for d in state.detectors],
         }
 
     def load_state_dict(
@@ -299,10 +298,6 @@ class Guard:
 def sort_events(events: list[dict]) -> list[dict]:
     """Step order; within a step the whole gradient's findings first, then the groups'."""
     return sorted(events, key=lambda e: (e["step"], e["group"] != GLOBAL, e["kind"], e["group"]))
-
-
-def _plain(value: Array) -> list | float:
-    return value.tolist()
 
 
 def _restore(template: Any, values: Any, like: Callable[[Array, Any], Array]) -> Any:
