@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -157,6 +157,19 @@ def check_path(name: str, value: object) -> str | None:
     if not isinstance(path, str):  # a PathLike of bytes
         raise TypeError(f"`{name}` must be a path or None. {_received(name, value)}")
     return path
+
+
+def check_log_dir(value: object) -> str | Literal[False] | None:
+    """``log_dir``: a path as a string, None (the adapter's default folder) or False (no event
+    files)."""
+    if value is False:
+        return False
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            "`log_dir` must be a path, None (the default folder) or False (no event files)."
+            f" {_received('log_dir', value)}"
+        )
+    return check_path("log_dir", value)
 
 
 def check_instance(name: str, value: object, cls: type[T], default: Callable[[], T]) -> T:

@@ -9,10 +9,12 @@ offending step, which cannot be done without knowing), at the logging cadence fo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from gradwatch.checks import check_choice, check_instance, set_fields
 from gradwatch.detectors import (
@@ -71,12 +73,6 @@ class GuardState(NamedTuple):
     policy: Any
     detectors: tuple[Any, ...]
     latch: Latch  # [rows, 1 + groups]: every detector's latch (then new levels) in one update
-
-    @property
-    def latches(self) -> tuple[Latch, ...]:
-        """One latch per row of :attr:`Guard.rows`."""
-        rows = self.latch.fired.shape[0]
-        return tuple(Latch(*(part[row] for part in self.latch)) for row in range(rows))
 
 
 @dataclass(frozen=True)
@@ -263,8 +259,9 @@ class Guard:
             "detectors": [f"{kind}: {detector!r}" for kind, detector, _ in self.active],
         }
 
-    def events(self, latches: tuple[Latch, ...], groups: tuple[str, ...]) -> list[dict]:
-        """The detections in host copies of the latches, as plain records.
+    def events(self, latch: Latch, groups: Sequence[str]) -> list[dict]:
+        """The detections in a host copy of the latch (``[rows, 1 + groups]`` numpy arrays,
+        one row per entry of :attr:`rows`), as plain records.
 
         An event's ``action`` is what was done: ``"skip"`` or ``"stop"`` only on the finding
         that caused it, ``"warn"`` on findings that were only reported, ``"accepted"`` on a
@@ -272,9 +269,9 @@ class Guard:
         """
         actions = {kind: action for kind, _, action in self.active}
         found = []
-        for (kind, what), l_state in zip(self.rows, latches, strict=True):
-            for entry, fired in enumerate(l_state.fired):
-                if not fired or (what == "accepted" and entry > 0):
+        for row, (kind, what) in enumerate(self.rows):
+            for entry in np.flatnonzero(latch.fired[row]):
+                if what == "accepted" and entry > 0:
                     continue
                 if what == "accepted":
                     action = "accepted"
@@ -284,11 +281,11 @@ class Guard:
                     action = "warn"
                 found.append(
                     {
-                        "step": int(l_state.step[entry]),
+                        "step": int(latch.step[row, entry]),
                         "kind": kind,
                         "group": GLOBAL if entry == 0 else groups[entry - 1],
-                        "value": float(l_state.value[entry]),
-                        "threshold": float(l_state.threshold[entry]),
+                        "value": float(latch.value[row, entry]),
+                        "threshold": float(latch.threshold[row, entry]),
                         "action": action,
                     }
                 )

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
-from gradwatch import keys
 from gradwatch.checks import OFF, check_count
-from gradwatch.grouping import Grouping
-from gradwatch.record import Histogram, Record, Sink
-from gradwatch.stats import StepSummary, TensorStats, aggregate, global_norm
+from gradwatch.record import Record, Sink
 
 __all__ = [
     "Cadence",
     "Monitor",
-    "build_histogram_record",
-    "build_record",
 ]
 
 
@@ -71,63 +64,6 @@ def _due(count, every: int):
 def _next_due(count: int, every: int) -> int:
     """The first step after ``count`` that :func:`_due` says is due."""
     return 0 if count < 0 else ((count + 1) // every + 1) * every - 1
-
-
-def build_record(
-    step: int,
-    grouping: Grouping,
-    tensors: TensorStats,
-    *,
-    summary: StepSummary,
-    histograms: Mapping[str, Histogram] | None = None,
-    optimizer: int | None = None,
-    skips: bool = False,
-    scaler: bool = False,
-    statistics: Sequence[str] = keys.STATISTICS,
-) -> Record:
-    """Name every statistic of one logging step.
-
-    ``statistics`` are the per-group statistics written (of those measured).
-    ``summary`` is the host copy of the step's :class:`StepSummary`; ``skips`` writes the
-    count of steps gradwatch dropped, ``scaler`` that of the loss scaler's. ``optimizer`` is
-    the optimizer's index when a model has several, else ``None``.
-    """
-    groups = aggregate(grouping, tensors)
-    per_group = {
-        keys.GRAD_NORM: groups.grad_norm,
-        keys.GRAD_MAX_ABS: groups.grad_max_abs,
-        keys.GRAD_NONFINITE: groups.grad_nonfinite,
-        keys.PARAM_NORM: groups.param_norm,
-        keys.GRAD_TO_PARAM: groups.grad_to_param,
-        keys.UPDATE_TO_PARAM: groups.update_to_param,
-    }
-    scalars: dict[str, float] = {}
-    for statistic, values in per_group.items():
-        if values is None or statistic not in statistics:  # not measured, or not wanted
-            continue
-        for g in np.flatnonzero(groups.present):
-            scalars[keys.group_tag(statistic, grouping.tags[g])] = float(values[g])
-    present = tensors.present.astype(bool)
-    norm = global_norm(tensors.grad_norm[present].astype(np.float64))
-    scalars[keys.total_tag(keys.GLOBAL, optimizer)] = float(norm)
-    scalars[keys.total_tag(keys.MAX_SINCE_LAST_LOG, optimizer)] = float(summary.max_global_norm)
-    scalars[keys.total_tag(keys.NONFINITE_STEPS, optimizer)] = float(summary.nonfinite_steps)
-    if skips:
-        scalars[keys.total_tag(keys.SKIPPED_STEPS, optimizer)] = float(summary.skipped_steps)
-    if scaler:
-        scalars[keys.amp_tag(optimizer)] = float(summary.scaler_skipped_steps)
-    record = build_histogram_record(step, grouping, histograms or {})
-    record.scalars = scalars
-    return record
-
-
-def build_histogram_record(
-    step: int, grouping: Grouping, histograms: Mapping[str, Histogram]
-) -> Record:
-    """Name the per-group gradient histograms (by group name) of one step."""
-    names = grouping.tag_names()
-    named = {keys.group_tag(keys.GRAD_HISTOGRAM, names[g]): h for g, h in histograms.items()}
-    return Record(step=step, histograms=named)
 
 
 class Monitor:

@@ -1,39 +1,38 @@
 """The options every adapter takes, checked and normalized in one place.
 
-Each adapter's constructor hands its arguments to :func:`check_options` and keeps the
-:class:`Options` it returns, so a bad argument fails at construction, with the same message
-whichever adapter received it: the argument as the user passed it, what is allowed, and what
-was received.
+Each adapter's constructor hands its arguments (its ``locals()``) to :func:`check_options` and
+keeps the :class:`Options` it returns, so a bad argument fails at construction, with the same
+message whichever adapter received it: the argument as the user passed it, what is allowed,
+and what was received.
 
 Sizes are bounded where a larger one would not fit in memory (or would be useless): at most
 :data:`MAX_HISTOGRAM_BINS` buckets per histogram; for ``AutoClip(history=...)`` see
 :data:`gradwatch.policies.MAX_HISTORY`.
 
 Example:
-    >>> options = check_options(
-    ...     log_every_n_steps=10, histogram_every_n_steps=0, group_by="module", log_dir=None,
-    ...     track_update_ratio=False, histogram_bins=30, clip=1.0, on_nonfinite="skip",
-    ...     on_explosion="warn", on_vanishing="warn", explosion=None, vanishing=None,
-    ... )
+    >>> options = check_options({"log_every_n_steps": 10, "clip": 1.0, "on_nonfinite": "skip"})
     >>> options.cadence(), options.guard.policy
     (Cadence(log_every_n_steps=10, histogram_every_n_steps=0), ClipByNorm(max_norm=1.0))
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from gradwatch import keys
-from gradwatch.checks import OFF, check_count, check_flag, check_path, check_sinks
-from gradwatch.grouping import check_group_by
+from gradwatch.checks import OFF, check_count, check_flag, check_log_dir, check_sinks
+from gradwatch.grouping import Grouping, check_group_by
 from gradwatch.guard import Guard
+from gradwatch.layout import Layout, build_layout
 from gradwatch.monitor import Cadence
 
 __all__ = [
     "MAX_HISTOGRAM_BINS",
+    "OPTIONS",
     "Options",
+    "Rules",
     "check_histogram_bins",
     "check_options",
     "check_statistics",
@@ -91,8 +90,8 @@ class Options:
             own cadence applies (the Lightning Trainer's ``log_every_n_steps``).
         histogram_every_n_steps: optimizer steps between histograms; 0 for none.
         group_by: a named rule of the adapter's, or a callable from tensor name to group name.
-        log_dir: the event files' directory as a string, or None (what None and ``""`` mean is
-            the adapter's to say).
+        log_dir: the event files' directory as a string; None: the adapter's default folder;
+            False: no event files.
         track_update_ratio: also measure ``|update| / |param|`` at logging steps.
         histogram_bins: buckets per histogram, at most :data:`MAX_HISTOGRAM_BINS`.
         guard: the ``clip``, ``on_*``, ``explosion`` and ``vanishing`` options.
@@ -103,12 +102,28 @@ class Options:
     log_every_n_steps: int | None
     histogram_every_n_steps: int
     group_by: str | Callable[[str], str]
-    log_dir: str | None
+    log_dir: str | Literal[False] | None
     track_update_ratio: bool
     histogram_bins: int
     guard: Guard
     sinks: tuple[Any, ...] = ()
     statistics: tuple[str, ...] = keys.DEFAULT_STATISTICS
+
+    @property
+    def writes_files(self) -> bool:
+        """Whether event files are written (``log_dir`` is not False)."""
+        return self.log_dir is not False
+
+    def layout(
+        self, grouping: Grouping, optimizers: Sequence[int | None] | None = (None,)
+    ) -> Layout:
+        """The run's Custom Scalars dashboard (see :func:`gradwatch.layout.build_layout`)."""
+        return build_layout(
+            grouping,
+            clipping=self.guard.policy is not None,
+            optimizers=optimizers,
+            statistics=self.statistics,
+        )
 
     def cadence(self, log_every_n_steps: int | None = None) -> Cadence:
         """The cadence; ``log_every_n_steps`` is the framework's, used where the options have
@@ -116,56 +131,81 @@ class Options:
         return Cadence(self.log_every_n_steps or log_every_n_steps, self.histogram_every_n_steps)
 
 
-def check_options(
-    *,
-    log_every_n_steps: object,
-    histogram_every_n_steps: object,
-    group_by: object,
-    log_dir: object,
-    track_update_ratio: object,
-    histogram_bins: object,
-    clip: object,
-    on_nonfinite: object,
-    on_explosion: object,
-    on_vanishing: object,
-    explosion: object,
-    vanishing: object,
-    sinks: object = (),
-    statistics: object = "default",
-    group_rules: tuple[str, ...] = ("module", "parameter"),
-    group_member: str = "parameter name",
-    default_log_every: str | None = None,
-) -> Options:
-    """Check every option an adapter received; the first bad one raises.
+OPTIONS = (
+    "log_every_n_steps",
+    "histogram_every_n_steps",
+    "group_by",
+    "log_dir",
+    "track_update_ratio",
+    "histogram_bins",
+    "statistics",
+    "clip",
+    "on_nonfinite",
+    "on_explosion",
+    "on_vanishing",
+    "explosion",
+    "vanishing",
+    "sinks",
+)
+"""The options every adapter takes, by the name of its argument."""
 
-    The user's arguments are passed by name; three describe the adapter: ``group_rules``, the
-    named ``group_by`` rules it knows; ``group_member``, what its ``group_by`` callable maps
-    (for the message); and ``default_log_every``, where the adapter takes
-    ``log_every_n_steps=None`` to mean the framework's own cadence, the name of that cadence
-    (else None is refused).
+
+@dataclass(frozen=True)
+class Rules:
+    """How one adapter reads its options.
+
+    Attributes:
+        group_rules: the named ``group_by`` rules it knows.
+        group_member: what its ``group_by`` callable maps (for messages).
+        default_log_every: where ``log_every_n_steps=None`` means the framework's own
+            cadence, the name of that cadence (else None is refused).
+    """
+
+    group_rules: tuple[str, ...] = ("module", "parameter")
+    group_member: str = "parameter name"
+    default_log_every: str | None = None
+
+
+def check_options(arguments: Mapping[str, Any], rules: Rules = Rules()) -> Options:
+    """Check the options among an adapter's ``arguments`` (its ``locals()`` at the top of its
+    constructor: the names of :data:`OPTIONS`; an option it does not take has its default).
 
     Raises:
         TypeError, ValueError: on the first bad argument, naming it.
     """
-    if log_every_n_steps is None and default_log_every is not None:
+    given = {name: arguments[name] for name in OPTIONS if name in arguments}
+    every = given.get("log_every_n_steps", 50)
+    if every is None and rules.default_log_every is not None:
         every = None
     else:
-        meaning = f" or None ({default_log_every})" if default_log_every else ""
-        every = check_count("log_every_n_steps", log_every_n_steps, meaning=meaning)
+        meaning = f" or None ({rules.default_log_every})" if rules.default_log_every else ""
+        every = check_count("log_every_n_steps", every, meaning=meaning)
     histograms = check_count(
-        "histogram_every_n_steps", histogram_every_n_steps, smallest=0, meaning=OFF
+        "histogram_every_n_steps",
+        given.get("histogram_every_n_steps", 0),
+        smallest=0,
+        meaning=OFF,
     )
-    update_ratio = check_flag("track_update_ratio", track_update_ratio)
+    update_ratio = check_flag("track_update_ratio", given.get("track_update_ratio", False))
+    statistics = given.get("statistics", "default")
     if statistics == "all":
         update_ratio = True  # every statistic, the update ratio included
+    group_by = given.get("group_by", rules.group_rules[0])
     return Options(
         log_every_n_steps=every,
         histogram_every_n_steps=histograms,
-        group_by=check_group_by(group_by, group_rules, group_member),
-        log_dir=check_path("log_dir", log_dir),
+        group_by=check_group_by(group_by, rules.group_rules, rules.group_member),
+        log_dir=check_log_dir(given.get("log_dir")),
         track_update_ratio=update_ratio,
-        histogram_bins=check_histogram_bins(histogram_bins),
-        guard=Guard.configure(clip, on_nonfinite, on_explosion, on_vanishing, explosion, vanishing),
-        sinks=check_sinks("sinks", sinks),
+        histogram_bins=check_histogram_bins(given.get("histogram_bins", 30)),
+        guard=Guard.configure(
+            given.get("clip"),
+            given.get("on_nonfinite", "warn"),
+            given.get("on_explosion", "warn"),
+            given.get("on_vanishing", "warn"),
+            given.get("explosion"),
+            given.get("vanishing"),
+        ),
+        sinks=check_sinks("sinks", given.get("sinks", ())),
         statistics=check_statistics(statistics, update_ratio),
     )

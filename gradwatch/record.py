@@ -10,7 +10,11 @@ import numpy as np
 
 from gradwatch.layout import Layout
 
-__all__ = ["Histogram", "Image", "Record", "Sink"]
+__all__ = ["HISTOGRAM_HEAD", "Histogram", "Image", "Record", "Sink"]
+
+HISTOGRAM_HEAD = ("min", "max", "sum", "sum_squares")
+"""An engine's histogram row: these four values, then the counts of the equal-width buckets.
+Over shards the head combines by ``min``, ``max``, ``sum``, ``sum`` and the counts add up."""
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_SIZE = struct.Struct(">II")
@@ -30,6 +34,12 @@ class Histogram:
     sum_squares: float
     bucket_limits: tuple[float, ...]
     counts: tuple[float, ...]
+
+    @classmethod
+    def from_row(cls, row: np.ndarray) -> Histogram:
+        """Build from an engine's row (:data:`HISTOGRAM_HEAD`, then the bucket counts)."""
+        lo, hi, total, total_sq = row[: len(HISTOGRAM_HEAD)]
+        return cls.from_counts(lo, hi, row[len(HISTOGRAM_HEAD) :], total, total_sq)
 
     @classmethod
     def from_counts(

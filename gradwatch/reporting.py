@@ -14,17 +14,19 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from gradwatch import keys
 from gradwatch.guard import GLOBAL, sort_events
+from gradwatch.layout import Layout
 from gradwatch.monitor import Monitor
-from gradwatch.record import Record
+from gradwatch.pictures import FlowPictures
+from gradwatch.record import Record, Sink
 
 __all__ = [
     "GradWatchWarning",
     "Reporter",
-    "count_nonfinite",
+    "Watching",
     "describe",
     "events_markdown",
     "markdown_text",
@@ -54,17 +56,32 @@ class Reporter:
         self.counts: Counter[tuple[str, str]] = Counter()  # (kind, action) -> events, in all
         self.stopped_at: int | None = None
         self.stop_cause: dict | None = None
+        self._stop_written = False
+
+    @classmethod
+    def open(
+        cls, sinks: Sequence[Sink], layout: Layout | Callable[[], Layout], pictures: bool
+    ) -> Reporter:
+        """A reporter writing to ``sinks``, the Custom Scalars ``layout`` once (or a function
+        making it at the first record) and, with ``pictures``, the gradient-flow images."""
+        return cls(Monitor(sinks, pictures=FlowPictures(images=pictures, layout=layout)))
 
     @property
     def events(self) -> list[dict]:
         """The most recent detections, oldest first."""
         return list(self._events)
 
+    def stop_at(self, step: int | None) -> None:
+        """Remember the step a ``"stop"`` action dropped (its record is the stop's)."""
+        if self.stopped_at is None:
+            self.stopped_at = step
+
     def publish(self, records: Iterable[Record], stopped_at: int | None = None) -> None:
-        """Write an engine's finished records; the one of step ``stopped_at`` (the step a
-        ``"stop"`` action dropped) as the stop."""
+        """Write an engine's finished records; the one of the step a ``"stop"`` action
+        dropped (``stopped_at``, or one given to :meth:`stop_at`) as the stop."""
+        self.stop_at(stopped_at)
         for record in records:
-            if stopped_at is not None and record.step == stopped_at and self.stopped_at is None:
+            if record.step == self.stopped_at and not self._stop_written:
                 self.stop(record)
             else:
                 self.write(record)
@@ -80,7 +97,7 @@ class Reporter:
         """Write the stop step's record with its detections, and say once why training stops."""
         events = self._keep(record)
         stops = [e for e in events if e["action"] == "stop"]
-        self.stopped_at = record.step
+        self.stopped_at, self._stop_written = record.step, True
         self.stop_cause = stops[0] if stops else None
         text = stop_text(record.step, self.stop_cause)
         record.texts[keys.STOPPED] = markdown_text(text)
@@ -97,6 +114,10 @@ class Reporter:
         finally:
             self.monitor.close()
 
+    @property
+    def closed(self) -> bool:
+        return self.monitor.closed
+
     def _keep(self, record: Record) -> list[dict]:
         events = sort_events(record.events)
         if events:
@@ -107,16 +128,26 @@ class Reporter:
         return events
 
 
-def count_nonfinite(events: list[dict], step: int, counts: dict[str, float]) -> list[dict]:
-    """Put on the non-finite findings of ``step`` how many NaN/Inf values were found:
-    ``counts`` by group (the global finding gets their sum). The detectors see only norms;
-    an engine counts the values where it can (at a logging step, at a dropped step)."""
-    for event in events:
-        if event["kind"] == "nonfinite" and event["step"] == step:
-            total = sum(counts.values()) if event["group"] == GLOBAL else counts.get(event["group"])
-            if total:
-                event["count"] = int(total)
-    return events
+class Watching:
+    """What every adapter tells of its run, from its :class:`Reporter`."""
+
+    reporter: Reporter | None = None
+
+    @property
+    def events(self) -> list[dict]:
+        """The most recent detections, oldest first."""
+        return [] if self.reporter is None else self.reporter.events
+
+    @property
+    def stopped_at(self) -> int | None:
+        """The step a ``"stop"`` action dropped, or None."""
+        return None if self.reporter is None else self.reporter.stopped_at
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether a ``"stop"`` action fired: the framework stops on its own; in a plain loop,
+        end the loop."""
+        return self.stopped_at is not None
 
 
 def describe(event: dict) -> str:

@@ -12,7 +12,8 @@ Two kinds of functions live here:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -20,13 +21,16 @@ from gradwatch.grouping import Grouping
 from gradwatch.namespace import namespace_of
 
 __all__ = [
-    "GroupStats",
+    "MEASURES",
+    "RATIOS",
+    "Measure",
     "StepSummary",
     "TensorStats",
     "aggregate",
     "global_norm",
     "group_norms",
     "init_summary",
+    "measures_for",
     "nonzero_sums",
     "reset_summary",
     "update_summary",
@@ -119,33 +123,70 @@ def update_summary(
     )
 
 
+class Measure(NamedTuple):
+    """A per-tensor statistic, declared once for every engine and for the record builder.
+
+    Attributes:
+        name: its name in :class:`TensorStats` (and the per-group tag's prefix where it is
+            written as it is).
+        of: what it reduces: ``"grad"``, ``"param"``, or ``"update"`` (the change the
+            optimizer step made to the parameter).
+        reduce: how a tensor becomes one number: ``"norm"`` (L2), ``"max_abs"`` (largest
+            absolute value, the infinity norm) or ``"nonfinite"`` (count of NaN/Inf values; 0
+            wherever the tensor's norm is finite, so an engine may count only where it is not).
+        combine: how the numbers of a group's tensors, and of a sharded tensor's shards, make
+            one: ``"norm"`` (root of summed squares), ``"max"`` or ``"sum"``.
+    """
+
+    name: str
+    of: Literal["grad", "param", "update"]
+    reduce: Literal["norm", "max_abs", "nonfinite"]
+    combine: Literal["norm", "max", "sum"]
+
+
+GRAD_NORM = Measure("grad_norm", "grad", "norm", "norm")
+MEASURES = (
+    GRAD_NORM,
+    Measure("grad_max_abs", "grad", "max_abs", "max"),
+    Measure("grad_nonfinite", "grad", "nonfinite", "sum"),
+    Measure("param_norm", "param", "norm", "norm"),
+    Measure("update_norm", "update", "norm", "norm"),
+)
+"""Every per-tensor statistic, in the order engines transfer them."""
+
+RATIOS = {
+    "grad_to_param": ("grad_norm", "param_norm"),
+    "update_to_param": ("update_norm", "param_norm"),
+}
+"""Per-group statistics that are ratios of two combined measures: ``name -> (numerator,
+denominator)``."""
+
+
+def measures_for(statistics: Sequence[str]) -> tuple[Measure, ...]:
+    """The measures a logging step takes to write the per-group ``statistics``, in
+    :data:`MEASURES` order; the gradient norm and the NaN/Inf count always (the events say how
+    many values were not finite).
+
+    Example:
+        >>> [m.name for m in measures_for(["grad_norm", "grad_to_param"])]
+        ['grad_norm', 'grad_nonfinite', 'param_norm']
+    """
+    names = {GRAD_NORM.name, "grad_nonfinite"}
+    for statistic in statistics:
+        names.update(RATIOS.get(statistic, (statistic,)))
+    return tuple(m for m in MEASURES if m.name in names)
+
+
 class TensorStats(NamedTuple):
-    """Per-tensor reductions at a logging step, host arrays of shape ``[tensors]``.
+    """Per-tensor measures of one step, host arrays of shape ``[tensors]``.
 
     ``present`` marks tensors that had a gradient at this step; the other entries are ignored.
-    A statistic that is None was not measured (the last step of a run, read after it ended,
-    has only its gradient norms).
+    ``values`` holds the measures taken, by :attr:`Measure.name` (the last step of a run, read
+    after it ended, has only its gradient norms).
     """
 
     present: np.ndarray
-    grad_norm: np.ndarray
-    grad_max_abs: np.ndarray | None = None
-    grad_nonfinite: np.ndarray | None = None
-    param_norm: np.ndarray | None = None
-    update_norm: np.ndarray | None = None
-
-
-class GroupStats(NamedTuple):
-    """Per-group statistics, arrays of shape ``[groups]``; ``present`` and None as in
-    TensorStats."""
-
-    present: np.ndarray
-    grad_norm: np.ndarray
-    grad_max_abs: np.ndarray | None
-    grad_nonfinite: np.ndarray | None
-    param_norm: np.ndarray | None
-    grad_to_param: np.ndarray | None
-    update_to_param: np.ndarray | None
+    values: Mapping[str, np.ndarray]
 
 
 def group_norms(tensor_norms: np.ndarray, group_of: np.ndarray, groups: int) -> np.ndarray:
@@ -176,58 +217,47 @@ def nonzero_sums(grouping: Grouping, tensors: np.ndarray, values: np.ndarray) ->
     return {grouping.groups[g]: float(sums[g]) for g in np.flatnonzero(sums)}
 
 
-def _root_sum_square(grouping: Grouping, values: np.ndarray, present: np.ndarray) -> np.ndarray:
-    return group_norms(values[present], grouping.index[present], len(grouping.groups))
+def _combine(rule: str, grouping: Grouping, values: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Per group, its present tensors' ``values`` combined by ``rule`` (see :class:`Measure`)."""
+    index, values = grouping.index[present], values[present]
+    groups = len(grouping.groups)
+    if rule == "norm":
+        return group_norms(values, index, groups)
+    if rule == "sum":
+        return np.bincount(index, weights=values, minlength=groups).astype(np.float64)
+    out = np.full(groups, -np.inf)
+    with np.errstate(invalid="ignore"):  # a NaN maximum is right for a NaN gradient
+        np.maximum.at(out, index, values)
+    return out
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator > 0, numerator / denominator, np.nan)
-
-
-def aggregate(grouping: Grouping, stats: TensorStats) -> GroupStats:
-    """Combine per-tensor reductions into per-group statistics.
-
-    Norms combine as the root of summed squares, maxima as the maximum, counts as the sum.
+def aggregate(grouping: Grouping, stats: TensorStats) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per-group statistics from per-tensor measures: which groups had a gradient
+    (``[groups]`` bools), and by name every measure taken, combined by its rule, and every
+    ratio of :data:`RATIOS` whose parts were taken (NaN where the denominator is 0).
 
     Example:
         >>> g = Grouping.build(["a.w", "a.b", "c.w"], "module")
-        >>> t = TensorStats(
-        ...     present=np.array([True, True, True]),
-        ...     grad_norm=np.array([3.0, 4.0, 1.0]),
-        ...     grad_max_abs=np.array([2.0, 3.0, 1.0]),
-        ...     grad_nonfinite=np.array([0.0, 0.0, 0.0]),
-        ...     param_norm=np.array([6.0, 8.0, 4.0]),
-        ... )
-        >>> s = aggregate(g, t)
-        >>> s.grad_norm.tolist(), s.grad_max_abs.tolist(), s.grad_to_param.tolist()
+        >>> t = TensorStats(np.array([True, True, True]), {
+        ...     "grad_norm": np.array([3.0, 4.0, 1.0]),
+        ...     "grad_max_abs": np.array([2.0, 3.0, 1.0]),
+        ...     "param_norm": np.array([6.0, 8.0, 4.0]),
+        ... })
+        >>> present, s = aggregate(g, t)
+        >>> s["grad_norm"].tolist(), s["grad_max_abs"].tolist(), s["grad_to_param"].tolist()
         ([5.0, 1.0], [3.0, 1.0], [0.5, 0.25])
     """
     present = np.asarray(stats.present, dtype=bool)
-    group_count = len(grouping.groups)
-    group_present = np.zeros(group_count, dtype=bool)
-    group_present[grouping.index[present]] = True
-    grad_norm = _root_sum_square(grouping, stats.grad_norm, present)
-    max_abs = nonfinite = param_norm = grad_to_param = update_to_param = None
-    if stats.grad_max_abs is not None:
-        max_abs = np.full(group_count, -np.inf)
-        with np.errstate(invalid="ignore"):  # a NaN maximum is right for a NaN gradient
-            np.maximum.at(max_abs, grouping.index[present], stats.grad_max_abs[present])
-    if stats.grad_nonfinite is not None:
-        nonfinite = np.zeros(group_count)
-        np.add.at(nonfinite, grouping.index[present], stats.grad_nonfinite[present])
-    if stats.param_norm is not None:
-        param_norm = _root_sum_square(grouping, stats.param_norm, present)
-        grad_to_param = _ratio(grad_norm, param_norm)
-        if stats.update_norm is not None:
-            update_norm = _root_sum_square(grouping, stats.update_norm, present)
-            update_to_param = _ratio(update_norm, param_norm)
-    return GroupStats(
-        present=group_present,
-        grad_norm=grad_norm,
-        grad_max_abs=max_abs,
-        grad_nonfinite=nonfinite,
-        param_norm=param_norm,
-        grad_to_param=grad_to_param,
-        update_to_param=update_to_param,
-    )
+    groups = np.zeros(len(grouping.groups), dtype=bool)
+    groups[grouping.index[present]] = True
+    out = {
+        m.name: _combine(m.combine, grouping, np.asarray(stats.values[m.name]), present)
+        for m in MEASURES
+        if m.name in stats.values
+    }
+    for name, (numerator, denominator) in RATIOS.items():
+        if numerator in out and denominator in out:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                top, bottom = out[numerator], out[denominator]
+                out[name] = np.where(bottom > 0, top / bottom, np.nan)
+    return groups, out

@@ -28,19 +28,20 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch import keys
-from gradwatch.detectors import DetectStats, new_latch
+from gradwatch.detectors import DetectStats, Latch, new_latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard
 from gradwatch.integrations import _tf_namespace
-from gradwatch.monitor import Cadence, build_histogram_record, build_record
+from gradwatch.monitor import Cadence
 from gradwatch.policies import AGC, ClipStats
-from gradwatch.record import Histogram, Record
-from gradwatch.reporting import count_nonfinite
+from gradwatch.record import Record
+from gradwatch.recording import Reading, Recorder
 from gradwatch.stats import (
+    GRAD_NORM,
     StepSummary,
-    TensorStats,
     global_norm,
     init_summary,
+    measures_for,
     reset_summary,
     update_summary,
 )
@@ -162,6 +163,9 @@ class Capture:
         self.strategy = strategy
         self.track_update_ratio = track_update_ratio
         self.scaled = scaled  # under a loss-scale optimizer, whose skipped steps are counted
+        update = (keys.UPDATE_TO_PARAM,) if track_update_ratio else ()
+        self.measures = measures_for([*statistics, *update])
+        self.recorder = Recorder(grouping, guard, statistics=statistics, scaler=scaled)
         self._position = {id(v): i for i, v in enumerate(variables)}
         self._variables = list(variables)
         tensors, groups = len(self._variables), len(grouping.groups)
@@ -176,9 +180,9 @@ class Capture:
             like = tf.zeros((), tf.float32)
             self.guard_state = stored(guard.init(like, groups), "guard")
             self.summary = stored(init_summary(like), "summary")
-            # per tensor: [present, grad norm, max abs, non-finite count], [param, update norm]
-            self.gradients = stored(tf.zeros((4, tensors)), "gradients")
-            self.parameters = stored(tf.zeros((2, tensors)), "parameters")
+            # per tensor, at the last logging step: had it a gradient, and every measure taken
+            self.present = stored(tf.zeros((tensors,)), "present")
+            self.values = {m.name: stored(tf.zeros((tensors,)), m.name) for m in self.measures}
             self.clip = stored(tf.zeros((3,)), "clip")  # threshold, coefficient, clipped norm
             self.histograms = stored(tf.zeros((groups, histogram_bins + 4)), "histograms")
             self.marks = stored(tf.constant([-1, -1], tf.int64), "marks")  # logged, histogram
@@ -309,15 +313,11 @@ class Capture:
 
     def _gradients_at_cadence(self, step, logs, index, norms, values, clip_row) -> None:
         def logging_step() -> tf.Tensor:
-            rows = [
-                tf.ones_like(norms),
-                norms,
-                tf.stack([tf.reduce_max(tf.abs(v)) for v in values]),
-                tf.stack(
-                    [tf.reduce_sum(tf.cast(~tf.math.is_finite(v), tf.float32)) for v in values]
-                ),
-            ]
-            self.gradients.write(tf.stack([self._scatter(index, row) for row in rows]))
+            self.present.write(self._scatter(index, tf.ones_like(norms)))
+            for measure in self.measures:
+                if measure.of == "grad":
+                    row = norms if measure is GRAD_NORM else _reduced(measure.reduce, values)
+                    self.values[measure.name].write(self._scatter(index, row))
             if clip_row is not None:
                 self.clip.write(clip_row)
             return tf.constant(0)
@@ -332,19 +332,18 @@ class Capture:
             tf.cond(self.cadence.histograms(step), histogram_step, _nothing)
 
     def _parameters_at_cadence(self, step, logs, index, read_params, before) -> None:
-        """Parameter norms after the update; the update's norms when ``before`` holds the
-        parameters before it. Marks the logging step as stored."""
+        """The parameters' measures after the update (the update's against ``before``, the
+        parameters before it). Marks the logging step as stored."""
 
         def logging_step() -> tf.Tensor:
             params = read_params()
-            norms = tf.stack([_norm(p) for p in params])
-            updates = (
-                tf.zeros_like(norms)
-                if before is None
-                else tf.stack([_norm(a - b) for a, b in zip(params, before, strict=True)])
-            )
-            rows = [self._scatter(index, norms), self._scatter(index, updates)]
-            self.parameters.write(tf.stack(rows))
+            tensors = {"param": params}
+            if before is not None:
+                tensors["update"] = [a - b for a, b in zip(params, before, strict=True)]
+            for measure in self.measures:
+                if measure.of in tensors:
+                    row = _reduced(measure.reduce, tensors[measure.of])
+                    self.values[measure.name].write(self._scatter(index, row))
             self.marks.write(tf.stack([step, self.marks.read()[1]]))
             return tf.constant(0)
 
@@ -409,31 +408,38 @@ class Capture:
         """Records of the logging and histogram steps stored since the given ones; a logging
         step's record carries the detections since the last read."""
         logged, histogram = (int(m) for m in self.marks.host())
-        histograms = {}
+        rows = {}
         if histogram > last_histogram:
-            histograms = self._read_histograms()
+            rows = dict(enumerate(self.histograms.host()))
         records = []
         if logged > last_logged:
-            record = self._record(logged, histograms if histogram == logged else {})
-            record.events = count_nonfinite(self.drain(), logged, self._nonfinite_by_group())
-            records.append(record)
+            present = np.flatnonzero(self.present.host() > 0)
+            reading = Reading(
+                logged,
+                present,
+                {name: v.host()[present] for name, v in self.values.items()},
+                self._summary(),
+                self.clip.host() if self.guard.policy is not None else None,
+                rows if histogram == logged else {},
+            )
+            records.append(self.recorder.record(reading, self.drain()))
             if histogram == logged:
-                histograms = {}
-        if histograms:
-            records.append(build_histogram_record(histogram, self.grouping, histograms))
+                rows = {}
+        if rows:
+            reading = Reading(histogram, np.zeros(0, dtype=np.int64), histograms=rows)
+            records.append(self.recorder.record(reading))
         return sorted(records, key=lambda r: r.step), logged, histogram
 
     def should_stop(self) -> bool:
         return bool(self.stop.host())
 
-    def drain(self) -> list[dict]:
-        """The latched detections since the last drain (then reset)."""
+    def drain(self) -> Latch:
+        """A host copy of the latched detections since the last drain (then reset)."""
         state = self.guard_state.host()
-        if not state.latches:
-            return []
-        fresh = new_latch(np.zeros((), np.float32), state.latch.fired.shape)
-        self.guard_state.write(state._replace(latch=fresh))
-        return self.guard.events(state.latches, self.grouping.groups)
+        if state.latch.fired.shape[0]:
+            fresh = new_latch(np.zeros((), np.float32), state.latch.fired.shape)
+            self.guard_state.write(state._replace(latch=fresh))
+        return state.latch
 
     def finish(self, last_logged: int) -> list[Record]:
         """The record of the newest step when it was not logged (its gradient norms only),
@@ -441,62 +447,25 @@ class Capture:
         step = int(self.last_step.host())
         if step < 0 or step <= last_logged:
             return []
-        present = np.zeros(len(self._variables), dtype=bool)
-        present[self._last_index] = True
-        stats = TensorStats(present, self.last.host().astype(np.float64))
-        record = self._build(step, stats, {})
-        record.events = self.drain()
-        return [record]
+        present = np.asarray(self._last_index, dtype=np.int64)
+        norms = {GRAD_NORM.name: self.last.host()[present].astype(np.float64)}
+        reading = Reading(step, present, norms, self._summary())
+        return [self.recorder.record(reading, self.drain())]
 
-    def _build(self, step: int, stats: TensorStats, histograms: dict[str, Histogram]) -> Record:
-        summary = StepSummary(*(float(v) for v in self.summary.host()))
-        self.summary.write(reset_summary(self.summary.host()))
-        return build_record(
-            step,
-            self.grouping,
-            stats,
-            summary=summary,
-            histograms=histograms,
-            skips=self.guard.reads_every_step,
-            scaler=self.scaled,
-            statistics=self.statistics,
-        )
+    def _summary(self) -> StepSummary:
+        """The host copy of the step summary, which then starts a new interval."""
+        summary = self.summary.host()
+        self.summary.write(reset_summary(summary))
+        return StepSummary(*(float(v) for v in summary))
 
-    def _record(self, step: int, histograms: dict[str, Histogram]) -> Record:
-        present, grad_norm, max_abs, nonfinite = self.gradients.host()
-        param_norm, update_norm = self.parameters.host()
-        stats = TensorStats(
-            present > 0,
-            grad_norm,
-            max_abs,
-            nonfinite,
-            param_norm,
-            update_norm if self.track_update_ratio else None,
-        )
-        record = self._build(step, stats, histograms)
-        if self.guard.policy is not None:
-            threshold, coefficient, clipped = self.clip.host()
-            record.scalars[keys.clip_tag(keys.THRESHOLD, None)] = float(threshold)
-            record.scalars[keys.clip_tag(keys.COEFFICIENT, None)] = float(coefficient)
-            record.scalars[keys.total_tag(keys.CLIPPED, None)] = float(clipped)
-        return record
 
-    def _nonfinite_by_group(self) -> dict[str, float]:
-        """NaN/Inf counts of the stored logging step, summed by group (groups with none
-        left out)."""
-        present, _, _, nonfinite = self.gradients.host()
-        index = self.grouping.index[present > 0]
-        sums = np.bincount(
-            index, weights=nonfinite[present > 0], minlength=len(self.grouping.groups)
-        )
-        return {self.grouping.groups[g]: float(sums[g]) for g in np.flatnonzero(sums)}
-
-    def _read_histograms(self) -> dict[str, Histogram]:
-        found = {}
-        for name, row in zip(self.grouping.groups, self.histograms.host(), strict=True):
-            if np.isfinite(row[0]) or row[4:].sum() > 0:
-                found[name] = Histogram.from_counts(row[0], row[1], row[4:], row[2], row[3])
-        return found
+def _reduced(reduction: str, tensors: list) -> tf.Tensor:
+    """Per tensor, one number: a :class:`~gradwatch.stats.Measure`'s reduction."""
+    if reduction == "norm":
+        return tf.stack([_norm(t) for t in tensors])
+    if reduction == "max_abs":
+        return tf.stack([tf.reduce_max(tf.abs(t)) for t in tensors])
+    return tf.stack([tf.reduce_sum(tf.cast(~tf.math.is_finite(t), tf.float32)) for t in tensors])
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

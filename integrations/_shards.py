@@ -133,11 +133,14 @@ class ShardReducer:
     def min(self, values: torch.Tensor) -> torch.Tensor:
         return self._reduce(values, dist.ReduceOp.MIN)
 
-    def norms(self, local_norms: torch.Tensor) -> torch.Tensor:
-        """Global L2 norms of sharded tensors from the L2 norms of their local shards."""
+    def combine(self, rule: str, values: torch.Tensor) -> torch.Tensor:
+        """Per-tensor values of the local shards combined by a
+        :class:`~gradwatch.stats.Measure`'s rule: ``"norm"``, ``"max"`` or ``"sum"``."""
         if not self.sharded:
-            return local_norms
-        return self.sum_per_tensor(local_norms.square()).sqrt()
+            return values
+        if rule == "norm":
+            return self.sum_per_tensor(values.square()).sqrt()
+        return self.max(values) if rule == "max" else self.sum_per_tensor(values)
 
     def counts_here(self, position: int) -> bool:
         """Whether this process contributes the tensor at ``position`` to sums."""

@@ -108,20 +108,13 @@ class TorchGuard:
         run.state, afresh = self.guard.load_state_dict(run.state, saved, _like)
         return afresh
 
-    def drain(self, run: GuardRun) -> list[dict]:
-        """Read and reset the latched detections (one small host copy)."""
+    def drain(self, run: GuardRun) -> Latch:
+        """Read and reset the latched detections: a host copy (one small transfer)."""
         state = run.state.latch
-        if state.fired.shape[0] == 0:  # no detector
-            return []
         xp = namespace_of(state.value)
-        parts = [xp.astype(p, xp.float64) for p in state]  # fired, step, value, threshold
-        host = _numpy(xp.stack(parts))  # [4, detectors, entries]
-        latches = tuple(
-            Latch(host[0, row] > 0, host[1, row], host[2, row], host[3, row])
-            for row in range(host.shape[1])
-        )
+        host = _numpy(xp.stack([xp.astype(p, xp.float64) for p in state]))
         run.state = run.state._replace(latch=new_latch(state.value, tuple(state.fired.shape)))
-        return self.guard.events(latches, self.grouping.groups)
+        return Latch(host[0] > 0, host[1], host[2], host[3])
 
     def clip_values(self, run: GuardRun, clipped_norm: torch.Tensor) -> torch.Tensor | None:
         """[threshold, coefficient, clipped norm] of the last decision, on the device."""

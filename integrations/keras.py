@@ -30,20 +30,20 @@ import keras
 
 from gradwatch.detectors import Explosion, Vanishing
 from gradwatch.grouping import ROOT, Grouping
-from gradwatch.layout import Layout, build_layout
-from gradwatch.monitor import Cadence, Monitor
-from gradwatch.options import check_options
-from gradwatch.pictures import FlowPictures
+from gradwatch.layout import Layout
+from gradwatch.monitor import Cadence
+from gradwatch.options import Rules, check_options
 from gradwatch.policies import Policy
 from gradwatch.record import Sink
-from gradwatch.reporting import GradWatchWarning, Reporter
+from gradwatch.reporting import GradWatchWarning, Reporter, Watching
 from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatch", "GradWatchWarning"]
 
 log = logging.getLogger(__name__)
 GroupBy = str | Callable[[str], str]
-_RULES = ("layer", "variable")
+DEFAULT_LOG_DIR = "logs"
+_RULES = Rules(group_rules=("layer", "variable"), group_member="variable path")
 
 
 def _group_rule(group_by: GroupBy) -> Callable[[str], str]:
@@ -55,17 +55,13 @@ def _group_rule(group_by: GroupBy) -> Callable[[str], str]:
     return group_by  # type: ignore[return-value]
 
 
-class GradWatch(keras.callbacks.Callback):
+class GradWatch(Watching, keras.callbacks.Callback):
     """Watch gradient flow in ``model.fit``: per-layer statistics in TensorBoard, and actions.
 
     Args:
         log_dir: TensorBoard directory; gradwatch writes to ``<log_dir>/train`` beside Keras'
-            own ``TensorBoard`` callback. Default: that callback's ``log_dir`` when it is in
-            the same ``fit``, else ``"logs"``. None writes no files (see ``sinks``).
-        log_every_n_steps: optimizer steps between logging steps (default 50). The steps in
-            between update only what decisions need, in the graph, with no host read.
-        histogram_every_n_steps: optimizer steps between gradient histograms; 0 (default) for
-            none.
+            own ``TensorBoard`` callback. None (default): that callback's ``log_dir`` when it
+            is in the same ``fit``, else ``"logs"``. False: no event files (see ``sinks``).
         group_by: ``"layer"`` (default: one group per layer owning variables),
             ``"variable"``, or a callable from variable path to group name.
         track_update_ratio: also log ``update_to_param/<group>``, the norm of the update the
@@ -73,24 +69,14 @@ class GradWatch(keras.callbacks.Callback):
             ``grad_to_param`` and ``update_to_param``, are taken after the step's update: read
             before it, the weights would be copied at every step inside XLA. The update itself
             is measured against a copy of the weights from before it.)
-        histogram_bins: buckets per histogram (at most 10,000).
-        statistics: the per-group statistics written: ``"default"`` (``grad_norm`` and
-            ``grad_to_param``, two charts a group), ``"all"``, or a list of names from
-            ``grad_norm``, ``grad_to_param``, ``grad_max_abs``, ``grad_nonfinite``,
-            ``param_norm``, ``update_to_param``. Non-finite values are reported through the
-            events whatever is chosen.
-        clip: ``ClipByNorm``, ``ClipByValue``, ``AutoClip``, ``ZClip``, ``AGC``, a float for
-            ``ClipByNorm(float)``, or None. Taken on the aggregated gradient under
-            ``tf.distribute``. For ``AGC`` a unit is a slice along a weight's last axis.
-        on_nonfinite, on_explosion: ``"warn"`` (default), ``"skip"`` (the optimizer leaves
-            the weights and its own variables, ``iterations`` included, untouched), ``"stop"``
-            (that step is dropped the same way, with any later one in the same execution, and
-            ``model.stop_training`` is set at the end of the batch) or ``"ignore"``. Under a
-            ``LossScaleOptimizer`` (``mixed_float16``) the steps it drops itself are counted
-            (``amp/skipped_steps``), never treated as faults.
-        on_vanishing: ``"warn"`` (default), ``"stop"`` or ``"ignore"``.
-        explosion, vanishing: the detectors' settings.
-        sinks: extra sinks for the records (for example a ``MemorySink``).
+
+    The other arguments are those of every adapter (:mod:`gradwatch.options`). Clipping is
+    taken on the aggregated gradient under ``tf.distribute``; for ``AGC`` a unit is a slice
+    along a weight's last axis. ``"skip"`` leaves the weights and the optimizer's own
+    variables, ``iterations`` included, untouched; ``"stop"`` drops that step the same way,
+    with any later one in the same execution, and sets ``model.stop_training`` at the end of
+    the batch. Under a ``LossScaleOptimizer`` (``mixed_float16``) the steps it drops itself
+    are counted (``amp/skipped_steps``), never treated as faults.
 
     The most recent detections are kept on ``callback.events``, told as one
     :class:`GradWatchWarning` line per logging step, and written as a TensorBoard text table.
@@ -99,7 +85,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def __init__(
         self,
-        log_dir: str | os.PathLike | None = "",
+        log_dir: str | os.PathLike | bool | None = None,
         log_every_n_steps: int = 50,
         histogram_every_n_steps: int = 0,
         group_by: GroupBy = "layer",
@@ -114,49 +100,13 @@ class GradWatch(keras.callbacks.Callback):
         vanishing: Vanishing | None = None,
         sinks: tuple[Sink, ...] | list[Sink] = (),
     ) -> None:
+        self.options = check_options(locals(), _RULES)
         super().__init__()
-        options = check_options(
-            log_dir=log_dir,
-            log_every_n_steps=log_every_n_steps,
-            histogram_every_n_steps=histogram_every_n_steps,
-            group_by=group_by,
-            track_update_ratio=track_update_ratio,
-            histogram_bins=histogram_bins,
-            statistics=statistics,
-            clip=clip,
-            on_nonfinite=on_nonfinite,
-            on_explosion=on_explosion,
-            on_vanishing=on_vanishing,
-            explosion=explosion,
-            vanishing=vanishing,
-            sinks=sinks,
-            group_rules=_RULES,
-            group_member="variable path",
-        )
-        self.log_dir = options.log_dir
-        self.cadence = options.cadence()
-        self.group_by = options.group_by
-        self.track_update_ratio = options.track_update_ratio
-        self.histogram_bins = options.histogram_bins
-        self.statistics = options.statistics
-        self.guard = options.guard
-        self.extra_sinks = options.sinks
         self.grouping: Grouping | None = None
-        self.reporter: Reporter | None = None
         self._capture: Any = None
         self._target: Any = None
         self._outer: Any = None
         self._marks = (-1, -1)
-
-    @property
-    def events(self) -> list[dict]:
-        """The most recent detections, oldest first."""
-        return [] if self.reporter is None else self.reporter.events
-
-    @property
-    def stopped_at(self) -> int | None:
-        """The step (``optimizer.iterations``) a ``"stop"`` action dropped, or None."""
-        return None if self.reporter is None else self.reporter.stopped_at
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -201,22 +151,26 @@ class GradWatch(keras.callbacks.Callback):
 
         object.__setattr__(model, "make_train_function", make_train_function)
         self._marks = (-1, -1)
+        options = self.options
         self._reads = _Reads(
-            self.cadence, int(target.iterations.numpy()), getattr(model, "steps_per_execution", 1)
+            options.cadence(),
+            int(target.iterations.numpy()),
+            getattr(model, "steps_per_execution", 1),
         )
-        log_dir = self._resolve_log_dir()
-        sinks = [TensorBoardSink(Path(log_dir) / "train")] if log_dir is not None else []
-        pictures = FlowPictures(
-            images=self.cadence.histogram_every_n_steps > 0, layout=self._layout
+        log_dir = options.log_dir
+        if options.writes_files and log_dir is None:
+            log_dir = _sibling_tensorboard_log_dir() or DEFAULT_LOG_DIR
+        files = [TensorBoardSink(Path(log_dir) / "train")] if isinstance(log_dir, str) else []
+        self.reporter = Reporter.open(
+            [*files, *options.sinks],
+            self._layout,
+            pictures=options.histogram_every_n_steps > 0,
         )
-        self.reporter = Reporter(Monitor([*sinks, *self.extra_sinks], pictures=pictures))
 
     def _layout(self) -> Layout:
         """The Custom Scalars layout, made at the first record: the groups are known then."""
         assert self.grouping is not None  # records come from the capture, which made it
-        return build_layout(
-            self.grouping, clipping=self.guard.policy is not None, statistics=self.statistics
-        )
+        return self.options.layout(self.grouping)
 
     def _started(self, trainable_variables: Any) -> Any:
         """The capture, started at the first optimizer step (inside the traced train step,
@@ -235,19 +189,20 @@ class GradWatch(keras.callbacks.Callback):
             if given is None:  # Keras requires a built optimizer then
                 given = target._trainable_variables
             variables += [v for v in given if id(v) not in known]
+            options = self.options
             paths = [v.path for v in variables]
-            self.grouping = Grouping.build(paths, _group_rule(self.group_by))
+            self.grouping = Grouping.build(paths, _group_rule(options.group_by))
             self._capture = Capture(
                 target,
                 variables,
                 self.grouping,
-                self.guard,
-                self.cadence,
-                self.histogram_bins,
+                options.guard,
+                options.cadence(),
+                options.histogram_bins,
                 model.distribute_strategy,
-                self.track_update_ratio,
+                options.track_update_ratio,
                 scaled=target is not model.optimizer,
-                statistics=self.statistics,
+                statistics=options.statistics,
             )
 
         cross_replica(start)
@@ -256,7 +211,8 @@ class GradWatch(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._capture is None or self.reporter is None:
             return
-        stop = self.guard.can_stop and self.stopped_at is None and self._capture.should_stop()
+        guard = self.options.guard
+        stop = guard.can_stop and self.stopped_at is None and self._capture.should_stop()
         if stop or self._reads.batch_ended():
             self._collect(stop)
         if stop:
@@ -280,7 +236,7 @@ class GradWatch(keras.callbacks.Callback):
         model = self.model
         if "make_train_function" in vars(model):
             object.__delattr__(model, "make_train_function")
-        if self.reporter is not None and not self.reporter.monitor.closed:
+        if self.reporter is not None and not self.reporter.closed:
             last = []
             if self._capture is not None:
                 self._collect()
@@ -301,19 +257,15 @@ class GradWatch(keras.callbacks.Callback):
             for name in ("clipnorm", "global_clipnorm", "clipvalue")
         }
         own = {name: value for name, value in own.items() if value}
-        if self.guard.policy is not None and own:
+        policy = self.options.guard.policy
+        if policy is not None and own:
             settings = ", ".join(f"{k}={v}" for k, v in own.items())
             warnings.warn(
-                f"GradWatch(clip={self.guard.policy}) and the optimizer's own {settings} both"
+                f"GradWatch(clip={policy}) and the optimizer's own {settings} both"
                 " clip; Keras clips after gradwatch (per replica under tf.distribute).",
                 GradWatchWarning,
                 stacklevel=2,
             )
-
-    def _resolve_log_dir(self) -> str | None:
-        if self.log_dir != "":
-            return self.log_dir
-        return _sibling_tensorboard_log_dir() or "logs"
 
 
 class _Reads:

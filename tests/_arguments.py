@@ -40,7 +40,12 @@ COMMON = [
         "`histogram_every_n_steps` must be an int >= 0 (0 turns it off)."
         " Received: histogram_every_n_steps=-1",
     ),
-    ({"log_dir": 3}, TypeError, "`log_dir` must be a path or None. Received: log_dir=3"),
+    (
+        {"log_dir": 3},
+        TypeError,
+        "`log_dir` must be a path, None (the default folder) or False (no event files)."
+        " Received: log_dir=3",
+    ),
     (
         {"track_update_ratio": "5"},
         TypeError,

@@ -23,8 +23,9 @@ from gradwatch.checks import (
     check_sinks,
 )
 from gradwatch.grouping import Grouping, check_group_by
-from gradwatch.monitor import Cadence, build_histogram_record, build_record
+from gradwatch.monitor import Cadence
 from gradwatch.record import Histogram
+from gradwatch.recording import build_histogram_record, build_record
 from gradwatch.reporting import GradWatchWarning
 from gradwatch.sinks import MemorySink
 from gradwatch.stats import (
@@ -101,23 +102,25 @@ def test_aggregate_matches_direct_computation():
     tensors[2][1, 1] = np.inf
     grouping = Grouping.build(["a.w", "a.b", "b.w", "b.b"], "module")
     stats = TensorStats(
-        present=np.array([True, True, True, False]),
-        grad_norm=np.array([np.linalg.norm(t) for t in tensors]),
-        grad_max_abs=np.array([np.abs(t).max() for t in tensors]),
-        grad_nonfinite=np.array([(~np.isfinite(t)).sum() for t in tensors], dtype=float),
-        param_norm=np.array([np.linalg.norm(p) for p in params]),
+        np.array([True, True, True, False]),
+        {
+            "grad_norm": np.array([np.linalg.norm(t) for t in tensors]),
+            "grad_max_abs": np.array([np.abs(t).max() for t in tensors]),
+            "grad_nonfinite": np.array([(~np.isfinite(t)).sum() for t in tensors], dtype=float),
+            "param_norm": np.array([np.linalg.norm(p) for p in params]),
+        },
     )
-    groups = aggregate(grouping, stats)
+    present, groups = aggregate(grouping, stats)
     a = np.concatenate([tensors[0].ravel(), tensors[1]])
     pa = np.concatenate([params[0].ravel(), params[1]])
-    assert groups.grad_norm[0] == pytest.approx(np.linalg.norm(a))
-    assert groups.grad_max_abs[0] == pytest.approx(np.abs(a).max())
-    assert groups.grad_to_param[0] == pytest.approx(np.linalg.norm(a) / np.linalg.norm(pa))
+    assert groups["grad_norm"][0] == pytest.approx(np.linalg.norm(a))
+    assert groups["grad_max_abs"][0] == pytest.approx(np.abs(a).max())
+    assert groups["grad_to_param"][0] == pytest.approx(np.linalg.norm(a) / np.linalg.norm(pa))
     # group b: only b.w had a gradient, and it holds an inf
-    assert groups.grad_nonfinite.tolist() == [0.0, 1.0]
-    assert groups.grad_norm[1] == np.inf
-    assert groups.present.tolist() == [True, True]
-    assert groups.update_to_param is None
+    assert groups["grad_nonfinite"].tolist() == [0.0, 1.0]
+    assert groups["grad_norm"][1] == np.inf
+    assert present.tolist() == [True, True]
+    assert "update_to_param" not in groups
 
 
 def test_step_summary_keeps_the_largest_finite_norm_and_counts_nonfinite_steps():
@@ -196,11 +199,13 @@ def test_groups_whose_names_would_share_a_tag_get_distinct_tags_and_one_warning(
     assert grouping.tags == ("a_b_2", "a_b", "编码", "a_b_3", "解码", "x_y", "x_y_2")
     n = len(names)
     stats = TensorStats(
-        present=np.ones(n, bool),
-        grad_norm=np.arange(1.0, n + 1),
-        grad_max_abs=np.ones(n),
-        grad_nonfinite=np.zeros(n),
-        param_norm=np.ones(n),
+        np.ones(n, bool),
+        {
+            "grad_norm": np.arange(1.0, n + 1),
+            "grad_max_abs": np.ones(n),
+            "grad_nonfinite": np.zeros(n),
+            "param_norm": np.ones(n),
+        },
     )
     record = build_record(0, grouping, stats, summary=StepSummary(0.0, 0.0, 0.0, 0.0))
     norms = {t: v for t, v in record.scalars.items() if t.startswith("grad_norm/")}
@@ -216,11 +221,13 @@ def test_groups_whose_names_would_share_a_tag_get_distinct_tags_and_one_warning(
 def test_build_record_names_every_statistic():
     grouping = Grouping.build(["a.w", "b.w"], "module")
     stats = TensorStats(
-        present=np.array([True, False]),
-        grad_norm=np.array([3.0, 0.0]),
-        grad_max_abs=np.array([1.0, 0.0]),
-        grad_nonfinite=np.array([0.0, 0.0]),
-        param_norm=np.array([6.0, 0.0]),
+        np.array([True, False]),
+        {
+            "grad_norm": np.array([3.0, 0.0]),
+            "grad_max_abs": np.array([1.0, 0.0]),
+            "grad_nonfinite": np.array([0.0, 0.0]),
+            "param_norm": np.array([6.0, 0.0]),
+        },
     )
     summary = StepSummary(4.0, 1.0, 2.0, 3.0)
     record = build_record(7, grouping, stats, summary=summary, skips=True, scaler=True)

@@ -12,6 +12,7 @@ import pytest
 from gradwatch.detectors import (
     DetectStats,
     Explosion,
+    Latch,
     NonFinite,
     Vanishing,
     Verdict,
@@ -405,7 +406,7 @@ def test_guard_skips_only_when_a_skip_detector_fires_on_the_global_norm():
     assert [i for i, d in enumerate(decisions) if bool(d.skip)] == [10, 12]
     assert not any(bool(d.stop) for d in decisions)
     assert all(d.clip is None for d in decisions)
-    explosion_latch = state.latches[1]
+    explosion_latch = Latch(*(part[1] for part in state.latch))
     assert explosion_latch.fired.tolist() == [True, True, False, True]  # the group is reported
     assert explosion_latch.step.tolist() == [10.0, 10.0, 0.0, 8.0]
 
@@ -416,7 +417,7 @@ def test_group_only_explosion_neither_skips_nor_stops():
         norms = steady(seed=6, steps=8, base=(10.0, 10.0, 0.1))
         norms[7, 2] *= 50.0
         decisions, state = run_guard(guard, norms)
-        assert state.latches[1].fired.tolist() == [False, False, False, True]
+        assert state.latch.fired[1].tolist() == [False, False, False, True]
         assert not any(bool(d.skip) or bool(d.stop) for d in decisions)
 
 
@@ -441,7 +442,7 @@ def test_guard_events_are_sorted_records_of_the_latches():
     norms[7, 0] *= 100.0  # the encoder spikes at step 7
     norms[8, 1] = np.nan
     _, state = run_guard(guard, norms)
-    events = guard.events(state.latches, GROUPS)
+    events = guard.events(state.latch, GROUPS)
     assert [(e["step"], e["kind"], e["group"], e["action"]) for e in events] == [
         (4, "vanishing", "head", "stop"),
         (7, "explosion", "global", "skip"),  # the whole gradient first; it acted
@@ -454,7 +455,7 @@ def test_guard_events_are_sorted_records_of_the_latches():
     assert vanishing["value"] == pytest.approx(1e-7)
     assert vanishing["threshold"] == pytest.approx(1e-4 * float(norms[4, :2].max()), rel=1e-5)
     assert isinstance(events[0]["step"], int) and isinstance(events[0]["value"], float)
-    assert guard.events(guard.init(LIKE, 3).latches, GROUPS) == []
+    assert guard.events(guard.init(LIKE, 3).latch, GROUPS) == []
 
 
 def test_events_markdown_renders_one_row_per_event():

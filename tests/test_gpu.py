@@ -31,7 +31,7 @@ def test_records_are_exact_and_only_logging_steps_read_the_gpu():
     sink = MemorySink()
     watch = TorchGradWatch(
         model,
-        log_dir=None,
+        log_dir=False,
         log_every_n_steps=3,
         histogram_every_n_steps=4,
         statistics="all",

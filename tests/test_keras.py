@@ -91,7 +91,7 @@ def test_logged_norms_equal_gradient_tape_norms(mode):
     model = mlp(width=128)  # the 128x128 kernel takes the large-tensor norm, the rest not
     model.compile(keras.optimizers.SGD(0.0), "mse", **MODES[mode])
     sink = MemorySink()
-    watch = GradWatch(log_dir=None, log_every_n_steps=4, sinks=[sink], statistics="all")
+    watch = GradWatch(log_dir=False, log_every_n_steps=4, sinks=[sink], statistics="all")
     quiet_fit(model, x, y, [watch], batch_size=32, epochs=12)
 
     expected = tape_norms(model, x, y)
@@ -159,7 +159,7 @@ def test_models_built_at_their_first_batch_are_measured(form, mode):
     assert not model.trainable_variables  # no variables until the first batch
     model.compile(keras.optimizers.SGD(0.0), "mse", **MODES[mode])
     sink = MemorySink()
-    watch = GradWatch(log_dir=None, log_every_n_steps=2, sinks=[sink])
+    watch = GradWatch(log_dir=False, log_every_n_steps=2, sinks=[sink])
     quiet_fit(model, x, y, [watch], batch_size=32, epochs=3)
 
     expected = tape_norms(model, x, y)
@@ -180,7 +180,7 @@ def test_the_layout_names_the_layers_of_a_model_built_at_its_first_batch(clip):
     model = mlp(built=False)  # its groups are known only inside the first train step
     model.compile(keras.optimizers.SGD(0.0), "mse")
     sink = MemorySink()
-    watch = GradWatch(log_dir=None, log_every_n_steps=1, clip=clip, sinks=[sink])
+    watch = GradWatch(log_dir=False, log_every_n_steps=1, clip=clip, sinks=[sink])
     quiet_fit(model, x, y, [watch], batch_size=32, epochs=2)
 
     layout = sink.records[0].layout
@@ -219,7 +219,7 @@ def test_update_ratio_is_the_sgd_step_over_the_parameter_norm(mode):
     model = mlp()
     model.compile(keras.optimizers.SGD(0.1), "mse", **MODES[mode])
     sink = MemorySink()
-    watch = GradWatch(log_dir=None, log_every_n_steps=1, statistics="all", sinks=[sink])
+    watch = GradWatch(log_dir=False, log_every_n_steps=1, statistics="all", sinks=[sink])
     quiet_fit(model, x, y, [watch], batch_size=32, epochs=3)
     for record in sink.records:
         s = record.scalars
@@ -254,7 +254,7 @@ def test_group_by_variable_and_callable():
         model = mlp()
         model.compile(keras.optimizers.SGD(0.0), "mse")
         sink = MemorySink()
-        watch = GradWatch(log_dir=None, log_every_n_steps=1, group_by=group_by, sinks=[sink])
+        watch = GradWatch(log_dir=False, log_every_n_steps=1, group_by=group_by, sinks=[sink])
         quiet_fit(model, x, y, [watch], batch_size=32, epochs=1)
         assert expected in sink.records[0].scalars
 
@@ -265,7 +265,7 @@ def test_a_spike_inside_an_execution_is_kept():
     model = mlp()
     model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=4)
     sink = MemorySink()
-    watch = GradWatch(log_dir=None, log_every_n_steps=4, sinks=[sink], on_explosion="ignore")
+    watch = GradWatch(log_dir=False, log_every_n_steps=4, sinks=[sink], on_explosion="ignore")
     quiet_fit(model, x, y, [watch], batch_size=16, epochs=2)
     last = sink.records[-1].scalars  # logs step 7; the spike was at step 5
     assert last["global/max_since_last_log"] > 100 * last["global/grad_norm"]
@@ -280,7 +280,7 @@ def test_mixed_float16_statistics_are_on_unscaled_gradients(built):
         model.compile(keras.optimizers.SGD(0.0), "mse")
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         sink = MemorySink()
-        watch = GradWatch(log_dir=None, log_every_n_steps=1, sinks=[sink])
+        watch = GradWatch(log_dir=False, log_every_n_steps=1, sinks=[sink])
         quiet_fit(model, x, y, [watch], batch_size=32, epochs=2)
         expected = tape_norms(model, x, y)
     finally:
@@ -302,7 +302,7 @@ def test_the_loss_scalers_own_skipped_steps_are_counted_never_reported(mode):
         scaled = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0**24)
         model.compile(scaled, "mse", **MODES[mode])
         sink = MemorySink()
-        watch = GradWatch(log_dir=None, log_every_n_steps=4, on_nonfinite="stop", sinks=[sink])
+        watch = GradWatch(log_dir=False, log_every_n_steps=4, on_nonfinite="stop", sinks=[sink])
         quiet_fit(model, x, y, [watch], batch_size=32, epochs=1)
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -376,7 +376,7 @@ def test_explosion_stops_training_dropping_that_step_and_logs_it(tmp_path, compi
 def test_clipping_keeps_the_spiking_run_finite(policy):
     assert not finite(spiking_run(None))
     sink = MemorySink()
-    watch = GradWatch(log_dir=None, log_every_n_steps=5, clip=policy, sinks=[sink])
+    watch = GradWatch(log_dir=False, log_every_n_steps=5, clip=policy, sinks=[sink])
     assert finite(spiking_run(watch))
     clipped = [r.scalars["global/clipped_norm"] for r in sink.records]
     before = [r.scalars["global/grad_norm"] for r in sink.records]
@@ -404,7 +404,7 @@ def test_a_nonfinite_step_is_skipped_bit_for_bit(mode, built):
     model = mlp(built=built)
     model.compile(keras.optimizers.AdamW(1e-2, weight_decay=0.1), "mse", **MODES[mode])
     snapshots = Snapshots()
-    watch = GradWatch(log_dir=None, log_every_n_steps=2, on_nonfinite="skip")
+    watch = GradWatch(log_dir=False, log_every_n_steps=2, on_nonfinite="skip")
     quiet_fit(model, x, y, [watch, snapshots], batch_size=32, epochs=1)
 
     before, skipped, after = snapshots.taken[4:7]
@@ -433,7 +433,7 @@ def test_the_host_reads_only_near_logging_steps_and_misses_none_after_skips(mode
     model = mlp()
     model.compile(keras.optimizers.SGD(1e-2), "mse", **MODES[mode])
     sink = MemorySink()
-    watch = CountingReads(log_dir=None, log_every_n_steps=4, on_nonfinite="skip", sinks=[sink])
+    watch = CountingReads(log_dir=False, log_every_n_steps=4, on_nonfinite="skip", sinks=[sink])
     quiet_fit(model, x, y, [watch], batch_size=32, epochs=1)
 
     assert int(model.optimizer.iterations.numpy()) == 22
@@ -464,7 +464,7 @@ def test_vanishing_is_reported_for_a_deep_sigmoid_net_not_for_relu_residual():
     for residual in (False, True):
         model = deep(residual)
         model.compile(keras.optimizers.SGD(1e-3), "mse")
-        watch = GradWatch(log_dir=None, log_every_n_steps=10)
+        watch = GradWatch(log_dir=False, log_every_n_steps=10)
         quiet_fit(model, x, y, [watch], batch_size=16, epochs=2)
         reported[residual] = {e["group"] for e in watch.events if e["kind"] == "vanishing"}
     assert "layer00" in reported[False]  # the first layers learn far slower than the head
@@ -476,14 +476,14 @@ def test_keras_own_clipping_alongside_gradwatch_warns():
     model = mlp()
     model.compile(keras.optimizers.SGD(0.01, global_clipnorm=1.0), "mse")
     with pytest.warns(GradWatchWarning, match="global_clipnorm"):
-        model.fit(x, y, verbose=0, callbacks=[GradWatch(log_dir=None, clip=1.0)])
+        model.fit(x, y, verbose=0, callbacks=[GradWatch(log_dir=False, clip=1.0)])
 
 
 def test_the_optimizer_works_without_gradwatch_after_fit(tmp_path):
     x, y = regression_data(64)
     model = mlp()
     model.compile(keras.optimizers.SGD(0.01), "mse")
-    watch = GradWatch(log_dir=None, on_nonfinite="skip", clip=AutoClip())
+    watch = GradWatch(log_dir=False, on_nonfinite="skip", clip=AutoClip())
     quiet_fit(model, x, y, [watch], batch_size=16, epochs=1)
     before = int(model.optimizer.iterations.numpy())
     quiet_fit(model, x, y, [], batch_size=16, epochs=1)
@@ -546,9 +546,10 @@ def test_bad_arguments_fail_at_construction(kwargs, error, message):
 
 def test_numpy_numbers_are_accepted_as_python_numbers():
     watch = GradWatch(**NUMPY)
-    assert watch.cadence == Cadence(5, 10) and type(watch.cadence.log_every_n_steps) is int
-    assert watch.histogram_bins == 7 and type(watch.histogram_bins) is int
-    assert watch.track_update_ratio is True and watch.guard.policy == ClipByNorm(0.5)
+    options = watch.options
+    assert options.cadence() == Cadence(5, 10) and type(options.log_every_n_steps) is int
+    assert options.histogram_bins == 7 and type(options.histogram_bins) is int
+    assert options.track_update_ratio is True and options.guard.policy == ClipByNorm(0.5)
 
 
 # -- distribution and backends (fresh processes: devices and backends are fixed per process) --

@@ -267,12 +267,12 @@ def test_bad_arguments_fail_at_construction(kwargs, error, message):
 
 
 def test_numpy_numbers_are_accepted_as_python_numbers():
-    watch = GradWatch(**NUMPY)
-    assert (watch.log_every_n_steps, watch.histogram_every_n_steps) == (5, 10)
-    assert watch.histogram_bins == 7 and watch.track_update_ratio is True
-    assert watch.guard.policy == ClipByNorm(0.5)
-    assert all(type(v) is int for v in (watch.log_every_n_steps, watch.histogram_bins))
-    assert GradWatch(log_every_n_steps=None).log_every_n_steps is None  # the Trainer's
+    options = GradWatch(**NUMPY).options
+    assert (options.log_every_n_steps, options.histogram_every_n_steps) == (5, 10)
+    assert options.histogram_bins == 7 and options.track_update_ratio is True
+    assert options.guard.policy == ClipByNorm(0.5)
+    assert all(type(v) is int for v in (options.log_every_n_steps, options.histogram_bins))
+    assert GradWatch(log_every_n_steps=None).options.log_every_n_steps is None  # the Trainer's
 
 
 def test_two_instances_checkpoint_their_own_state():

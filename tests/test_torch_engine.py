@@ -42,7 +42,7 @@ def test_plain_loop_logs_exact_statistics():
     sink = MemorySink()
     watch = TorchGradWatch(
         model,
-        log_dir=None,
+        log_dir=False,
         log_every_n_steps=2,
         histogram_every_n_steps=4,
         statistics="all",
@@ -140,7 +140,7 @@ def test_a_compiled_model_keeps_the_names_of_its_modules():
     def tags(model: nn.Module) -> list[str]:
         sink = MemorySink()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        with TorchGradWatch(model, log_dir=None, log_every_n_steps=1, sinks=[sink]) as watch:
+        with TorchGradWatch(model, log_dir=False, log_every_n_steps=1, sinks=[sink]) as watch:
             model(torch.randn(4, 6)).sum().backward()
             watch.before_optimizer_step(optimizer)
             optimizer.step()
@@ -183,7 +183,7 @@ def test_plain_loop_takes_histogram_bins():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sink = MemorySink()
     with TorchGradWatch(
-        model, log_dir=None, histogram_every_n_steps=1, histogram_bins=7, sinks=[sink]
+        model, log_dir=False, histogram_every_n_steps=1, histogram_bins=7, sinks=[sink]
     ) as watch:
         nn.functional.mse_loss(model(torch.randn(16, 6)), torch.randn(16, 1)).backward()
         watch.before_optimizer_step(optimizer)
@@ -222,16 +222,16 @@ def test_plain_loop_takes_histogram_bins():
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
-        TorchGradWatch(make_model(), **{"log_dir": None, **kwargs})
+        TorchGradWatch(make_model(), **{"log_dir": False, **kwargs})
 
 
 def test_bad_model_fails_at_construction():
     with pytest.raises(TypeError, match=re.escape("`model` must be a torch.nn.Module.")):
-        TorchGradWatch("net", log_dir=None)  # type: ignore[arg-type]
+        TorchGradWatch("net", log_dir=False)  # type: ignore[arg-type]
 
 
 def test_numpy_numbers_are_accepted_as_python_numbers():
-    watch = TorchGradWatch(make_model(), log_dir=None, **NUMPY)
+    watch = TorchGradWatch(make_model(), log_dir=False, **NUMPY)
     engine = watch.engine
     assert engine.cadence == Cadence(5, 10) and type(engine.cadence.log_every_n_steps) is int
     assert engine.histogram_bins == 7 and type(engine.histogram_bins) is int
@@ -269,7 +269,7 @@ def test_no_host_reads_between_logging_steps(host_on_cpu):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     watch = TorchGradWatch(
         model,
-        log_dir=None,
+        log_dir=False,
         log_every_n_steps=5,
         histogram_every_n_steps=5,
         track_update_ratio=True,

@@ -76,7 +76,7 @@ def amp_loop(scaler_given: bool, steps: int = 40):
     dropped = 0
     watch = TorchGradWatch(
         model,
-        None,
+        False,
         log_every_n_steps=10,
         sinks=[sink],
         on_nonfinite="stop",
@@ -131,7 +131,7 @@ def test_a_nonfinite_gradient_the_scaler_would_not_see_is_caught():
     """bf16 autocast has no loss scaler: a NaN is gradwatch's to catch, and "skip" drops it."""
     model = net()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with quiet(), TorchGradWatch(model, None, log_every_n_steps=5, on_nonfinite="skip") as watch:
+    with quiet(), TorchGradWatch(model, False, log_every_n_steps=5, on_nonfinite="skip") as watch:
         for step in range(8):
             optimizer.zero_grad()
             x, y = batch(step)
@@ -159,7 +159,7 @@ def test_a_dropped_step_leaves_every_parameter_the_optimizer_holds(action):
     model = net()
     temperature = nn.Parameter(torch.ones(()))
     optimizer = torch.optim.AdamW([*model.parameters(), temperature], lr=1e-2, weight_decay=0.1)
-    watch = TorchGradWatch(model, None, log_every_n_steps=5, on_nonfinite=action)
+    watch = TorchGradWatch(model, False, log_every_n_steps=5, on_nonfinite=action)
     with quiet(), watch:
         for step in range(6):
             optimizer.zero_grad()
@@ -222,7 +222,7 @@ def test_stop_leaves_only_finite_checkpoints_and_logs_the_stop_step(tmp_path):
 def test_a_lasting_rise_is_skipped_a_bounded_number_of_times_then_accepted():
     model, sink = net(), MemorySink()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    watch = TorchGradWatch(model, None, log_every_n_steps=50, sinks=[sink], on_explosion="skip")
+    watch = TorchGradWatch(model, False, log_every_n_steps=50, sinks=[sink], on_explosion="skip")
     with quiet(), watch:
         for step in range(300):
             optimizer.zero_grad()
@@ -260,7 +260,7 @@ def test_each_logging_step_tells_its_findings_in_one_line_global_first(caplog):
     caplog.set_level(logging.INFO, logger="gradwatch")
     with warnings.catch_warnings(record=True) as told:
         warnings.simplefilter("always")
-        with TorchGradWatch(model, None, log_every_n_steps=5, on_nonfinite="skip") as watch:
+        with TorchGradWatch(model, False, log_every_n_steps=5, on_nonfinite="skip") as watch:
             for step in range(10):
                 optimizer.zero_grad()
                 x, y = batch(step)
@@ -287,7 +287,7 @@ def test_each_logging_step_tells_its_findings_in_one_line_global_first(caplog):
 def test_a_warned_nonfinite_step_between_logging_steps_says_how_many_values():
     model = net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    with quiet(), TorchGradWatch(model, None, log_every_n_steps=5) as watch:  # "warn"
+    with quiet(), TorchGradWatch(model, False, log_every_n_steps=5) as watch:  # "warn"
         for step in range(5):
             optimizer.zero_grad()
             x, y = batch(step)
@@ -309,7 +309,7 @@ def test_a_stop_is_one_short_line_naming_its_cause():
     with warnings.catch_warnings(record=True) as told:
         warnings.simplefilter("always")
         watch = TorchGradWatch(
-            model, None, log_every_n_steps=50, on_explosion="stop", explosion=explosion
+            model, False, log_every_n_steps=50, on_explosion="stop", explosion=explosion
         )
         with watch:
             for step in range(20):
@@ -333,7 +333,7 @@ def test_a_stop_is_one_short_line_naming_its_cause():
 def test_finite_gradients_whose_squares_overflow_are_not_called_nonfinite():
     model, sink = net(), MemorySink()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    with quiet(), TorchGradWatch(model, None, log_every_n_steps=1, sinks=[sink]) as watch:
+    with quiet(), TorchGradWatch(model, False, log_every_n_steps=1, sinks=[sink]) as watch:
         optimizer.zero_grad()
         x, y = batch(0)
         (1e21 * nn.functional.mse_loss(model(x), y)).backward()
@@ -413,11 +413,11 @@ def test_a_resumed_plain_loop_goes_on_from_the_saved_detector_state():
             optimizer.step()
             watch.after_optimizer_step()
 
-    first = TorchGradWatch(model, None)
+    first = TorchGradWatch(model, False)
     steps(first, 0, 25)
     saved = first.engine.state_dict()
     first.close()
-    second = TorchGradWatch(model, None)
+    second = TorchGradWatch(model, False)
     second.engine.load_state_dict(saved)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradWatchWarning)  # nothing starts afresh

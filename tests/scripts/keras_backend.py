@@ -15,7 +15,7 @@ from gradwatch.integrations.keras import GradWatch
 net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
 net.compile("sgd", "mse")
 try:
-    net.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0, callbacks=[GradWatch(log_dir=None)])
+    net.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0, callbacks=[GradWatch(log_dir=False)])
     message = ""
 except RuntimeError as error:
     message = str(error)

@@ -46,7 +46,7 @@ def logged(distributed: bool, built: bool = True) -> dict[str, float]:
     sink = MemorySink()
     with STRATEGY.scope() if distributed else tf.device("/cpu:0"):
         net = model(keras.optimizers.SGD(0.0), built)
-    watch = GradWatch(log_dir=None, log_every_n_steps=1, sinks=[sink])
+    watch = GradWatch(log_dir=False, log_every_n_steps=1, sinks=[sink])
     net.fit(X, Y, batch_size=64, epochs=1, verbose=0, shuffle=False, callbacks=[watch])
     return sink.records[0].scalars
 
@@ -76,7 +76,7 @@ def skip_identical() -> bool:
         net = model(keras.optimizers.Adam(0.01))
         net.optimizer.build(net.trainable_variables)
     before = [v.numpy().copy() for v in [*net.weights, *net.optimizer.variables]]
-    watch = GradWatch(log_dir=None, on_nonfinite="skip")
+    watch = GradWatch(log_dir=False, on_nonfinite="skip")
     net.fit(x, Y, batch_size=64, epochs=1, verbose=0, shuffle=False, callbacks=[watch])
     after = [v.numpy() for v in [*net.weights, *net.optimizer.variables]]
     return (
@@ -94,7 +94,7 @@ print(
             "mixed_single": logged_mixed(distributed=False),
             "mixed_mirrored": logged_mixed(distributed=True),
             "gradwatch_update_norm": update_norm(
-                keras.optimizers.SGD(1.0), [GradWatch(log_dir=None, clip=ClipByNorm(1.0))]
+                keras.optimizers.SGD(1.0), [GradWatch(log_dir=False, clip=ClipByNorm(1.0))]
             ),
             "keras_update_norm": update_norm(keras.optimizers.SGD(1.0, global_clipnorm=1.0), []),
             "skip_identical": skip_identical(),
