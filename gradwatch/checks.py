@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -34,9 +35,11 @@ __all__ = [
     "check_instance",
     "check_path",
     "check_positive",
+    "check_protocol",
     "check_real",
     "check_sinks",
     "did_you_mean",
+    "meets",
     "set_fields",
 ]
 
@@ -54,17 +57,66 @@ def _received(name: str, value: object) -> str:
 
 
 def did_you_mean(value: object, classes: tuple[type, ...]) -> str:
-    """``"; did you mean AutoClip()?"`` when ``value`` is one of ``classes`` itself, not an
-    instance (the class passed without calling it); else ``""``. Ends a message.
+    """``"; did you mean AutoClip()?"`` when ``value`` is a class itself, not an instance (the
+    class passed without calling it), whose instances would be one of ``classes`` (or meet one
+    of them, a protocol); else ``""``. Ends a message.
 
     Example:
         >>> from gradwatch.policies import AutoClip, ZClip
         >>> did_you_mean(AutoClip, (AutoClip, ZClip)), did_you_mean(AutoClip(), (AutoClip,))
         ('; did you mean AutoClip()?', '')
     """
-    if isinstance(value, type) and issubclass(value, classes):
+    if isinstance(value, type) and any(_is_kind(value, cls) for cls in classes):
         return f"; did you mean {value.__name__}()?"
     return ""
+
+
+def _is_kind(value: type, cls: type) -> bool:
+    if getattr(cls, "_is_protocol", False):
+        return _fits(value, cls, bound=False)
+    return issubclass(value, cls)
+
+
+def meets(value: object, protocol: type) -> bool:
+    """Whether ``value`` (an object, not a class) has every method of ``protocol``, each
+    callable with the protocol's arguments: ``update(stats, state)``, ``init(like, groups)``.
+    So a policy is not taken for a detector, nor a detector for a policy, as a runtime
+    ``isinstance`` (which checks names only) would.
+
+    Example:
+        >>> from gradwatch.detectors import Detector, Explosion
+        >>> from gradwatch.policies import AutoClip, Policy
+        >>> meets(AutoClip(), Policy), meets(AutoClip, Policy), meets(AutoClip(), Detector)
+        (True, False, False)
+        >>> meets(Explosion(), Detector), meets(Explosion(), Policy)
+        (True, False)
+    """
+    return not isinstance(value, type) and _fits(value, protocol, bound=True)
+
+
+def _methods(protocol: type) -> dict[str, int]:
+    """The protocol's public methods and how many arguments each takes (not ``self``)."""
+    return {
+        name: len(inspect.signature(member).parameters) - 1
+        for name, member in vars(protocol).items()
+        if inspect.isfunction(member) and not name.startswith("_")
+    }
+
+
+def _fits(value: object, protocol: type, bound: bool) -> bool:
+    for name, arguments in _methods(protocol).items():
+        method = getattr(value, name, None)
+        if not callable(method):
+            return False
+        try:
+            signature = inspect.signature(method)
+        except (TypeError, ValueError):  # no signature to read (a builtin): taken on trust
+            continue
+        try:
+            signature.bind(*([None] * (arguments + (0 if bound else 1))))
+        except TypeError:
+            return False
+    return True
 
 
 def _is_int(value: object) -> bool:
@@ -191,6 +243,30 @@ def check_instance(name: str, value: object, cls: type[T], default: Callable[[],
             f"{did_you_mean(value, (cls,))}"
         )
     return value
+
+
+def check_protocol(
+    name: str, value: object, protocol: type, allowed: str, default: Callable[[], T]
+) -> T:
+    """An object meeting ``protocol`` (see :func:`meets`), or ``default()`` for None.
+
+    ``allowed`` says what is allowed besides None, for the message.
+
+    Example:
+        >>> from gradwatch.detectors import Detector, Vanishing
+        >>> check_protocol("vanishing", [], Detector, "a detector", Vanishing)
+        Traceback (most recent call last):
+        ...
+        TypeError: `vanishing` must be None or a detector. Received: vanishing=[]
+    """
+    if value is None:
+        return default()
+    if not meets(value, protocol):
+        raise TypeError(
+            f"`{name}` must be None or {allowed}. {_received(name, value)}"
+            f"{did_you_mean(value, (protocol,))}"
+        )
+    return value  # type: ignore[return-value]
 
 
 _SINK_METHODS = ("write", "flush", "close")

@@ -1,8 +1,11 @@
 """Detectors of non-finite, exploding and vanishing gradients: pure ``init``/``update`` pairs.
 
 Like the policies, a detector is an immutable configuration with ``init(like, groups)`` and
-``update(stats, state) -> (Verdict, state)``, array code with no Python branching on values and
-no host reads. A verdict flags the global norm (``flag[0]``) and each group (``flag[1:]``).
+``update(entries, state) -> (Verdict, state)``, array code with no Python branching on values and
+no host reads. It looks at one step's :class:`Entries` (the global norm, then each group's, and
+which are finite; a guard takes them once for all its detectors, :func:`entries_of` makes them
+from norms). A verdict flags the global norm (``flag[0]``) and each group (``flag[1:]``). Any
+object with these methods is a :class:`Detector`, the built-ins and your own alike.
 
 Verdicts are taken every step on the device; the host reads them only now and then. So that a
 detection between two reads is not lost, :func:`latch` keeps, per entry, whether it fired since
@@ -13,13 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from gradwatch.checks import check_count, check_real, set_fields
 from gradwatch.namespace import namespace_of
 
 __all__ = [
+    "DETECTORS",
     "DetectStats",
+    "Detector",
     "Entries",
     "Explosion",
     "Latch",
@@ -60,10 +65,55 @@ class Entries(NamedTuple):
 
 
 def entries_of(stats: DetectStats) -> Entries:
-    """The :class:`Entries` of one step's norms."""
+    """The :class:`Entries` of one step's norms, for a detector's ``update``.
+
+    Example:
+        >>> import numpy as np
+        >>> entries = entries_of(DetectStats(np.float32(5.0), np.array([3.0, 4.0], np.float32)))
+        >>> entries.values.tolist(), entries.finite.tolist()
+        ([5.0, 3.0, 4.0], [True, True, True])
+    """
     xp = namespace_of(stats.group_norms)
     values = xp.concat([xp.reshape(stats.global_norm, (1,)), stats.group_norms])
     return Entries(values, xp.isfinite(values))
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What the ``explosion=`` and ``vanishing=`` arguments take: any object with these methods.
+
+    ``init(like, groups)`` returns the detector's state: a tuple (best a NamedTuple) of arrays
+    made like ``like`` (namespace, dtype, device), typically ``[1 + groups]`` each, ``()`` for
+    none. ``update(entries, state)`` returns a :class:`Verdict` of ``[1 + groups]`` entries
+    (the global norm, then each group) and the new state; pure array code, as for policies: no
+    Python branching on array values, no host reads, inputs left unchanged, nothing kept on the
+    object. Configurations are compared by ``repr`` (see :meth:`gradwatch.guard.Guard.state_dict`).
+
+    A detector that can take a lasting new level as normal (as :class:`Explosion` does) also has
+    ``accepted(state) -> [1 + groups] bool``: whether the step that gave ``state`` was accepted.
+    A guard reports such a step as an event with action ``"accepted"`` and does not act on it.
+    It is optional, and not a protocol member: a guard looks for it with ``hasattr``.
+
+    Example:
+        >>> import numpy as np
+        >>> class Above:  # every entry above a fixed bound
+        ...     def __init__(self, bound):
+        ...         self.bound = bound
+        ...     def init(self, like, groups):
+        ...         return ()
+        ...     def update(self, entries, state):
+        ...         threshold = namespace_of(entries.values).full_like(entries.values, self.bound)
+        ...         flag = entries.finite & (entries.values > threshold)
+        ...         return Verdict(flag, entries.values, threshold), state
+        >>> norms = DetectStats(np.float32(5.0), np.array([3.0, 4.0], np.float32))
+        >>> verdict, _ = Above(3.5).update(entries_of(norms), ())
+        >>> isinstance(Above(3.5), Detector), verdict.flag.tolist()
+        (True, [True, False, True])
+    """
+
+    def init(self, like: Array, groups: int) -> Any: ...
+
+    def update(self, entries: Entries, state: Any) -> tuple[Verdict, Any]: ...
 
 
 def _zeros(like: Array, size: int) -> Array:
@@ -82,11 +132,7 @@ class NonFinite:
     def init(self, like: Array, groups: int) -> NoState:
         return NoState()
 
-    def update(self, stats: DetectStats, state: NoState) -> tuple[Verdict, NoState]:
-        return self.evaluate(entries_of(stats), state)
-
-    def evaluate(self, entries: Entries, state: NoState) -> tuple[Verdict, NoState]:
-        """:meth:`update` on entries already taken (a guard takes them once for all detectors)."""
+    def update(self, entries: Entries, state: NoState) -> tuple[Verdict, NoState]:
         values, finite = entries
         return Verdict(~finite, values, namespace_of(values).full_like(values, math.inf)), state
 
@@ -161,11 +207,7 @@ class Explosion:
     def init(self, like: Array, groups: int) -> ExplosionState:
         return ExplosionState(*(_zeros(like, 1 + groups) for _ in ExplosionState._fields))
 
-    def update(self, stats: DetectStats, state: ExplosionState) -> tuple[Verdict, ExplosionState]:
-        return self.evaluate(entries_of(stats), state)
-
-    def evaluate(self, entries: Entries, state: ExplosionState) -> tuple[Verdict, ExplosionState]:
-        """:meth:`update` on entries already taken (a guard takes them once for all detectors)."""
+    def update(self, entries: Entries, state: ExplosionState) -> tuple[Verdict, ExplosionState]:
         values, finite = entries
         xp = namespace_of(values)
         # log(max(norm, tiny)); a non-finite norm gives log(tiny) or inf here, never learnt from
@@ -220,7 +262,7 @@ class Explosion:
             - xp.log(xp.where(has_rest, rest_usual, 1.0))
         )
         rest_rise = xp.minimum(xp.maximum(xp.where(has_rest, rest_rise, 0.0), 0.0), log_factor)
-        quiet = xp.where(log_rise < 0.5 * log_factor, 0.5 * log_factor, 0.0)
+        quiet = xp.where(log_rise < 0.5 * log_factor, 0.5 * log_factor, xp.zeros_like(log_rise))
         raised = rest_rise + quiet
         return xp.concat([xp.zeros_like(raised[:1]), raised[1:]])  # the global entry: 0
 
@@ -255,11 +297,7 @@ class Vanishing:
     def init(self, like: Array, groups: int) -> VanishingState:
         return VanishingState(_zeros(like, 1 + groups))
 
-    def update(self, stats: DetectStats, state: VanishingState) -> tuple[Verdict, VanishingState]:
-        return self.evaluate(entries_of(stats), state)
-
-    def evaluate(self, entries: Entries, state: VanishingState) -> tuple[Verdict, VanishingState]:
-        """:meth:`update` on entries already taken (a guard takes them once for all detectors)."""
+    def update(self, entries: Entries, state: VanishingState) -> tuple[Verdict, VanishingState]:
         values, finite = entries
         xp = namespace_of(values)
         groups = values[1:]
@@ -272,6 +310,10 @@ class Vanishing:
         run = xp.where(below, state.below + 1.0, 0.0)
         flag = run == float(self.patience)
         return Verdict(flag, values, threshold), VanishingState(run)
+
+
+DETECTORS: tuple[type, ...] = (NonFinite, Explosion, Vanishing)
+"""The built-in detectors."""
 
 
 class Latch(NamedTuple):

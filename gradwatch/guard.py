@@ -16,8 +16,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gradwatch.checks import check_choice, check_instance, set_fields
+from gradwatch.checks import check_choice, check_protocol, set_fields
 from gradwatch.detectors import (
+    DETECTORS,
+    Detector,
     DetectStats,
     Explosion,
     Latch,
@@ -83,23 +85,25 @@ class Guard:
     acts (``"skip"``, ``"stop"``): a group's spike is reported, since a small group's norm may
     jump tenfold harmlessly, and a NaN anywhere makes the global norm NaN too. Vanishing acts
     on any group, since it is a property of groups. ``explosion`` and ``vanishing`` given as
-    None take the detectors' default settings.
+    None take the detectors' default settings; either may be a detector of your own (any
+    :class:`~gradwatch.detectors.Detector`), which then acts as that kind does. The policy may
+    be any :class:`~gradwatch.policies.Policy`.
     """
 
     policy: Policy | None = None
     on_nonfinite: str = "warn"
     on_explosion: str = "warn"
     on_vanishing: str = "warn"
-    explosion: Explosion = field(default_factory=Explosion)
-    vanishing: Vanishing = field(default_factory=Vanishing)
+    explosion: Detector = field(default_factory=Explosion)
+    vanishing: Detector = field(default_factory=Vanishing)
 
     def __post_init__(self) -> None:
         for kind in KINDS:
             check_action(kind, getattr(self, f"on_{kind}"))
         set_fields(
             self,
-            explosion=check_instance("explosion", self.explosion, Explosion, Explosion),
-            vanishing=check_instance("vanishing", self.vanishing, Vanishing, Vanishing),
+            explosion=_check_detector("explosion", self.explosion, Explosion),
+            vanishing=_check_detector("vanishing", self.vanishing, Vanishing),
         )
 
     @classmethod
@@ -109,8 +113,8 @@ class Guard:
         on_nonfinite: str = "warn",
         on_explosion: str = "warn",
         on_vanishing: str = "warn",
-        explosion: Explosion | None = None,
-        vanishing: Vanishing | None = None,
+        explosion: Detector | None = None,
+        vanishing: Detector | None = None,
     ) -> Guard:
         """A guard from a callback's arguments: ``clip`` as :func:`as_policy` takes it, and
         None for the detectors' default settings."""
@@ -153,11 +157,16 @@ class Guard:
         return any(action == "stop" for _, _, action in self.active)
 
     def init(self, like: Array, groups: int) -> GuardState:
-        return GuardState(
-            policy=None if self.policy is None else self.policy.init(like),
-            detectors=tuple(d.init(like, groups) for _, d, _ in self.active),
-            latch=new_latch(like, (len(self.rows), 1 + groups)),
-        )
+        policy = None if self.policy is None else self.policy.init(like)
+        detectors = tuple(d.init(like, groups) for _, d, _ in self.active)
+        names = ["clip", *(kind for kind, _, _ in self.active)]
+        for name, part in zip(names, [policy, *detectors], strict=True):
+            if part is not None and not isinstance(part, tuple):
+                raise TypeError(
+                    f"The state of `{name}` must be a tuple (a NamedTuple) of arrays, () for"
+                    f" none: its init returned {type(part).__name__}."
+                )
+        return GuardState(policy, detectors, new_latch(like, (len(self.rows), 1 + groups)))
 
     def update(
         self,
@@ -178,7 +187,7 @@ class Guard:
         detector_states, verdicts = [], []
         shared = entries_of(stats) if self.active else None  # once for every detector
         for (kind, detector, action), d_state in zip(self.active, state.detectors, strict=True):
-            verdict, d_state = detector.evaluate(shared, d_state)
+            verdict, d_state = detector.update(shared, d_state)
             if scaler_skipped is not None:
                 verdict = verdict._replace(flag=verdict.flag & ~scaler_skipped)
             if action in acting:
@@ -215,7 +224,14 @@ class Guard:
 
     def state_dict(self, state: GuardState) -> dict[str, Any]:
         """The policy's and detectors' state as plain lists (they load with
-        ``weights_only=True``), with the configuration they belong to."""
+        ``weights_only=True``), with the configuration they belong to.
+
+        A configuration is the object's ``repr`` (a dataclass's names its settings). An object
+        whose class keeps Python's default ``repr`` (``<HalveAbove object at 0x...>``, other
+        at every run) is named by its class and its attributes instead, ``HalveAbove(limit=1.0)``,
+        so that it resumes its state under the same settings; give your class a ``__repr__``
+        (or make it a dataclass) when its attributes do not say its settings.
+        """
         return {
             "config": self._config(),
             "policy": [] if state.policy is None else [v.tolist() for v in state.policy],
@@ -255,8 +271,8 @@ class Guard:
 
     def _config(self) -> dict[str, Any]:
         return {
-            "policy": repr(self.policy),
-            "detectors": [f"{kind}: {detector!r}" for kind, detector, _ in self.active],
+            "policy": describe(self.policy),
+            "detectors": [f"{kind}: {describe(detector)}" for kind, detector, _ in self.active],
         }
 
     def events(self, latch: Latch, groups: Sequence[str]) -> list[dict]:
@@ -292,6 +308,39 @@ class Guard:
         return sort_events(found)
 
 
+def _check_detector(name: str, value: object, default: type) -> Any:
+    """``value`` when it is a detector, not a built-in of another kind; the default for None."""
+    allowed = (
+        f"a detector: an object with init(like, groups) and update(entries, state) methods"
+        f" ({default.__name__}, or your own)"
+    )
+    detector = check_protocol(name, value, Detector, allowed, default)
+    if isinstance(detector, DETECTORS) and not isinstance(detector, default):
+        raise TypeError(
+            f"`{name}` must be None or {allowed}, not a built-in detector of another kind."
+            f" Received: {name}={value!r}"
+        )
+    return detector
+
+
+def describe(part: object) -> str:
+    """How a policy's or detector's configuration is saved: its ``repr``, or, for a class
+    that keeps Python's default one (which names a memory address), its class and attributes.
+
+    Example:
+        >>> from gradwatch.policies import AutoClip
+        >>> class HalveAbove:
+        ...     def __init__(self, limit):
+        ...         self.limit = limit
+        >>> describe(AutoClip()), describe(HalveAbove(1.0)), describe(None)
+        ('AutoClip(percentile=10.0, history=1000)', 'HalveAbove(limit=1.0)', 'None')
+    """
+    if type(part).__repr__ is not object.__repr__:
+        return repr(part)
+    settings = ", ".join(f"{k}={v!r}" for k, v in sorted(getattr(part, "__dict__", {}).items()))
+    return f"{type(part).__qualname__}({settings})"
+
+
 def sort_events(events: list[dict]) -> list[dict]:
     """Step order; within a step the whole gradient's findings first, then the groups'."""
     return sorted(events, key=lambda e: (e["step"], e["group"] != GLOBAL, e["kind"], e["group"]))
@@ -308,7 +357,7 @@ def _restore(template: Any, values: Any, like: Callable[[Array, Any], Array]) ->
         return None
     if any(tuple(a.shape) != tuple(t.shape) for a, t in zip(leaves, template, strict=True)):
         return None
-    return type(template)(*leaves)
+    return type(template)(*leaves) if hasattr(template, "_fields") else type(template)(leaves)
 
 
 def _keep(xp: Any, keep: Array, old: Any, new: Any) -> Any:

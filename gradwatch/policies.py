@@ -8,13 +8,16 @@ inside a compiled train step. Adapters apply the decision with their framework's
 
 * ``Clip.scale`` multiplies every gradient (a scalar) or every unit (a ``[units]`` vector, AGC);
 * ``Clip.value``, when not ``None``, bounds every gradient element to ``[-value, value]``.
+
+Any object with these two methods is a :class:`Policy`, the built-ins and your own alike; a
+policy that needs more than the global norm declares it (``needs_unit_norms = True``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 from gradwatch.checks import (
     check_choice,
@@ -22,6 +25,7 @@ from gradwatch.checks import (
     check_positive,
     check_real,
     did_you_mean,
+    meets,
     set_fields,
 )
 from gradwatch.namespace import namespace_of
@@ -34,9 +38,11 @@ __all__ = [
     "ClipByValue",
     "ClipStats",
     "MAX_HISTORY",
+    "POLICIES",
     "Policy",
     "ZClip",
     "as_policy",
+    "needs_unit_norms",
 ]
 
 Array = Any
@@ -339,6 +345,7 @@ class AGC:
 
     clipping: float = 0.01
     eps: float = 1e-3
+    needs_unit_norms: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         clipping = _positive_as_given("clipping", self.clipping)
@@ -356,30 +363,88 @@ class AGC:
         return Clip(scale, _scalar(stats.global_norm, self.clipping)), state
 
 
-Policy = ClipByNorm | ClipByValue | AutoClip | ZClip | AGC
-POLICIES = (ClipByNorm, ClipByValue, AutoClip, ZClip, AGC)
+@runtime_checkable
+class Policy(Protocol):
+    """What the ``clip=`` argument takes: any object with these two methods.
+
+    ``init(like)`` returns the policy's state: a tuple (best a NamedTuple) of arrays made like
+    ``like`` (its namespace, dtype and device), ``()`` for none. ``update(stats, state)``
+    returns a :class:`Clip` and the new state, with no Python branching on array values and no
+    host reads, written against ``namespace_of(stats.global_norm)``: it then runs on numpy, on
+    torch tensors and inside Keras' compiled step. It must not change its inputs, nor keep
+    anything on the object: checkpoints save the state, and configurations are compared by
+    ``repr`` (see :meth:`gradwatch.guard.Guard.state_dict`).
+
+    A policy declares what it needs beyond the global norm with class attributes, read with
+    defaults by the adapters (not protocol members, so a plain class need not set them):
+
+    * ``needs_unit_norms = True``: ``stats.unit_grad_norms`` and ``stats.unit_param_norms``
+      hold each output unit's norms (see :class:`AGC` for what a unit is), and ``Clip.scale``
+      may be a ``[units]`` vector, one scale per unit in the same order. Read it with
+      :func:`needs_unit_norms`.
+
+    Example:
+        >>> import numpy as np
+        >>> from gradwatch.namespace import namespace_of
+        >>> class HalveAbove:  # halve the gradients when their global norm exceeds a limit
+        ...     def __init__(self, limit):
+        ...         self.limit = limit
+        ...     def init(self, like):
+        ...         return ()
+        ...     def update(self, stats, state):
+        ...         xp = namespace_of(stats.global_norm)
+        ...         one = xp.ones_like(stats.global_norm)
+        ...         scale = xp.where(stats.global_norm > self.limit, 0.5 * one, one)
+        ...         return Clip(scale, self.limit * one), state
+        >>> policy = as_policy(HalveAbove(1.0))
+        >>> isinstance(policy, Policy), needs_unit_norms(policy), needs_unit_norms(AGC())
+        (True, False, True)
+        >>> clip, _ = policy.update(ClipStats(np.float32(3.0)), policy.init(np.float32(0.0)))
+        >>> float(clip.scale)
+        0.5
+    """
+
+    def init(self, like: Array) -> Any: ...
+
+    def update(self, stats: ClipStats, state: Any) -> tuple[Clip, Any]: ...
+
+
+POLICIES: tuple[type, ...] = (ClipByNorm, ClipByValue, AutoClip, ZClip, AGC)
+"""The built-in policies."""
+
+
+def needs_unit_norms(policy: object) -> bool:
+    """Whether ``policy`` declares ``needs_unit_norms = True`` (False when it says nothing)."""
+    return bool(getattr(policy, "needs_unit_norms", False))
 
 
 def as_policy(clip: object) -> Policy | None:
     """The ``clip=`` argument of the callbacks: a policy, a float (``ClipByNorm``), or None.
 
-    A policy class passed without calling it gets a hint.
+    A policy is any object meeting :class:`Policy`, a built-in or your own. A policy class
+    passed without calling it gets a hint.
 
     Example:
+        >>> as_policy(2) == ClipByNorm(2.0), as_policy(AutoClip()) == AutoClip()
+        (True, True)
         >>> as_policy(AutoClip)
         Traceback (most recent call last):
         ...
-        TypeError: `clip` must be None, a positive float (the max global norm), or one of \
-ClipByNorm, ClipByValue, AutoClip, ZClip, AGC. Received: clip=<class \
-'gradwatch.policies.AutoClip'>; did you mean AutoClip()?
+        TypeError: `clip` must be None, a positive float (the max global norm), or a policy: \
+an object with init(like) and update(stats, state) methods (ClipByNorm, ClipByValue, AutoClip, \
+ZClip, AGC, or your own). Received: clip=<class 'gradwatch.policies.AutoClip'>; did you mean \
+AutoClip()?
     """
-    if clip is None or isinstance(clip, POLICIES):
+    if clip is None or meets(clip, Policy):
         return clip  # type: ignore[return-value]
     names = ", ".join(p.__name__ for p in POLICIES)
-    allowed = f"None, a positive float (the max global norm), or one of {names}"
+    allowed = (
+        "None, a positive float (the max global norm), or a policy: an object with init(like)"
+        f" and update(stats, state) methods ({names}, or your own)"
+    )
     try:
         max_norm = check_real("clip", clip, allowed, lambda v: v > 0)
     except TypeError:
-        hint = did_you_mean(clip, POLICIES)
+        hint = did_you_mean(clip, (Policy,))
         raise TypeError(f"`clip` must be {allowed}. Received: clip={clip!r}{hint}") from None
     return ClipByNorm(float(max_norm))

@@ -33,7 +33,7 @@ from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard
 from gradwatch.integrations import _tf_namespace
 from gradwatch.monitor import Cadence
-from gradwatch.policies import AGC, ClipStats
+from gradwatch.policies import ClipStats, needs_unit_norms
 from gradwatch.record import Record
 from gradwatch.recording import Reading, Recorder
 from gradwatch.stats import (
@@ -213,7 +213,7 @@ class Capture:
 
         # A copy of the weights kept past the update costs a full copy per step (XLA cannot
         # update the variables in place while it lives): read them here only when needed.
-        needs_copy = self.track_update_ratio or isinstance(self.guard.policy, AGC)
+        needs_copy = self.track_update_ratio or needs_unit_norms(self.guard.policy)
         params = read_params() if needs_copy else None
         norms = _without_overflow(values, tf.stack([_norm(v) for v in values]))
         total = global_norm(norms)
@@ -275,7 +275,7 @@ class Capture:
         )
 
     def _clip_stats(self, total: tf.Tensor, values: list, params: list) -> ClipStats:
-        if not isinstance(self.guard.policy, AGC):
+        if not needs_unit_norms(self.guard.policy):
             return ClipStats(total)
         return ClipStats(
             total,

@@ -24,7 +24,7 @@ from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard, GuardState
 from gradwatch.integrations._shards import local
 from gradwatch.namespace import namespace_of
-from gradwatch.policies import AGC, ClipStats
+from gradwatch.policies import ClipStats, needs_unit_norms
 from gradwatch.stats import group_norms
 
 __all__ = ["GuardRun", "TorchGuard"]
@@ -145,7 +145,7 @@ class TorchGuard:
         global_norm: Array,
         on_host: bool,
     ) -> ClipStats:
-        if not isinstance(self.guard.policy, AGC):
+        if not needs_unit_norms(self.guard.policy):
             return ClipStats(global_norm)
         return ClipStats(
             global_norm,

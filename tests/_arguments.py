@@ -13,8 +13,13 @@ from gradwatch.policies import AutoClip, ClipByNorm
 from gradwatch.sinks import MemorySink
 
 _CLIP = (
-    "`clip` must be None, a positive float (the max global norm), or one of ClipByNorm,"
-    " ClipByValue, AutoClip, ZClip, AGC. Received: clip="
+    "`clip` must be None, a positive float (the max global norm), or a policy: an object with"
+    " init(like) and update(stats, state) methods (ClipByNorm, ClipByValue, AutoClip, ZClip, AGC,"
+    " or your own). Received: clip="
+)
+_DETECTOR = (
+    "must be None or a detector: an object with init(like, groups) and update(entries, state)"
+    " methods"
 )
 _SINKS = "`sinks` must be a list or tuple of sinks (objects with write, flush and close)."
 
@@ -78,14 +83,20 @@ COMMON = [
     (
         {"explosion": 0},
         TypeError,
-        "`explosion` must be an Explosion or None. Received: explosion=0",
+        f"`explosion` {_DETECTOR} (Explosion, or your own). Received: explosion=0",
     ),
-    ({"explosion": Vanishing()}, TypeError, "`explosion` must be an Explosion or None."),
+    (
+        {"explosion": Vanishing()},
+        TypeError,
+        "not a built-in detector of another kind. Received: explosion=Vanishing(",
+    ),
+    ({"explosion": AutoClip()}, TypeError, "Received: explosion=AutoClip("),  # a policy
+    ({"clip": Explosion()}, TypeError, _CLIP + "Explosion("),  # a detector
     ({"explosion": Explosion}, TypeError, "; did you mean Explosion()?"),
     (
         {"vanishing": []},
         TypeError,
-        "`vanishing` must be a Vanishing or None. Received: vanishing=[]",
+        f"`vanishing` {_DETECTOR} (Vanishing, or your own). Received: vanishing=[]",
     ),
 ]
 """Refused by every adapter."""

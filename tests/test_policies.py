@@ -1,4 +1,5 @@
-"""Clipping policies: one contract for all, then each policy's mathematical property."""
+"""Clipping policies: each one's mathematical property, and the ``clip=`` argument. The contract
+every policy meets (purity, determinism, state round trip, reset) is in test_protocols.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import pytest
 from gradwatch.policies import (
     AGC,
     AutoClip,
+    Clip,
     ClipByNorm,
     ClipByValue,
     ClipStats,
+    Policy,
     ZClip,
     as_policy,
+    needs_unit_norms,
 )
 
 POLICIES = [
@@ -55,50 +59,7 @@ def run(policy, norms, xp=np):
     return decisions, state
 
 
-# -- the contract ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
-def test_update_is_pure_and_deterministic(policy):
-    state = policy.init(np.zeros((), np.float32))
-    for norm in norm_series()[:10]:
-        _, state = policy.update(stats_at(norm), state)
-    frozen = [np.copy(s) for s in state]
-    first, state_a = policy.update(stats_at(2.0), state)
-    second, state_b = policy.update(stats_at(2.0), state)
-    assert all(np.array_equal(a, b) for a, b in zip(frozen, state, strict=True))  # not mutated
-    assert np.array_equal(first.scale, second.scale)
-    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(state_a, state_b, strict=True))
-
-
-@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
-def test_state_survives_a_round_trip_through_plain_lists(policy):
-    norms = norm_series()
-    _, state = run(policy, norms[:20])
-    saved = [np.asarray(s).tolist() for s in state]  # what a checkpoint keeps
-    restored = type(state)(*(np.asarray(s, dtype=np.float32) for s in saved))
-    for norm in norms[20:]:
-        a, state = policy.update(stats_at(norm), state)
-        b, restored = policy.update(stats_at(norm), restored)
-        assert np.array_equal(a.scale, b.scale) and np.array_equal(a.threshold, b.threshold)
-
-
-@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
-def test_init_resets(policy):
-    fresh = policy.init(np.zeros((), np.float32))
-    run(policy, norm_series(seed=1))  # a policy object holds no state of its own
-    again = policy.init(np.zeros((), np.float32))
-    assert all(np.array_equal(a, b) for a, b in zip(fresh, again, strict=True))
-
-
-@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
-def test_same_decisions_on_framework_tensors(policy, framework_xp):
-    norms = norm_series()
-    on_numpy, _ = run(policy, norms)
-    on_framework, _ = run(policy, norms, xp=framework_xp)
-    for a, b in zip(on_numpy, on_framework, strict=True):
-        np.testing.assert_allclose(a.scale, b.scale.numpy(), rtol=1e-5)
-        np.testing.assert_allclose(a.threshold, b.threshold.numpy(), rtol=1e-5)
+# -- what every built-in does ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=IDS)
@@ -284,6 +245,24 @@ def test_clip_argument_shortcuts():
         as_policy(AutoClip)
     with pytest.raises(TypeError):
         ClipByNorm("1")  # type: ignore[arg-type]
+
+
+class Unclipped:
+    def init(self, like):
+        return ()
+
+    def update(self, stats, state):
+        return Clip(stats.global_norm * 0 + 1, stats.global_norm), state
+
+
+def test_clip_takes_any_object_meeting_the_policy_protocol():
+    mine = Unclipped()
+    assert as_policy(mine) is mine and isinstance(mine, Policy)
+    assert not needs_unit_norms(mine) and needs_unit_norms(AGC())
+    with pytest.raises(TypeError, match=re.escape("Unclipped'>; did you mean Unclipped()?")):
+        as_policy(Unclipped)  # the class, uncalled: the hint names it
+    with pytest.raises(TypeError, match=r"or a policy: an object with init\(like\) and update"):
+        as_policy(object())
 
 
 def test_numpy_numbers_configure_a_policy_as_python_numbers():
