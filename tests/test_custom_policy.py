@@ -139,3 +139,11 @@ def assert_equal(a, b) -> None:
 
 def assert_not_equal(a, b) -> None:
     assert any(not np.allclose(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+
+
+def test_the_readme_shows_this_policy():
+    import inspect
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert inspect.getsource(HalveAbove) in readme
