@@ -58,7 +58,7 @@ def plain_loop(lr: float, clip, sink=None, steps: int = STEPS, seen=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     x, y = torch.randn(16, 6), torch.randn(16, 1)
     sinks = [] if sink is None else [sink]
-    with TorchGradWatch(model, None, log_every_n_steps=1, clip=clip, sinks=sinks) as watch:
+    with TorchGradWatch(model, False, log_every_n_steps=1, clip=clip, sinks=sinks) as watch:
         for _ in range(steps):
             optimizer.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()
@@ -119,7 +119,7 @@ def test_keras_fit(monkeypatch):
         )
         model.compile(keras.optimizers.SGD(lr), "mse")
         sinks = [] if sink is None else [sink]
-        watch = GradWatch(log_dir=None, log_every_n_steps=1, clip=clip, sinks=sinks)
+        watch = GradWatch(log_dir=False, log_every_n_steps=1, clip=clip, sinks=sinks)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GradWatchWarning)
             model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[watch])
