@@ -157,13 +157,14 @@ class Rules:
     Attributes:
         group_rules: the named ``group_by`` rules it knows.
         group_member: what its ``group_by`` callable maps (for messages).
-        default_log_every: where ``log_every_n_steps=None`` means the framework's own
-            cadence, the name of that cadence (else None is refused).
+        log_every_n_steps: what ``log_every_n_steps=None`` stands for (None: the framework's
+            own cadence), and ``log_every_default`` says it in words.
     """
 
     group_rules: tuple[str, ...] = ("module", "parameter")
     group_member: str = "parameter name"
-    default_log_every: str | None = None
+    log_every_n_steps: int | None = 50
+    log_every_default: str = "50"
 
 
 def check_options(arguments: Mapping[str, Any], rules: Rules = Rules()) -> Options:
@@ -174,11 +175,10 @@ def check_options(arguments: Mapping[str, Any], rules: Rules = Rules()) -> Optio
         TypeError, ValueError: on the first bad argument, naming it.
     """
     given = {name: arguments[name] for name in OPTIONS if name in arguments}
-    every = given.get("log_every_n_steps", 50)
-    if every is None and rules.default_log_every is not None:
-        every = None
-    else:
-        meaning = f" or None ({rules.default_log_every})" if rules.default_log_every else ""
+    every = given.get("log_every_n_steps")
+    every = rules.log_every_n_steps if every is None else every
+    if every is not None:
+        meaning = f" or None ({rules.log_every_default})"
         every = check_count("log_every_n_steps", every, meaning=meaning)
     histograms = check_count(
         "histogram_every_n_steps",
@@ -190,7 +190,8 @@ def check_options(arguments: Mapping[str, Any], rules: Rules = Rules()) -> Optio
     statistics = given.get("statistics", "default")
     if statistics == "all":
         update_ratio = True  # every statistic, the update ratio included
-    group_by = given.get("group_by", rules.group_rules[0])
+    group_by = given.get("group_by")
+    group_by = rules.group_rules[0] if group_by is None else group_by
     return Options(
         log_every_n_steps=every,
         histogram_every_n_steps=histograms,

@@ -26,7 +26,6 @@ from gradwatch.record import Record, Sink
 __all__ = [
     "GradWatchWarning",
     "Reporter",
-    "Watching",
     "describe",
     "events_markdown",
     "markdown_text",
@@ -126,28 +125,6 @@ class Reporter:
             self._events.extend(events)
             self.counts.update((e["kind"], e["action"]) for e in events)
         return events
-
-
-class Watching:
-    """What every adapter tells of its run, from its :class:`Reporter`."""
-
-    reporter: Reporter | None = None
-
-    @property
-    def events(self) -> list[dict]:
-        """The most recent detections, oldest first."""
-        return [] if self.reporter is None else self.reporter.events
-
-    @property
-    def stopped_at(self) -> int | None:
-        """The step a ``"stop"`` action dropped, or None."""
-        return None if self.reporter is None else self.reporter.stopped_at
-
-    @property
-    def should_stop(self) -> bool:
-        """Whether a ``"stop"`` action fired: the framework stops on its own; in a plain loop,
-        end the loop."""
-        return self.stopped_at is not None
 
 
 def describe(event: dict) -> str:

@@ -22,20 +22,18 @@ import inspect
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import keras
 
-from gradwatch.detectors import Explosion, Vanishing
+from gradwatch.adapter import Adapter
 from gradwatch.grouping import ROOT, Grouping
 from gradwatch.layout import Layout
 from gradwatch.monitor import Cadence
-from gradwatch.options import Rules, check_options
-from gradwatch.policies import Policy
-from gradwatch.record import Sink
-from gradwatch.reporting import GradWatchWarning, Reporter, Watching
+from gradwatch.options import Rules
+from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatch", "GradWatchWarning"]
@@ -43,7 +41,6 @@ __all__ = ["GradWatch", "GradWatchWarning"]
 log = logging.getLogger(__name__)
 GroupBy = str | Callable[[str], str]
 DEFAULT_LOG_DIR = "logs"
-_RULES = Rules(group_rules=("layer", "variable"), group_member="variable path")
 
 
 def _group_rule(group_by: GroupBy) -> Callable[[str], str]:
@@ -55,53 +52,33 @@ def _group_rule(group_by: GroupBy) -> Callable[[str], str]:
     return group_by  # type: ignore[return-value]
 
 
-class GradWatch(Watching, keras.callbacks.Callback):
+class GradWatch(Adapter, keras.callbacks.Callback):
     """Watch gradient flow in ``model.fit``: per-layer statistics in TensorBoard, and actions.
 
     Args:
         log_dir: TensorBoard directory; gradwatch writes to ``<log_dir>/train`` beside Keras'
             own ``TensorBoard`` callback. None (default): that callback's ``log_dir`` when it
             is in the same ``fit``, else ``"logs"``. False: no event files (see ``sinks``).
-        group_by: ``"layer"`` (default: one group per layer owning variables),
-            ``"variable"``, or a callable from variable path to group name.
-        track_update_ratio: also log ``update_to_param/<group>``, the norm of the update the
-            optimizer made at a logging step over ``param_norm``. (``param_norm``, and so
-            ``grad_to_param`` and ``update_to_param``, are taken after the step's update: read
-            before it, the weights would be copied at every step inside XLA. The update itself
-            is measured against a copy of the weights from before it.)
+        **options: the options of every adapter (:class:`gradwatch.adapter.Adapter`);
+            ``group_by`` is ``"layer"`` (default), ``"variable"`` or a callable from a
+            variable's path.
 
-    The other arguments are those of every adapter (:mod:`gradwatch.options`). Clipping is
+    ``param_norm``, and so ``grad_to_param`` and ``update_to_param``, are taken after the
+    step's update: read before it, the weights would be copied at every step inside XLA (the
+    update itself is measured against a copy of the weights from before it). Clipping is
     taken on the aggregated gradient under ``tf.distribute``; for ``AGC`` a unit is a slice
     along a weight's last axis. ``"skip"`` leaves the weights and the optimizer's own
     variables, ``iterations`` included, untouched; ``"stop"`` drops that step the same way,
     with any later one in the same execution, and sets ``model.stop_training`` at the end of
-    the batch. Under a ``LossScaleOptimizer`` (``mixed_float16``) the steps it drops itself
-    are counted (``amp/skipped_steps``), never treated as faults.
-
-    The most recent detections are kept on ``callback.events``, told as one
-    :class:`GradWatchWarning` line per logging step, and written as a TensorBoard text table.
-    The last step is written when ``fit`` ends.
+    the batch. The last step is written when ``fit`` ends.
     """
 
+    RULES = Rules(group_rules=("layer", "variable"), group_member="variable path")
+
     def __init__(
-        self,
-        log_dir: str | os.PathLike | bool | None = None,
-        log_every_n_steps: int = 50,
-        histogram_every_n_steps: int = 0,
-        group_by: GroupBy = "layer",
-        track_update_ratio: bool = False,
-        histogram_bins: int = 30,
-        statistics: str | Sequence[str] = "default",
-        clip: Policy | float | None = None,
-        on_nonfinite: str = "warn",
-        on_explosion: str = "warn",
-        on_vanishing: str = "warn",
-        explosion: Explosion | None = None,
-        vanishing: Vanishing | None = None,
-        sinks: tuple[Sink, ...] | list[Sink] = (),
+        self, log_dir: str | os.PathLike | Literal[False] | None = None, **options: Any
     ) -> None:
-        self.options = check_options(locals(), _RULES)
-        super().__init__()
+        super().__init__(log_dir=log_dir, **options)
         self.grouping: Grouping | None = None
         self._capture: Any = None
         self._target: Any = None

@@ -16,9 +16,7 @@ A thin translation of Trainer events into calls on the torch engine:
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +26,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from gradwatch.detectors import Explosion, Vanishing
+from gradwatch.adapter import Adapter
 from gradwatch.grouping import GroupBy
 from gradwatch.integrations.torch_engine import TorchEngine
-from gradwatch.options import Rules, check_options
-from gradwatch.policies import Policy
+from gradwatch.options import Rules
 from gradwatch.record import Record, Sink
-from gradwatch.reporting import GradWatchWarning, Reporter, Watching
+from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatch", "GradWatchWarning"]
@@ -42,7 +39,6 @@ __all__ = ["GradWatch", "GradWatchWarning"]
 SUBDIRECTORY = "gradwatch"  # inside a logger's run folder
 RUNS = "gradwatch_logs"  # without a logger: a folder of runs (no importable package's name)
 log = logging.getLogger(__name__)
-_RULES = Rules(default_log_every="the Trainer's log_every_n_steps")
 
 
 class _LoggerSink:
@@ -88,14 +84,13 @@ class _LoggerSink:
         """Lightning finalizes its loggers itself."""
 
 
-class GradWatch(Watching, Callback):
+class GradWatch(Adapter, Callback):
     """Watch gradient flow: per-group gradient statistics in every logger and in TensorBoard.
 
+    Takes the options of every adapter, by name (:class:`gradwatch.adapter.Adapter`), with
+    ``log_every_n_steps`` defaulting to the Trainer's, and:
+
     Args:
-        log_every_n_steps: optimizer steps between logging steps; default: the Trainer's
-            ``log_every_n_steps``. Steps in between cost one fused norm kernel and no host read.
-        group_by: ``"module"`` (default: one group per module owning parameters, e.g.
-            ``blocks.0.attn``), ``"parameter"``, or a callable from parameter name to group name.
         log_dir: directory of gradwatch's TensorBoard event files (every statistic, histogram,
             picture and text, whatever the loggers; loggers other than TensorBoard get the
             scalars too). None (default): a ``gradwatch`` folder inside the first logger's run
@@ -103,38 +98,20 @@ class GradWatch(Watching, Callback):
             logger, ``<default_root_dir>/gradwatch_logs/version_N``, a new one per fit.
             False: no event files (the loggers still get the scalars).
 
-    The other arguments are those of every adapter (:mod:`gradwatch.options`): ``"skip"``
-    drops the optimizer step (parameters and optimizer state unchanged); ``"stop"`` drops the
-    offending step the same way, then ends training through Lightning's normal path, so every
-    checkpoint holds the weights from before it. Steps that AMP's loss scaler drops itself are
-    counted (``amp/skipped_steps``), never treated as faults.
-
-    The most recent detections are kept on ``callback.events``, told as one
-    :class:`GradWatchWarning` line per logging step, and written as a TensorBoard text table
-    (``gradwatch/events``). The last step is written when training ends, however it ends.
+    ``"stop"`` ends training through Lightning's normal path, so every checkpoint holds the
+    weights from before the dropped step. The last step is written when training ends,
+    however it ends; detections are also written as a TensorBoard text table
+    (``gradwatch/events``).
 
     Example::
 
         trainer = Trainer(callbacks=[GradWatch(histogram_every_n_steps=200)])
     """
 
-    def __init__(
-        self,
-        log_every_n_steps: int | None = None,
-        histogram_every_n_steps: int = 0,
-        group_by: GroupBy = "module",
-        log_dir: str | os.PathLike | bool | None = None,
-        track_update_ratio: bool = False,
-        histogram_bins: int = 30,
-        statistics: str | Sequence[str] = "default",
-        clip: Policy | float | None = None,
-        on_nonfinite: str = "warn",
-        on_explosion: str = "warn",
-        on_vanishing: str = "warn",
-        explosion: Explosion | None = None,
-        vanishing: Vanishing | None = None,
-    ) -> None:
-        self.options = check_options(locals(), _RULES)
+    RULES = Rules(log_every_n_steps=None, log_every_default="the Trainer's log_every_n_steps")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.engine: TorchEngine | None = None
         self._loaded_state: dict[str, Any] | None = None
 
@@ -250,10 +227,12 @@ class GradWatch(Watching, Callback):
 
     def _sinks(self, trainer: pl.Trainer, log_dir: str | bool) -> list[Sink]:
         """gradwatch's own event file gets the whole record (so ``gradwatch report`` works
-        with any logger); every logger but TensorBoard gets the scalars as well."""
+        with any logger); every logger but TensorBoard gets the scalars as well; and the
+        user's ``sinks``."""
         others = [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
         files = [TensorBoardSink(log_dir)] if isinstance(log_dir, str) else []
-        return [*files, *([_LoggerSink(trainer, others)] if others else [])]
+        loggers = [_LoggerSink(trainer, others)] if others else []
+        return [*files, *loggers, *self.options.sinks]
 
     def _close(self) -> None:
         """Write the last step when it was not logged, and close the files (once)."""

@@ -16,18 +16,14 @@ watch.close()
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
+from gradwatch.adapter import Adapter
 from gradwatch.checks import check_instance
-from gradwatch.detectors import Explosion, Vanishing
-from gradwatch.grouping import GroupBy
 from gradwatch.integrations.torch_engine import TorchEngine
-from gradwatch.options import check_options
-from gradwatch.policies import Policy
-from gradwatch.record import Sink
-from gradwatch.reporting import GradWatchWarning, Reporter, Watching
+from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatchWarning", "TorchEngine", "TorchGradWatch"]
@@ -35,7 +31,7 @@ __all__ = ["GradWatchWarning", "TorchEngine", "TorchGradWatch"]
 DEFAULT_LOG_DIR = "runs"
 
 
-class TorchGradWatch(Watching):
+class TorchGradWatch(Adapter):
     """gradwatch for a plain PyTorch loop: the torch engine, writing TensorBoard event files.
 
     Args:
@@ -45,38 +41,27 @@ class TorchGradWatch(Watching):
         scaler: the loop's ``torch.amp.GradScaler``, if any. The steps it drops itself (its
             overflow checks) are counted (``amp/skipped_steps``), never reported as faults
             nor acted on. gradwatch unscales the gradients when you have not.
+        **options: the options of every adapter (:class:`gradwatch.adapter.Adapter`).
 
-    The other arguments are those of every adapter (:mod:`gradwatch.options`). ``"skip"``
-    drops the step inside :meth:`before_optimizer_step` (every ``p.grad`` the optimizer holds
-    set to None, so ``optimizer.step()`` leaves the parameters and its state alone);
-    ``"stop"`` drops the offending step the same way and makes :attr:`should_stop` true: end
-    your loop then. Use it as a context manager, or call :meth:`close`: the last step is
-    written then.
+    ``"skip"`` drops the step inside :meth:`before_optimizer_step` (every ``p.grad`` the
+    optimizer holds set to None, so ``optimizer.step()`` leaves the parameters and its state
+    alone); ``"stop"`` drops the offending step the same way and makes :attr:`should_stop`
+    true: end your loop then. Use it as a context manager, or call :meth:`close`: the last
+    step is written then.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        log_dir: str | os.PathLike | bool | None = None,
+        log_dir: str | os.PathLike | Literal[False] | None = None,
         *,
-        log_every_n_steps: int = 50,
-        histogram_every_n_steps: int = 0,
-        group_by: GroupBy = "module",
-        track_update_ratio: bool = False,
-        histogram_bins: int = 30,
-        statistics: str | Sequence[str] = "default",
-        sinks: Sequence[Sink] = (),
         scaler: torch.amp.GradScaler | None = None,
-        clip: Policy | float | None = None,
-        on_nonfinite: str = "warn",
-        on_explosion: str = "warn",
-        on_vanishing: str = "warn",
-        explosion: Explosion | None = None,
-        vanishing: Vanishing | None = None,
+        **options: Any,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module. Received: model={model!r}")
-        options = check_options(locals())
+        super().__init__(log_dir=log_dir, **options)
+        options = self.options
         self.engine = TorchEngine(
             model.named_parameters(),
             group_by=options.group_by,
@@ -89,7 +74,7 @@ class TorchGradWatch(Watching):
         )
         log_dir = options.log_dir or DEFAULT_LOG_DIR
         files = [TensorBoardSink(log_dir)] if options.writes_files else []
-        self.reporter = Reporter.open(
+        self.reporter: Reporter = Reporter.open(
             [*files, *options.sinks],
             options.layout(self.engine.grouping, optimizers=None),  # met as they step
             pictures=options.histogram_every_n_steps > 0,

@@ -39,8 +39,8 @@ def test_configured_from_yaml(tmp_path):
     )
     cli = LightningCLI(Regressor, FixedData, args=["fit", "--config", str(config)])
     (watch,) = [c for c in cli.trainer.callbacks if isinstance(c, GradWatch)]
-    assert watch.log_every_n_steps == 2
-    assert watch.group_by("net.0.weight") == "net"
+    assert watch.options.log_every_n_steps == 2
+    assert watch.options.group_by("net.0.weight") == "net"
     events = read_events(event_files(tmp_path / "gw")[0])
     assert [e.step for e in events.Scalars("grad_norm/net")] == [0, 1, 3]
     assert events.Tags()["histograms"] == ["grad_hist/net"]

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from _arguments import COMMON, NUMPY
+from _arguments import COMMON, NUMPY, SINKS
 from _models import (
     Regressor,
     direct_group_norms,
@@ -258,7 +258,7 @@ def test_a_crash_loses_nothing_that_was_logged(tmp_path):
             "`group_by` must be one of 'module', 'parameter', or a callable from parameter name"
             " to group name. Received: group_by='layer'",
         ),
-        ({"sinks": []}, TypeError, "unexpected keyword argument 'sinks'"),
+        *SINKS,
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, message):

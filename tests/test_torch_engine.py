@@ -204,7 +204,7 @@ def test_plain_loop_takes_histogram_bins():
         (
             {"log_every_n_steps": 0},
             ValueError,
-            "`log_every_n_steps` must be an int >= 1. Received: log_every_n_steps=0",
+            "`log_every_n_steps` must be an int >= 1 or None (50). Received: log_every_n_steps=0",
         ),
         (
             {"group_by": "layer"},
