@@ -155,9 +155,9 @@ def next_header(file, start: int, size: int) -> int | None:
 
     Example:
         >>> import io
-        >>> from gradwatch.sinks._crc32c import masked_crc32c
+        >>> from gradwatch.sinks.tensorboard import _masked_crc32c
         >>> length = struct.pack("<Q", 3)
-        >>> record = length + struct.pack("<I", masked_crc32c(length)) + b"abc" + bytes(4)
+        >>> record = length + struct.pack("<I", _masked_crc32c(length)) + b"abc" + bytes(4)
         >>> data = b"garbage" + record
         >>> next_header(io.BytesIO(data), 0, len(data))
         7

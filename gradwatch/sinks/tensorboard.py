@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+import google_crc32c
 from tensorboard.compat.proto import (
     event_pb2,
     summary_pb2,
@@ -30,7 +31,6 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from gradwatch import keys
 from gradwatch.layout import Layout
 from gradwatch.record import Histogram, Image, Record
-from gradwatch.sinks._crc32c import masked_crc32c
 
 __all__ = ["TensorBoardSink"]
 
@@ -40,6 +40,8 @@ _CUSTOM_SCALARS_PLUGIN = "custom_scalars"
 _RGBA = 4  # colour space of matplotlib's PNGs
 _LENGTH = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
+_MASK_DELTA = 0xA282EAD8
+_U32 = 0xFFFFFFFF
 _file_counter = itertools.count()  # process-wide: unique names within one second and process
 
 
@@ -91,6 +93,8 @@ class TensorBoardSink:
         file = self._file or self._create()
         event = event_pb2.Event(wall_time=time.time(), step=record.step, summary=summary)
         file.write(_frame(event))
+        # Flushed here rather than through tensorboard's EventFileWriter, which queues events for
+        # a background thread: a run that dies keeps every step logged before it.
         file.flush()
 
     def flush(self) -> None:
@@ -159,7 +163,20 @@ def _frame(event: event_pb2.Event) -> bytes:
     """Serialize ``event`` as one TFRecord."""
     data = event.SerializeToString()
     length = _LENGTH.pack(len(data))
-    return length + _CRC.pack(masked_crc32c(length)) + data + _CRC.pack(masked_crc32c(data))
+    return length + _CRC.pack(_masked_crc32c(length)) + data + _CRC.pack(_masked_crc32c(data))
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """Return the masked CRC32C of ``data`` that TFRecords store.
+
+    Example:
+        >>> hex(google_crc32c.value(b"123456789"))  # the standard check value of CRC-32C
+        '0xe3069283'
+        >>> hex(_masked_crc32c(b"123456789"))
+        '0xc78ab0e5'
+    """
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & _U32
 
 
 def _summary(record: Record) -> summary_pb2.Summary:
