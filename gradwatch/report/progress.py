@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from gradwatch.report.output import ReportError
-
 if TYPE_CHECKING:
     from tqdm import tqdm
 
@@ -17,7 +15,7 @@ _EARLY = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]"
 
 
 class ByteProgress:
-    """Count bytes read out of ``total``; ``quiet`` shows nothing.
+    """Count bytes read out of ``total``; ``quiet``, or tqdm not installed, shows nothing.
 
     The bar's clock starts at the first bytes read, not when the bar is made: TensorBoard's
     reader imports TensorFlow first (seconds), and a rate measured over that wait made the
@@ -52,14 +50,11 @@ class ByteProgress:
             self.bar.close()
 
 
-def _bar(total: int, stream: TextIO) -> tqdm:
+def _bar(total: int, stream: TextIO) -> tqdm | None:
     try:
         from tqdm import tqdm
-    except ImportError as error:
-        raise ReportError(
-            "the progress bar of gradwatch report needs tqdm: pip install 'gradwatch[report]' "
-            "(or pass -q/--quiet)"
-        ) from error
+    except ImportError:
+        return None
     return tqdm(
         total=total, unit="B", unit_scale=True, desc="reading", file=stream, bar_format=_EARLY
     )
