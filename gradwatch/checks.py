@@ -22,7 +22,7 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar
 
 import numpy as np
 
@@ -119,11 +119,11 @@ def _fits(value: object, protocol: type, bound: bool) -> bool:
     return True
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int | np.integer]:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[int | float | np.integer | np.floating]:
     return _is_int(value) or isinstance(value, (float, np.floating))
 
 
@@ -180,7 +180,7 @@ def check_real(name: str, value: object, rule: str, ok: Callable[[float], bool])
     message = f"`{name}` must be {rule}. {_received(name, value)}"
     if not _is_real(value):
         raise TypeError(message)
-    number = int(value) if _is_int(value) else float(value)  # type: ignore[arg-type]
+    number = int(value) if _is_int(value) else float(value)
     if not (math.isfinite(number) and ok(number)):
         raise ValueError(message)
     return number

@@ -43,7 +43,7 @@ def _group_of(name: str, group_by: GroupBy) -> str:
     if group_by == "module":
         owner, _, _ = name.rpartition(".")
         return owner or ROOT
-    group = group_by(name)  # type: ignore[operator]
+    group = group_by(name)
     if not isinstance(group, str) or not group:
         raise TypeError(
             "`group_by` must return a non-empty string group name. Received: "

@@ -123,8 +123,8 @@ class Guard:
             on_nonfinite=on_nonfinite,
             on_explosion=on_explosion,
             on_vanishing=on_vanishing,
-            explosion=explosion,  # None: the default settings (checked in __post_init__)
-            vanishing=vanishing,
+            explosion=Explosion() if explosion is None else explosion,
+            vanishing=Vanishing() if vanishing is None else vanishing,
         )
 
     @cached_property

@@ -128,7 +128,13 @@ class Options:
     def cadence(self, log_every_n_steps: int | None = None) -> Cadence:
         """The cadence; ``log_every_n_steps`` is the framework's, used where the options have
         None."""
-        return Cadence(self.log_every_n_steps or log_every_n_steps, self.histogram_every_n_steps)
+        every = self.log_every_n_steps or log_every_n_steps
+        if every is None:
+            raise TypeError(
+                "The options leave `log_every_n_steps` to the framework: pass its cadence as"
+                " `cadence(log_every_n_steps)`. Received: log_every_n_steps=None"
+            )
+        return Cadence(every, self.histogram_every_n_steps)
 
 
 OPTIONS = (

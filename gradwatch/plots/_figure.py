@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -44,7 +44,11 @@ def require_matplotlib() -> None:
 
 
 def new_figure(
-    width: float, height: float, *, layout: str | None = None, dpi: float = DPI
+    width: float,
+    height: float,
+    *,
+    layout: Literal["constrained", "compressed", "tight"] | None = None,
+    dpi: float = DPI,
 ) -> Figure:
     """A figure of ``width`` x ``height`` inches drawn by the Agg renderer at ``dpi``.
 

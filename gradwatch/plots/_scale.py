@@ -170,11 +170,17 @@ def place_xlabel(axes: Axes, text: str) -> None:
     """Name the x axis one line of tick labels below ``axes`` (at a fixed distance, so that
     matplotlib does not measure every tick label to place it)."""
     box = axes.get_position()
-    height = axes.figure.get_size_inches()[1]
+    height = _figure_height(axes)
     axes.set_xlabel(text, fontsize=LABEL, va="top")
     axes.xaxis.set_label_coords(0.5, -(_TICKS + LINE + 0.02) / (box.height * height))
 
 
 def below(axes: Axes, inches: float) -> float:
     """The figure fraction ``inches`` below the bottom of ``axes``."""
-    return axes.get_position().y0 - inches / axes.figure.get_size_inches()[1]
+    return axes.get_position().y0 - inches / _figure_height(axes)
+
+
+def _figure_height(axes: Axes) -> float:
+    """Height in inches of the figure that holds ``axes``."""
+    figure = axes.figure  # typed Figure | SubFigure; both have a bbox (pixels) and a dpi
+    return figure.bbox.height / figure.dpi

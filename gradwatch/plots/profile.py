@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["depth_profile", "nearest_columns"]
 
-_ROW_LINES = {"colors": "#b0b0b0", "linewidths": 0.6, "alpha": 0.3, "zorder": 0.5}
+_ROW_LINES: dict[str, Any] = {"colors": "#b0b0b0", "linewidths": 0.6, "alpha": 0.3, "zorder": 0.5}
 _LEGEND_TOP = 0.45  # inches below the axes: tick labels and the axis label above it
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +18,7 @@ __all__ = ["EVENT_COLOURS", "timeline"]
 Series = tuple[np.ndarray, np.ndarray]  # steps, values
 
 EVENT_COLOURS = {"nonfinite": _scale.NONFINITE, "explosion": "#ff7f0e", "vanishing": "#7f3fbf"}
-_STYLES = {
+_STYLES: dict[str, dict[str, Any]] = {
     "global": {"color": "#1f77b4", "linewidth": 1.4},
     "max since last log": {"color": "#1f77b4", "linewidth": 0.8, "alpha": 0.45},
     "clipped": {"color": "#2ca02c", "linewidth": 1.2},
