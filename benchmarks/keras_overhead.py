@@ -16,8 +16,8 @@ variant's ratio to ``plain`` in that round (paired, so a slow round slows all al
 is the median over rounds of the step time and of that ratio, and the spread of the ratios
 (largest minus smallest).
 
-On a shared machine separate fits of one variant differ by tens of percent (each has its own
-compilation and its own share of the machine), more than the effects measured. ``--mode step``
+On a shared machine separate fits of one variant differ (each has its own compilation and its
+own share of the machine) by more than the effects measured. ``--mode step``
 times what the variants differ in, the compiled train step, without ``fit``'s loop: each
 variant's step (gradwatch's capture installed by its callback, as ``fit`` does) is compiled
 once, then blocks of 10 steps run interleaved across variants; the report is the 20th

@@ -67,7 +67,7 @@ class ModelConfig:
 
 
 MODELS = {
-    # ~25-40 ms per step on a 2-core CPU (batch 16 x seq 64 takes ~100 ms there)
+    # small enough for a 2-core CPU (benchmarks/README.md has its step times)
     "small": ModelConfig(
         layers=4, d_model=128, heads=4, seq_len=32, vocab=1000, batch=8, precision="32-true"
     ),

@@ -5,8 +5,8 @@ Lightning, Keras and plain loops the same pictures::
 
     monitor = Monitor(sinks, pictures=FlowPictures(images=histogram_every_n_steps > 0))
 
-Drawing two pictures costs a few hundred milliseconds of matplotlib, so by default they are
-drawn by one background thread (matplotlib's object-oriented API on the Agg canvas, never
+Drawing the pictures with matplotlib takes far longer than a training step, so by default they
+are drawn by one background thread (matplotlib's object-oriented API on the Agg canvas, never
 pyplot) from a snapshot of the history; the monitor writes them, from its own thread, at a
 later write or at close.
 """

@@ -25,7 +25,8 @@ __all__ = [
 SOFTWARE = "gradwatch"  # written into every PNG, so gradwatch can tell its own files apart
 DPI = 100
 LABEL_CHARS = 36
-# zlib level 1: ~3x faster than the default 6 on these flat-coloured plots, ~10% larger files.
+# zlib level 1: much faster than the default 6 on these flat-coloured plots, for slightly larger
+# files (benchmarks/README.md, "Pictures").
 PNG_COMPRESS_LEVEL = 1
 
 

@@ -18,8 +18,8 @@ class ByteProgress:
     """Count bytes read out of ``total``; ``quiet``, or tqdm not installed, shows nothing.
 
     The bar's clock starts at the first bytes read, not when the bar is made: TensorBoard's
-    reader imports TensorFlow first (seconds), and a rate measured over that wait made the
-    first estimate hours long. The time left and the rate appear once :data:`ETA_AFTER` of the
+    reader imports TensorFlow first, and a rate measured over that wait made the first
+    estimate far too long. The time left and the rate appear once :data:`ETA_AFTER` of the
     bytes are read.
 
     Example:

@@ -6,7 +6,7 @@ accumulator itself, for three reasons: progress can be reported within a large f
 of a step come in the order gradwatch wrote them, which is the depth order of the groups, and
 a damaged record is skipped and counted instead of silently ending the file (see
 :mod:`gradwatch.report.records`). Where TensorFlow is installed, TensorBoard's reader imports it
-(a few seconds).
+first, which is slow.
 """
 
 from __future__ import annotations
