@@ -12,6 +12,8 @@ from pathlib import Path
 
 from _models import event_files, read_events
 
+pytestmark = pytest.mark.slow  # each example trains in a process of its own
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+pytestmark = pytest.mark.slow  # each lesson trains its networks
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 

@@ -29,6 +29,8 @@ from gradwatch.detectors import Explosion
 from gradwatch.integrations.lightning import GradWatch, GradWatchWarning
 from gradwatch.policies import ClipByNorm
 
+pytestmark = pytest.mark.slow  # a Lightning run, TensorBoard, report processes, Chromium
+
 GROUPS = ["net.0", "net.2", "net.4"]
 RUN = "tb/version_0/gradwatch"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -215,6 +215,7 @@ def test_bad_arguments_name_the_argument(log_dir, args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two report processes, each importing TensorFlow through TensorBoard's reader
 def test_console_script_and_module_entry_point(log_dir, tmp_path):
     script = Path(sys.executable).with_name("gradwatch")
     commands = [[sys.executable, "-m", "gradwatch.report", str(log_dir)]]
