@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradwatch import keys, plots
+from gradwatch import pictures, tags
 from gradwatch.pictures import FlowPictures
 from gradwatch.record import Histogram, Record
 
@@ -49,8 +49,8 @@ def feed(pictures: FlowPictures, groups: int, steps: int) -> None:
             norms[0] = 0.0
         scalars = {}
         for name, norm in zip(names, norms, strict=True):
-            scalars[keys.group_tag(keys.GRAD_NORM, name)] = float(norm)
-            scalars[keys.group_tag(keys.GRAD_TO_PARAM, name)] = float(norm) / 3
+            scalars[tags.group_tag(tags.GRAD_NORM, name)] = float(norm)
+            scalars[tags.group_tag(tags.GRAD_TO_PARAM, name)] = float(norm) / 3
         pictures(Record(step, scalars=scalars))
 
 
@@ -92,8 +92,9 @@ def main() -> None:
         lambda: synchronous(Record(step, histograms=histogram)), args.repeats
     )
     flow = synchronous.history.matrix()
-    rows["heatmap"] = timed(lambda: plots.png_bytes(plots.heatmap(flow)), args.repeats)
-    rows["depth_profile"] = timed(lambda: plots.png_bytes(plots.depth_profile(flow)), args.repeats)
+    rows["heatmap"] = timed(lambda: pictures.png_bytes(pictures.heatmap(flow)), args.repeats)
+    profile = pictures.depth_profile
+    rows["depth_profile"] = timed(lambda: pictures.png_bytes(profile(flow)), args.repeats)
 
     background = FlowPictures()
     feed(background, args.groups, args.steps)

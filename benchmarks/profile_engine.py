@@ -27,9 +27,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from overhead import MODELS, CausalLM
 from torch.nn.utils import clip_grad_norm_
 
+from gradwatch.cadence import Cadence
 from gradwatch.guard import Guard
 from gradwatch.integrations.torch import TorchEngine
-from gradwatch.monitor import Cadence
 from gradwatch.policies import AutoClip, ClipByNorm
 from gradwatch.sinks import TensorBoardSink
 

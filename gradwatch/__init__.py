@@ -3,9 +3,9 @@
 The core imports no framework; the adapters live in ``gradwatch.integrations``.
 """
 
-from gradwatch import keys
+from gradwatch import tags
+from gradwatch.cadence import Cadence
 from gradwatch.grouping import Grouping
-from gradwatch.monitor import Cadence
 from gradwatch.record import Histogram, Record
 from gradwatch.sinks import MemorySink, TensorBoardSink
 
@@ -18,5 +18,5 @@ __all__ = [
     "MemorySink",
     "Record",
     "TensorBoardSink",
-    "keys",
+    "tags",
 ]

@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from gradwatch.array_api import namespace_of
 from gradwatch.checks import check_count, check_real, set_fields
-from gradwatch.namespace import namespace_of
 
 __all__ = [
     "DETECTORS",

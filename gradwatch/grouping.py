@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from gradwatch import keys
+from gradwatch import tags
 
 __all__ = ["GroupBy", "Grouping", "ROOT", "check_group_by"]
 
@@ -56,7 +56,7 @@ def _group_of(name: str, group_by: GroupBy) -> str:
 class Grouping:
     """Tensors assigned to groups, groups in order of first appearance (depth order).
 
-    ``tags`` holds each group's name in tags (see :func:`gradwatch.keys.group_names`), made
+    ``tags`` holds each group's name in tags (see :func:`gradwatch.tags.group_names`), made
     once here, so that every tag of a group is spelled the same; groups whose names would
     share one are told apart by a suffix, with one :class:`GradWatchWarning` naming them.
 
@@ -74,9 +74,9 @@ class Grouping:
     tags: tuple[str, ...] = field(init=False)  # [groups] -> the group's name in tags
 
     def __post_init__(self) -> None:
-        tags = keys.group_names(self.groups)
-        object.__setattr__(self, "tags", tags)
-        _warn_of_shared_names(self.groups, tags)
+        names = tags.group_names(self.groups)
+        object.__setattr__(self, "tags", names)
+        _warn_of_shared_names(self.groups, names)
 
     @classmethod
     def build(cls, tensor_names: Sequence[str], group_by: GroupBy) -> Grouping:
@@ -96,18 +96,18 @@ class Grouping:
         return matrix
 
 
-def _warn_of_shared_names(groups: tuple[str, ...], tags: tuple[str, ...]) -> None:
+def _warn_of_shared_names(groups: tuple[str, ...], names: tuple[str, ...]) -> None:
     """One warning naming the groups whose tags needed a suffix to stay apart."""
     shared: dict[str, list[int]] = {}
     for i, group in enumerate(groups):
-        shared.setdefault(keys.sanitize(group), []).append(i)
+        shared.setdefault(tags.sanitize(group), []).append(i)
     clashes = [members for members in shared.values() if len(members) > 1]
     if not clashes:
         return
     from gradwatch.reporting import GradWatchWarning  # reporting imports this module
 
     told = "; ".join(
-        ", ".join(f"{groups[i]!r} -> {tags[i]}" for i in members) for members in clashes
+        ", ".join(f"{groups[i]!r} -> {names[i]}" for i in members) for members in clashes
     )
     warnings.warn(
         "gradwatch: these groups' names differ only in characters tags leave out, so their "

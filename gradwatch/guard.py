@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gradwatch.array_api import namespace_of
 from gradwatch.checks import check_choice, check_protocol, set_fields
 from gradwatch.detectors import (
     DETECTORS,
@@ -30,7 +31,6 @@ from gradwatch.detectors import (
     latch,
     new_latch,
 )
-from gradwatch.namespace import namespace_of
 from gradwatch.policies import Clip, ClipStats, Policy, as_policy
 
 __all__ = [

@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gradwatch import keys
+from gradwatch import tags
+from gradwatch.cadence import Cadence
 from gradwatch.checks import OFF, check_count, check_flag, check_log_dir, check_sinks
+from gradwatch.dashboard import Layout, build_dashboard
 from gradwatch.grouping import Grouping, check_group_by
 from gradwatch.guard import Guard
-from gradwatch.layout import Layout, build_layout
-from gradwatch.monitor import Cadence
 
 __all__ = [
     "MAX_HISTOGRAM_BINS",
@@ -46,7 +46,7 @@ copied to the host at every histogram step (TensorBoard draws about 30)."""
 def check_statistics(statistics: object, track_update_ratio: bool = False) -> tuple[str, ...]:
     """The per-group statistics to write: ``"default"`` (the gradient norm and the
     gradient/parameter ratio: two charts a group), ``"all"``, or a list of names from
-    :data:`gradwatch.keys.STATISTICS`; the gradient norm is always written, and
+    :data:`gradwatch.tags.STATISTICS`; the gradient norm is always written, and
     ``update_to_param`` with ``track_update_ratio``.
 
     Example:
@@ -55,25 +55,25 @@ def check_statistics(statistics: object, track_update_ratio: bool = False) -> tu
         >>> check_statistics("default", track_update_ratio=True)
         ('grad_norm', 'grad_to_param', 'update_to_param')
     """
-    allowed = ", ".join(repr(s) for s in keys.STATISTICS)
+    allowed = ", ".join(repr(s) for s in tags.STATISTICS)
     if statistics == "default":
-        chosen = set(keys.DEFAULT_STATISTICS)
+        chosen = set(tags.DEFAULT_STATISTICS)
     elif statistics == "all":
-        chosen = set(keys.STATISTICS)
-    elif isinstance(statistics, (list, tuple)) and all(s in keys.STATISTICS for s in statistics):
+        chosen = set(tags.STATISTICS)
+    elif isinstance(statistics, (list, tuple)) and all(s in tags.STATISTICS for s in statistics):
         chosen = set(statistics)
     else:
         raise ValueError(
             "`statistics` must be 'default', 'all', or a list of names from "
             f"{allowed}. Received: statistics={statistics!r}"
         )
-    chosen |= {keys.GRAD_NORM} | ({keys.UPDATE_TO_PARAM} if track_update_ratio else set())
-    if keys.UPDATE_TO_PARAM in chosen and not track_update_ratio and statistics != "all":
+    chosen |= {tags.GRAD_NORM} | ({tags.UPDATE_TO_PARAM} if track_update_ratio else set())
+    if tags.UPDATE_TO_PARAM in chosen and not track_update_ratio and statistics != "all":
         raise ValueError(
             "`statistics` names 'update_to_param', which needs `track_update_ratio=True`."
             f" Received: statistics={statistics!r}"
         )
-    return tuple(s for s in keys.STATISTICS if s in chosen)
+    return tuple(s for s in tags.STATISTICS if s in chosen)
 
 
 def check_histogram_bins(histogram_bins: object) -> int:
@@ -107,18 +107,18 @@ class Options:
     histogram_bins: int
     guard: Guard
     sinks: tuple[Any, ...] = ()
-    statistics: tuple[str, ...] = keys.DEFAULT_STATISTICS
+    statistics: tuple[str, ...] = tags.DEFAULT_STATISTICS
 
     @property
     def writes_files(self) -> bool:
         """Whether event files are written (``log_dir`` is not False)."""
         return self.log_dir is not False
 
-    def layout(
+    def dashboard(
         self, grouping: Grouping, optimizers: Sequence[int | None] | None = (None,)
     ) -> Layout:
-        """The run's Custom Scalars dashboard (see :func:`gradwatch.layout.build_layout`)."""
-        return build_layout(
+        """The run's Custom Scalars dashboard (see :func:`gradwatch.dashboard.build_dashboard`)."""
+        return build_dashboard(
             grouping,
             clipping=self.guard.policy is not None,
             optimizers=optimizers,

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
+from gradwatch.array_api import namespace_of
 from gradwatch.checks import (
     check_choice,
     check_count,
@@ -28,7 +29,6 @@ from gradwatch.checks import (
     meets,
     set_fields,
 )
-from gradwatch.namespace import namespace_of
 
 __all__ = [
     "AGC",
@@ -385,7 +385,7 @@ class Policy(Protocol):
 
     Example:
         >>> import numpy as np
-        >>> from gradwatch.namespace import namespace_of
+        >>> from gradwatch.array_api import namespace_of
         >>> class HalveAbove:  # halve the gradients when their global norm exceeds a limit
         ...     def __init__(self, limit):
         ...         self.limit = limit

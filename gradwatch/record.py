@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gradwatch.layout import Layout
+from gradwatch.dashboard import Layout
 
 __all__ = ["HISTOGRAM_HEAD", "Histogram", "Image", "Record", "Sink"]
 

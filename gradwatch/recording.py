@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradwatch import keys
+from gradwatch import tags
 from gradwatch.detectors import Latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import GLOBAL, Guard
@@ -32,7 +32,7 @@ __all__ = [
     "count_nonfinite",
 ]
 
-CLIP_ROW = (keys.THRESHOLD, keys.COEFFICIENT, keys.CLIPPED)
+CLIP_ROW = (tags.THRESHOLD, tags.COEFFICIENT, tags.CLIPPED)
 """An engine's clipping values of a logging step: the policy's bound, the smallest scale it
 applied, and the global norm after clipping."""
 
@@ -77,7 +77,7 @@ class Recorder:
         grouping: Grouping,
         guard: Guard,
         *,
-        statistics: Sequence[str] = keys.STATISTICS,
+        statistics: Sequence[str] = tags.STATISTICS,
         optimizer: int | None = None,
         scaler: bool = False,
     ) -> None:
@@ -117,7 +117,7 @@ class Recorder:
             )
         if reading.clip is not None:
             for name, value in zip(CLIP_ROW, reading.clip, strict=True):
-                tag = keys.total_tag if name == keys.CLIPPED else keys.clip_tag
+                tag = tags.total_tag if name == tags.CLIPPED else tags.clip_tag
                 record.scalars[tag(name, self.optimizer)] = float(value)
         if latch is not None:
             known = dict(counts or {})
@@ -157,7 +157,7 @@ def build_record(
     optimizer: int | None = None,
     skips: bool = False,
     scaler: bool = False,
-    statistics: Sequence[str] = keys.STATISTICS,
+    statistics: Sequence[str] = tags.STATISTICS,
 ) -> Record:
     """Name every statistic of one logging step.
 
@@ -173,16 +173,16 @@ def build_record(
         if values is None:  # not measured
             continue
         for g in np.flatnonzero(present_groups):
-            scalars[keys.group_tag(statistic, grouping.tags[g])] = float(values[g])
+            scalars[tags.group_tag(statistic, grouping.tags[g])] = float(values[g])
     present = np.asarray(tensors.present, dtype=bool)
     norm = global_norm(np.asarray(tensors.values["grad_norm"], dtype=np.float64)[present])
-    scalars[keys.total_tag(keys.GLOBAL, optimizer)] = float(norm)
-    scalars[keys.total_tag(keys.MAX_SINCE_LAST_LOG, optimizer)] = float(summary.max_global_norm)
-    scalars[keys.total_tag(keys.NONFINITE_STEPS, optimizer)] = float(summary.nonfinite_steps)
+    scalars[tags.total_tag(tags.GLOBAL, optimizer)] = float(norm)
+    scalars[tags.total_tag(tags.MAX_SINCE_LAST_LOG, optimizer)] = float(summary.max_global_norm)
+    scalars[tags.total_tag(tags.NONFINITE_STEPS, optimizer)] = float(summary.nonfinite_steps)
     if skips:
-        scalars[keys.total_tag(keys.SKIPPED_STEPS, optimizer)] = float(summary.skipped_steps)
+        scalars[tags.total_tag(tags.SKIPPED_STEPS, optimizer)] = float(summary.skipped_steps)
     if scaler:
-        scalars[keys.amp_tag(optimizer)] = float(summary.scaler_skipped_steps)
+        scalars[tags.amp_tag(optimizer)] = float(summary.scaler_skipped_steps)
     record = build_histogram_record(step, grouping, histograms or {})
     record.scalars = scalars
     return record
@@ -193,7 +193,7 @@ def build_histogram_record(
 ) -> Record:
     """Name the per-group gradient histograms (by group name) of one step."""
     names = grouping.tag_names()
-    named = {keys.group_tag(keys.GRAD_HISTOGRAM, names[g]): h for g, h in histograms.items()}
+    named = {tags.group_tag(tags.GRAD_HISTOGRAM, names[g]): h for g, h in histograms.items()}
     return Record(step=step, histograms=named)
 
 

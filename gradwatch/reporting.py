@@ -16,12 +16,12 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 
-from gradwatch import keys
+from gradwatch import tags
+from gradwatch.dashboard import Layout
 from gradwatch.guard import GLOBAL, sort_events
-from gradwatch.layout import Layout
-from gradwatch.monitor import Monitor
 from gradwatch.pictures import FlowPictures
 from gradwatch.record import Record, Sink
+from gradwatch.sinks.fanout import Fanout
 
 __all__ = [
     "GradWatchWarning",
@@ -42,15 +42,15 @@ class GradWatchWarning(UserWarning):
 
 
 class Reporter:
-    """Reports detections once, writes records through a :class:`Monitor`, and marks a stop.
+    """Reports detections once, writes records through a :class:`Fanout`, and marks a stop.
 
     Args:
-        monitor: where records go (no sinks: nothing is written, events are still kept).
+        fanout: where records go (no sinks: nothing is written, events are still kept).
         keep: how many of the most recent events :attr:`events` keeps.
     """
 
-    def __init__(self, monitor: Monitor, keep: int = 1000) -> None:
-        self.monitor = monitor
+    def __init__(self, fanout: Fanout, keep: int = 1000) -> None:
+        self.fanout = fanout
         self._events: deque[dict] = deque(maxlen=keep)
         self.counts: Counter[tuple[str, str]] = Counter()  # (kind, action) -> events, in all
         self.stopped_at: int | None = None
@@ -63,7 +63,7 @@ class Reporter:
     ) -> Reporter:
         """A reporter writing to ``sinks``, the Custom Scalars ``layout`` once (or a function
         making it at the first record) and, with ``pictures``, the gradient-flow images."""
-        return cls(Monitor(sinks, pictures=FlowPictures(images=pictures, layout=layout)))
+        return cls(Fanout(sinks, pictures=FlowPictures(images=pictures, layout=layout)))
 
     @property
     def events(self) -> list[dict]:
@@ -90,7 +90,7 @@ class Reporter:
         events = self._keep(record)
         if events:
             warnings.warn(summary_line(events), GradWatchWarning, stacklevel=3)
-        self.monitor.write(record)
+        self.fanout.write(record)
 
     def stop(self, record: Record) -> None:
         """Write the stop step's record with its detections, and say once why training stops."""
@@ -99,9 +99,9 @@ class Reporter:
         self.stopped_at, self._stop_written = record.step, True
         self.stop_cause = stops[0] if stops else None
         text = stop_text(record.step, self.stop_cause)
-        record.texts[keys.STOPPED] = markdown_text(text)
+        record.texts[tags.STOPPED] = markdown_text(text)
         warnings.warn(f"gradwatch: {text}", GradWatchWarning, stacklevel=3)
-        self.monitor.write(record)
+        self.fanout.write(record)
 
     def close(self, last: Iterable[Record] = ()) -> None:
         """Write the records of the run's last steps (see ``TorchEngine.finish``), then close
@@ -111,17 +111,17 @@ class Reporter:
                 if record or record.events:
                     self.write(record)
         finally:
-            self.monitor.close()
+            self.fanout.close()
 
     @property
     def closed(self) -> bool:
-        return self.monitor.closed
+        return self.fanout.closed
 
     def _keep(self, record: Record) -> list[dict]:
         events = sort_events(record.events)
         if events:
             record.events = events
-            record.texts[keys.EVENTS] = events_markdown(events)
+            record.texts[tags.EVENTS] = events_markdown(events)
             self._events.extend(events)
             self.counts.update((e["kind"], e["action"]) for e in events)
         return events

@@ -17,8 +17,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from gradwatch.array_api import namespace_of
 from gradwatch.grouping import Grouping
-from gradwatch.namespace import namespace_of
 
 __all__ = [
     "MEASURES",

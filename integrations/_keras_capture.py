@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradwatch import keys
+from gradwatch import tags
+from gradwatch.cadence import Cadence
 from gradwatch.detectors import DetectStats, Latch, new_latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard
 from gradwatch.integrations import _tf_namespace
-from gradwatch.monitor import Cadence
 from gradwatch.policies import ClipStats, needs_unit_norms
 from gradwatch.record import Record
 from gradwatch.recording import Reading, Recorder
@@ -151,7 +151,7 @@ class Capture:
         strategy: tf.distribute.Strategy,
         track_update_ratio: bool = False,
         scaled: bool = False,
-        statistics: Sequence[str] = keys.DEFAULT_STATISTICS,
+        statistics: Sequence[str] = tags.DEFAULT_STATISTICS,
     ) -> None:
         _tf_namespace.install()
         self.statistics = tuple(statistics)
@@ -163,7 +163,7 @@ class Capture:
         self.strategy = strategy
         self.track_update_ratio = track_update_ratio
         self.scaled = scaled  # under a loss-scale optimizer, whose skipped steps are counted
-        update = (keys.UPDATE_TO_PARAM,) if track_update_ratio else ()
+        update = (tags.UPDATE_TO_PARAM,) if track_update_ratio else ()
         self.measures = measures_for([*statistics, *update])
         self.recorder = Recorder(grouping, guard, statistics=statistics, scaler=scaled)
         self._position = {id(v): i for i, v in enumerate(variables)}

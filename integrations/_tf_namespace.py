@@ -4,7 +4,7 @@ The core's policies and detectors call ``xp.where``, ``xp.maximum``, ... on what
 they are given. Inside Keras' compiled train step those are TensorFlow tensors, which have no
 Array-API namespace; this module supplies the handful of functions the core uses, with the
 Array-API's promotion of Python scalars to the other argument's dtype. Registering it with
-:func:`gradwatch.namespace.register` makes ``namespace_of(tf_tensor)`` return it.
+:func:`gradwatch.array_api.register` makes ``namespace_of(tf_tensor)`` return it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from gradwatch import namespace
+from gradwatch import array_api
 
 __all__ = ["install"]
 
@@ -124,4 +124,4 @@ def install() -> None:
     """Let the core run on TensorFlow tensors (safe to call more than once)."""
     import sys
 
-    namespace.register(_is_tensorflow, sys.modules[__name__])
+    array_api.register(_is_tensorflow, sys.modules[__name__])

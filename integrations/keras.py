@@ -29,9 +29,9 @@ from typing import Any, Literal
 import keras
 
 from gradwatch.adapter import Adapter
+from gradwatch.cadence import ReadSchedule
+from gradwatch.dashboard import Layout
 from gradwatch.grouping import ROOT, Grouping
-from gradwatch.layout import Layout
-from gradwatch.monitor import Cadence
 from gradwatch.options import Rules
 from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import TensorBoardSink
@@ -129,7 +129,7 @@ class GradWatch(Adapter, keras.callbacks.Callback):
         object.__setattr__(model, "make_train_function", make_train_function)
         self._marks = (-1, -1)
         options = self.options
-        self._reads = _Reads(
+        self._reads = ReadSchedule(
             options.cadence(),
             int(target.iterations.numpy()),
             getattr(model, "steps_per_execution", 1),
@@ -147,7 +147,7 @@ class GradWatch(Adapter, keras.callbacks.Callback):
     def _layout(self) -> Layout:
         """The Custom Scalars layout, made at the first record: the groups are known then."""
         assert self.grouping is not None  # records come from the capture, which made it
-        return self.options.layout(self.grouping)
+        return self.options.dashboard(self.grouping)
 
     def _started(self, trainable_variables: Any) -> Any:
         """The capture, started at the first optimizer step (inside the traced train step,
@@ -243,33 +243,6 @@ class GradWatch(Adapter, keras.callbacks.Callback):
                 GradWatchWarning,
                 stacklevel=2,
             )
-
-
-class _Reads:
-    """When the callback must read what the graph stored: only at batches that may have run
-    a logging or histogram step not yet read (a read costs ~0.1 ms, about 1% of a small
-    model's step).
-
-    ``iterations`` is read at the start of ``fit``; each batch runs at most
-    ``steps_per_execution`` steps (fewer counted ones when steps are skipped, since a skipped
-    step leaves ``iterations`` alone), so ``upper`` never falls behind the true step count and
-    no due step is read late. After a skip the due step comes later than ``upper`` says: the
-    batches until it each read once more, and each read that finds it re-syncs ``upper``.
-    """
-
-    def __init__(self, cadence: Cadence, iterations: int, steps_per_batch: int) -> None:
-        self.cadence = cadence
-        self.upper = iterations  # at least the optimizer's step count after the last batch
-        self.steps_per_batch = max(1, int(steps_per_batch))
-        self.next = cadence.next_due(iterations - 1)
-
-    def batch_ended(self) -> bool:
-        self.upper += self.steps_per_batch
-        return self.next < self.upper
-
-    def caught_up(self, last_stored: int, iterations: int) -> None:
-        self.upper = iterations
-        self.next = self.cadence.next_due(max(last_stored, iterations - 1))
 
 
 def _sibling_tensorboard_log_dir() -> str | None:

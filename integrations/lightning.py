@@ -168,7 +168,7 @@ class GradWatch(Adapter, Callback):
         sinks = self._sinks(trainer, log_dir) if trainer.is_global_zero else []
         self.reporter = Reporter.open(
             sinks,
-            options.layout(self.engine.grouping, list(range(count)) if count > 1 else [None]),
+            options.dashboard(self.engine.grouping, list(range(count)) if count > 1 else [None]),
             pictures=options.histogram_every_n_steps > 0,
         )
 

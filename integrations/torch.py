@@ -76,7 +76,7 @@ class TorchGradWatch(Adapter):
         files = [TensorBoardSink(log_dir)] if options.writes_files else []
         self.reporter: Reporter = Reporter.open(
             [*files, *options.sinks],
-            options.layout(self.engine.grouping, optimizers=None),  # met as they step
+            options.dashboard(self.engine.grouping, optimizers=None),  # met as they step
             pictures=options.histogram_every_n_steps > 0,
         )
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch.amp.grad_scaler import OptState
 
-from gradwatch import keys
+from gradwatch import tags
+from gradwatch.cadence import Cadence
 from gradwatch.grouping import GroupBy, Grouping
 from gradwatch.guard import Guard
 from gradwatch.integrations._shards import ShardReducer, has_dtensors, local
-from gradwatch.integrations._torch_guard import GuardRun, TorchGuard, view
-from gradwatch.monitor import Cadence
+from gradwatch.integrations._torch_decisions import GuardRun, TorchDecisions, view
 from gradwatch.options import check_histogram_bins
 from gradwatch.record import Record
 from gradwatch.recording import Reading, Recorder
@@ -149,7 +149,7 @@ class TorchEngine:
             no clipping).
         scaler: the loop's ``torch.amp.GradScaler``; the steps it drops are counted, never
             treated as faults.
-        statistics: the per-group statistics written (``gradwatch.keys.STATISTICS``).
+        statistics: the per-group statistics written (``gradwatch.tags.STATISTICS``).
     """
 
     def __init__(
@@ -163,7 +163,7 @@ class TorchEngine:
         histogram_bins: int = 30,
         guard: Guard | None = None,
         scaler: torch.amp.GradScaler | None = None,
-        statistics: Sequence[str] = keys.DEFAULT_STATISTICS,
+        statistics: Sequence[str] = tags.DEFAULT_STATISTICS,
     ) -> None:
         named = [(_original_name(n), p) for n, p in named_parameters if p.requires_grad]
         self.params = [p for _, p in named]
@@ -175,7 +175,7 @@ class TorchEngine:
         self.scaler = scaler
         self.statistics = tuple(statistics)
         self.measures = measures_for([*self.statistics, *self._update_ratio()])
-        self.guard = TorchGuard(guard or Guard(), self.grouping)
+        self.guard = TorchDecisions(guard or Guard(), self.grouping)
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._optimizers: dict[int, _Optimizer] = {}
         self._pending: list[_Pending] = []
@@ -296,7 +296,7 @@ class TorchEngine:
     # -- internals ---------------------------------------------------------------------------
 
     def _update_ratio(self) -> tuple[str, ...]:
-        return (keys.UPDATE_TO_PARAM,) if self.track_update_ratio else ()
+        return (tags.UPDATE_TO_PARAM,) if self.track_update_ratio else ()
 
     def _state(self, optimizer: torch.optim.Optimizer) -> _Optimizer:
         state = self._optimizers.get(id(optimizer))

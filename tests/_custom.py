@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from gradwatch.array_api import namespace_of
 from gradwatch.detectors import Verdict
-from gradwatch.namespace import namespace_of
 from gradwatch.policies import Clip
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradwatch import keys
+from gradwatch import tags
+from gradwatch.cadence import Cadence
 from gradwatch.checks import (
     check_choice,
     check_count,
@@ -23,7 +24,6 @@ from gradwatch.checks import (
     check_sinks,
 )
 from gradwatch.grouping import Grouping, check_group_by
-from gradwatch.monitor import Cadence
 from gradwatch.record import Histogram
 from gradwatch.recording import build_histogram_record, build_record
 from gradwatch.reporting import GradWatchWarning
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_importing_gradwatch_loads_no_framework():
     code = (
-        "import sys, gradwatch, gradwatch.keys, gradwatch.stats, gradwatch.monitor,"
+        "import sys, gradwatch, gradwatch.tags, gradwatch.stats, gradwatch.cadence,"
         " gradwatch.sinks, gradwatch.grouping, gradwatch.record, gradwatch.options\n"
         "loaded = [m for m in ('torch', 'tensorflow', 'keras', 'jax', 'lightning')"
         " if m in sys.modules]\n"
@@ -53,17 +53,17 @@ def test_importing_gradwatch_loads_no_framework():
 
 
 def test_readme_table_of_tags_is_the_generated_one():
-    assert keys.markdown_table() in (ROOT / "README.md").read_text()
+    assert tags.markdown_table() in (ROOT / "README.md").read_text()
 
 
 def test_tags_hold_no_floats_and_no_lightning_keys():
-    for spec in keys.TAGS:
+    for spec in tags.TAGS:
         assert not re.search(r"\d\.\d", spec.pattern)
         assert not spec.pattern.startswith("grad_2.0_norm")
-    assert keys.group_tag(keys.GRAD_NORM, "blocks.0.attn") == "grad_norm/blocks.0.attn"
-    assert keys.sanitize("a b[0]") == "a_b_0_"
-    assert keys.sanitize("编码.слой.परत") == "编码.слой.परत"  # letters and marks of any script
-    assert keys.total_tag(keys.GLOBAL, 2) == "global/grad_norm_optimizer2"
+    assert tags.group_tag(tags.GRAD_NORM, "blocks.0.attn") == "grad_norm/blocks.0.attn"
+    assert tags.sanitize("a b[0]") == "a_b_0_"
+    assert tags.sanitize("编码.слой.परत") == "编码.слой.परत"  # letters and marks of any script
+    assert tags.total_tag(tags.GLOBAL, 2) == "global/grad_norm_optimizer2"
 
 
 @pytest.mark.parametrize(

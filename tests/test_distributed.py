@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from _models import read_events
-from gradwatch.monitor import Cadence
+from gradwatch.cadence import Cadence
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SCRIPT = SCRIPTS / "distributed_gradwatch.py"

@@ -22,7 +22,7 @@ from _architectures import train
 from torch import nn
 
 from gradwatch import MemorySink
-from gradwatch.flow import FlowHistory
+from gradwatch.pictures.history import FlowHistory
 from gradwatch.report.risk import at_risk
 from gradwatch.reporting import GradWatchWarning
 

@@ -22,8 +22,8 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from _arguments import COMMON, NUMPY, SINKS
+from gradwatch.cadence import Cadence
 from gradwatch.integrations.keras import GradWatch
-from gradwatch.monitor import Cadence
 from gradwatch.policies import AGC, AutoClip, ClipByNorm, ClipByValue, ZClip
 from gradwatch.reporting import GradWatchWarning
 from gradwatch.sinks import MemorySink
@@ -514,7 +514,7 @@ def test_a_fit_that_raises_leaves_the_next_fit_without_gradwatch_clean(tmp_path)
     weights = zip(model.trainable_weights, before, strict=True)
     moved = max(np.abs(w.numpy() - b).max() for w, b in weights)
     assert moved > 1e-4  # the user's own step, not gradwatch's clipped one
-    assert watch.reporter.monitor.closed
+    assert watch.reporter.closed
 
     quiet_fit(model, x, y, [watch], batch_size=16, epochs=1)  # and gradwatch works again
     assert "apply" not in vars(model.optimizer)
@@ -528,9 +528,8 @@ def test_a_fit_that_raises_leaves_the_next_fit_without_gradwatch_clean(tmp_path)
         (
             {"log_every_n_steps": 0},
             ValueError,
-            "`log_every_n_steps` must be an int >= 1. Received: log_every_n_steps=0",
+            "`log_every_n_steps` must be an int >= 1 or None (50). Received: log_every_n_steps=0",
         ),
-        ({"log_every_n_steps": None}, TypeError, "Received: log_every_n_steps=None"),
         (
             {"group_by": "module"},
             ValueError,

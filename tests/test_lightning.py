@@ -27,7 +27,7 @@ from _models import (
     read_events,
     trainer,
 )
-from gradwatch import keys
+from gradwatch import tags
 from gradwatch.integrations.lightning import GradWatch
 from gradwatch.policies import ClipByNorm
 
@@ -180,7 +180,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     tail = (expected["net.2"] ** 2 + expected["net.4"] ** 2) ** 0.5
     assert second[0][1] == pytest.approx(tail, rel=1e-5)
     assert watch.state_dict()["optimizer_steps"] == [4, 4]
-    (config,) = events.Tensors(keys.LAYOUT)  # one global-norm chart per optimizer
+    (config,) = events.Tensors(tags.LAYOUT)  # one global-norm chart per optimizer
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
     for label in (0, 1):
@@ -236,7 +236,7 @@ def test_a_crash_loses_nothing_that_was_logged(tmp_path):
     watch = GradWatch(log_every_n_steps=2)
     with pytest.raises(RuntimeError, match="boom"):
         trainer(tmp_path, callbacks=[watch], logger=False).fit(Crashes(), loader())
-    assert watch.reporter.monitor.closed
+    assert watch.reporter.closed
     events = read_events(event_files(tmp_path)[0])
     # the logging steps, and the last step before the crash
     assert [s for s, _ in logged(events, "grad_norm/net.0")] == [0, 1, 3, 4]

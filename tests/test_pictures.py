@@ -10,18 +10,18 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from gradwatch import keys
-from gradwatch.flow import FlowHistory, FlowMatrix
+from gradwatch import tags
+from gradwatch.dashboard import Chart, build_dashboard
 from gradwatch.grouping import Grouping
-from gradwatch.layout import Chart, build_layout
-from gradwatch.monitor import Monitor
 from gradwatch.pictures import FlowPictures
+from gradwatch.pictures.history import FlowHistory, FlowMatrix
 from gradwatch.record import Histogram, Image, Record
 from gradwatch.sinks import MemorySink, TensorBoardSink
+from gradwatch.sinks.fanout import Fanout
 
 GROUPS = ["embed"] + [f"encoder.layers.{i // 2}.{('attn', 'mlp')[i % 2]}" for i in range(48)]
 GROUPS += ["head"]
-LAYOUT = build_layout(Grouping.build(GROUPS, "parameter"))
+LAYOUT = build_dashboard(Grouping.build(GROUPS, "parameter"))
 DEAD, SPIKE, NAN = range(0, 12), 60, (75, 30)  # dead early layers (steps < 30), a spike, a NaN
 
 
@@ -38,15 +38,15 @@ def synthetic_scalars(step: int, rng: np.random.Generator) -> dict[str, float]:
     if step == NAN[0]:
         norm[NAN[1]] = np.nan
     scalars = {
-        keys.group_tag(keys.GRAD_NORM, g): float(v) for g, v in zip(GROUPS, norm, strict=True)
+        tags.group_tag(tags.GRAD_NORM, g): float(v) for g, v in zip(GROUPS, norm, strict=True)
     }
     scalars.update(
         {
-            keys.group_tag(keys.GRAD_TO_PARAM, g): float(v) / 3
+            tags.group_tag(tags.GRAD_TO_PARAM, g): float(v) / 3
             for g, v in zip(GROUPS, norm, strict=True)
         }
     )
-    scalars[keys.total_tag(keys.GLOBAL)] = float(np.sqrt(np.nansum(norm**2)))
+    scalars[tags.total_tag(tags.GLOBAL)] = float(np.sqrt(np.nansum(norm**2)))
     return scalars
 
 
@@ -109,7 +109,7 @@ def test_history_rejects_bad_sizes():
 
 def test_heatmap_of_fifty_groups_labels_every_other_row_and_shows_the_anomalies():
     pytest.importorskip("matplotlib")
-    from gradwatch.plots import heatmap
+    from gradwatch.pictures import heatmap
 
     figure = heatmap(history().matrix())
     axes = figure.axes[0]
@@ -133,7 +133,7 @@ def ratio_and_norm(groups=("conv", "bn", "conv2", "bn2"), ratio=True) -> FlowMat
 
 def test_both_pictures_draw_the_size_free_ratio_and_say_so():
     pytest.importorskip("matplotlib")
-    from gradwatch.plots import depth_profile, heatmap
+    from gradwatch.pictures import depth_profile, heatmap
 
     figure = heatmap(ratio_and_norm())
     values = figure.axes[0].images[0].get_array()
@@ -152,7 +152,7 @@ def test_both_pictures_draw_the_size_free_ratio_and_say_so():
 
 
 def test_heatmap_bins_long_histories_without_losing_a_spike():
-    from gradwatch.plots.heatmap import bin_columns
+    from gradwatch.pictures.heatmap import bin_columns
 
     values = np.ones((2, 1000))
     values[1, 777] = 1e6
@@ -162,7 +162,7 @@ def test_heatmap_bins_long_histories_without_losing_a_spike():
 
 def test_depth_profile_draws_the_chosen_steps_and_marks_zero_and_nan():
     pytest.importorskip("matplotlib")
-    from gradwatch.plots import depth_profile
+    from gradwatch.pictures import depth_profile
 
     figure = depth_profile(history().matrix(), steps=[0, SPIKE, NAN[0]])
     (axes,) = figure.axes
@@ -183,7 +183,7 @@ def test_pictures_are_legible_in_tensorboards_images_tab(groups):
     """TensorBoard shows an image 350 px wide (up to 1024 px tall without scrolling) until
     "Show actual image size" is ticked: text must be legible at that size."""
     pytest.importorskip("matplotlib")
-    from gradwatch.plots import depth_profile, heatmap
+    from gradwatch.pictures import depth_profile, heatmap
 
     names = tuple(f"model.layers.{i}.mlp.down_proj" for i in range(groups))
     rng = np.random.default_rng(0)
@@ -209,7 +209,7 @@ def test_pictures_are_pngs_at_twice_the_size_tensorboard_shows():
     for step in range(10):
         pictures(Record(step, scalars=synthetic_scalars(step, rng)))
     images = pictures.draw()
-    assert set(images) == {keys.HEATMAP, keys.DEPTH_PROFILE}
+    assert set(images) == {tags.HEATMAP, tags.DEPTH_PROFILE}
     for image in images.values():
         assert image.width == 700 and 900 <= image.height <= 2048  # 50 rows
 
@@ -220,7 +220,7 @@ def test_pictures_are_pngs_at_twice_the_size_tensorboard_shows():
 def test_images_only_at_histogram_records_and_the_layout_once():
     pytest.importorskip("matplotlib")
     sink = MemorySink()
-    monitor = Monitor([sink], pictures=FlowPictures(background=False, layout=LAYOUT))
+    monitor = Fanout([sink], pictures=FlowPictures(background=False, layout=LAYOUT))
     rng = np.random.default_rng(2)
     first = Record(
         0, scalars=synthetic_scalars(0, rng), histograms={"grad_hist/embed": histogram()}
@@ -255,7 +255,7 @@ class ThreadSink(MemorySink):
         super().write(record)
 
 
-def write_run(monitor: Monitor, steps=range(12), every=4) -> None:
+def write_run(monitor: Fanout, steps=range(12), every=4) -> None:
     rng = np.random.default_rng(4)
     for step in steps:
         hist = {"grad_hist/embed": histogram()} if (step + 1) % every == 0 else {}
@@ -265,18 +265,18 @@ def write_run(monitor: Monitor, steps=range(12), every=4) -> None:
 def test_background_pictures_are_written_by_the_caller_at_their_steps_and_all_by_close():
     pytest.importorskip("matplotlib")
     sink, pictures = ThreadSink(), FlowPictures()
-    monitor = Monitor([sink], pictures=pictures)
+    monitor = Fanout([sink], pictures=pictures)
     write_run(monitor)
     monitor.close()
     assert pictures.pending == 0 and sink._closed
     drawn = [r for r in sink.records if r.images]
     assert [r.step for r in drawn] == [3, 7, 11]  # the histogram steps, in order
-    assert all(set(r.images) == {keys.HEATMAP, keys.DEPTH_PROFILE} for r in drawn)
+    assert all(set(r.images) == {tags.HEATMAP, tags.DEPTH_PROFILE} for r in drawn)
     assert all(not r.scalars and not r.histograms for r in drawn)  # records of their own
     assert set(sink.threads) == {threading.get_ident()}  # never written by the worker
 
     synchronous = MemorySink()
-    write_run(Monitor([synchronous], pictures=FlowPictures(background=False)))
+    write_run(Fanout([synchronous], pictures=FlowPictures(background=False)))
     same = {r.step: r.images for r in synchronous.records if r.images}
     assert {r.step: r.images for r in drawn} == same  # the same PNG bytes
 
@@ -285,13 +285,13 @@ def gated_draw(monkeypatch) -> threading.Event:
     """Make the worker wait for the returned event before drawing."""
     import gradwatch.pictures
 
-    gate, real = threading.Event(), gradwatch.pictures._draw
+    gate, real = threading.Event(), gradwatch.pictures.drawing._draw
 
     def draw(flow, steps=None):
         gate.wait()
         return real(flow, steps)
 
-    monkeypatch.setattr(gradwatch.pictures, "_draw", draw)
+    monkeypatch.setattr(gradwatch.pictures.drawing, "_draw", draw)
     return gate
 
 
@@ -299,7 +299,7 @@ def test_finished_pictures_are_written_at_the_next_write(monkeypatch):
     pytest.importorskip("matplotlib")
     gate = gated_draw(monkeypatch)
     sink, pictures = MemorySink(), FlowPictures()
-    monitor = Monitor([sink], pictures=pictures)
+    monitor = Fanout([sink], pictures=pictures)
     write_run(monitor, steps=range(4))
     assert pictures.pending == 1 and not any(r.images for r in sink.records)
     gate.set()
@@ -315,7 +315,7 @@ def test_closing_never_waits_past_the_timeout_and_failures_only_warn(monkeypatch
 
     release = gated_draw(monkeypatch)
     pictures = FlowPictures()
-    monitor = Monitor([MemorySink()], pictures=pictures)
+    monitor = Fanout([MemorySink()], pictures=pictures)
     write_run(monitor, steps=range(4))
     with pytest.warns(UserWarning, match=r"dropped the gradient-flow pictures of step 3"):
         assert pictures.finish(timeout=0.01) == []
@@ -324,9 +324,9 @@ def test_closing_never_waits_past_the_timeout_and_failures_only_warn(monkeypatch
     def broken(flow, steps=None):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr(gradwatch.pictures, "_draw", broken)
+    monkeypatch.setattr(gradwatch.pictures.drawing, "_draw", broken)
     sink = MemorySink()
-    monitor = Monitor([sink], pictures=FlowPictures())
+    monitor = Fanout([sink], pictures=FlowPictures())
     # Reported at the write after the failure, or at close: whichever sees it first.
     with pytest.warns(UserWarning, match=r"could not draw .* step 3: RuntimeError\('no fonts'\)"):
         write_run(monitor, steps=range(4))
@@ -363,7 +363,7 @@ def test_without_matplotlib_images_are_off_with_a_warning(monkeypatch):
 
 def test_no_sinks_no_pictures():
     calls = []
-    Monitor([], pictures=lambda r: calls.append(r) or r).write(Record(0, scalars={"a": 1.0}))
+    Fanout([], pictures=lambda r: calls.append(r) or r).write(Record(0, scalars={"a": 1.0}))
     assert calls == []
 
 
@@ -400,10 +400,10 @@ def test_images_and_layout_read_back_by_tensorboard(tmp_path):
             )
     accumulator = event_accumulator.EventAccumulator(str(sink.path), size_guidance={"images": 0})
     accumulator.Reload()
-    (heatmap,) = accumulator.Images(keys.HEATMAP)
+    (heatmap,) = accumulator.Images(tags.HEATMAP)
     assert heatmap.step == 2 and heatmap.width == 700
     assert heatmap.encoded_image_string.startswith(b"\x89PNG")
-    (config,) = accumulator.Tensors(keys.LAYOUT)
+    (config,) = accumulator.Tensors(tags.LAYOUT)
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     assert [c.title for c in layout.category] == [c.title for c in LAYOUT.categories]
     assert [c.closed for c in layout.category] == [c.closed for c in LAYOUT.categories]

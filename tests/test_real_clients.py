@@ -24,7 +24,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from _models import Regressor, loader, trainer
-from gradwatch import keys
+from gradwatch import tags
 from gradwatch.detectors import Explosion
 from gradwatch.integrations.lightning import GradWatch, GradWatchWarning
 from gradwatch.policies import ClipByNorm
@@ -142,14 +142,14 @@ def test_tensorboard_serves_every_kind_of_summary(tensorboard):
     assert sorted(histograms) == [f"grad_hist/{g}" for g in GROUPS]
 
     images = tensorboard.json("/data/plugin/images/tags")[RUN]
-    assert set(images) == {keys.HEATMAP, keys.DEPTH_PROFILE}
-    entries = tensorboard.json("/data/plugin/images/images", run=RUN, tag=keys.HEATMAP)
+    assert set(images) == {tags.HEATMAP, tags.DEPTH_PROFILE}
+    entries = tensorboard.json("/data/plugin/images/images", run=RUN, tag=tags.HEATMAP)
     assert [e["step"] for e in entries] == [0, 3, 7, 11]  # the histogram cadence
     png = tensorboard.get("/data/plugin/images/individualImage?" + entries[-1]["query"])
     assert png.startswith(PNG)
 
-    assert tensorboard.json("/data/plugin/text/tags")[RUN] == [keys.EVENTS]
-    texts = tensorboard.json("/data/plugin/text/text", run=RUN, tag=keys.EVENTS)
+    assert tensorboard.json("/data/plugin/text/tags")[RUN] == [tags.EVENTS]
+    texts = tensorboard.json("/data/plugin/text/text", run=RUN, tag=tags.EVENTS)
     assert texts and "<table>" in texts[0]["text"]  # Markdown rendered as an HTML table
     assert "explosion" in texts[0]["text"]
 

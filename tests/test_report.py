@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 from test_pictures import GROUPS, NAN, SPIKE, synthetic_scalars
 
-from gradwatch import keys
-from gradwatch.flow import FlowMatrix
-from gradwatch.monitor import Monitor
-from gradwatch.plots import png_bytes, timeline
+from gradwatch import tags
+from gradwatch.pictures import png_bytes, timeline
+from gradwatch.pictures.history import FlowMatrix
 from gradwatch.record import Record
 from gradwatch.report import main, report
 from gradwatch.report.html import HEAD
@@ -33,6 +32,7 @@ from gradwatch.report.reader import event_files, parse_events, read_runs
 from gradwatch.report.risk import ALL_GROUPS, at_risk
 from gradwatch.reporting import Reporter, events_markdown
 from gradwatch.sinks import MemorySink, TensorBoardSink
+from gradwatch.sinks.fanout import Fanout
 
 EVENTS = [
     {"step": 5, "kind": "vanishing", "group": "embed", "value": 0.0, "threshold": 1e-10,
@@ -53,10 +53,10 @@ def log_dir(tmp_path_factory) -> Path:
     with TensorBoardSink(root / "run_a") as sink:
         for step in range(0, 100, 5):
             scalars = synthetic_scalars(step, rng)
-            scalars[keys.clip_tag(keys.THRESHOLD)] = 3.0
-            scalars[keys.total_tag(keys.CLIPPED)] = min(scalars[keys.total_tag(keys.GLOBAL)], 3.0)
+            scalars[tags.clip_tag(tags.THRESHOLD)] = 3.0
+            scalars[tags.total_tag(tags.CLIPPED)] = min(scalars[tags.total_tag(tags.GLOBAL)], 3.0)
             events = [e for e in EVENTS if step - 5 < e["step"] <= step]
-            texts = {keys.EVENTS: events_markdown(events)} if events else {}
+            texts = {tags.EVENTS: events_markdown(events)} if events else {}
             sink.write(Record(step, scalars=scalars, texts=texts))
     (root / "other" / "notes.txt").parent.mkdir()
     (root / "other" / "notes.txt").write_text("not a log")
@@ -69,8 +69,8 @@ def small_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small")
     with TensorBoardSink(root / "run") as sink:
         for step in range(40):
-            scalars = {keys.group_tag(keys.GRAD_NORM, g): 1.0 + step for g in ("a", "b", "c")}
-            scalars[keys.total_tag(keys.GLOBAL)] = 2.0 + step
+            scalars = {tags.group_tag(tags.GRAD_NORM, g): 1.0 + step for g in ("a", "b", "c")}
+            scalars[tags.total_tag(tags.GLOBAL)] = 2.0 + step
             sink.write(Record(step, scalars=scalars))
     return root
 
@@ -78,7 +78,7 @@ def small_run(tmp_path_factory) -> Path:
 def test_the_reader_keeps_depth_order_series_and_events(log_dir):
     (run,) = read_runs(log_dir)
     assert run.name == "run_a" and run.history.groups == tuple(GROUPS)
-    steps, threshold = run.steps_and_values(keys.clip_tag(keys.THRESHOLD))
+    steps, threshold = run.steps_and_values(tags.clip_tag(tags.THRESHOLD))
     assert steps.tolist() == list(range(0, 100, 5)) and set(threshold) == {3.0}
     assert [(e["step"], e["kind"], e["group"], e["action"]) for e in run.events] == [
         (5, "vanishing", "embed", "warn"),
@@ -290,12 +290,12 @@ def test_the_stop_text_is_text_and_read_back(tmp_path):
     cause = {"step": 3, "kind": "nonfinite", "group": NASTY[2], "value": float("nan"),
              "threshold": float("inf"), "action": "stop"}  # fmt: skip
     memory = MemorySink()
-    reporter = Reporter(Monitor([memory, TensorBoardSink(tmp_path)]))
-    scalars = {keys.group_tag(keys.GRAD_NORM, "a"): 1.0}
+    reporter = Reporter(Fanout([memory, TensorBoardSink(tmp_path)]))
+    scalars = {tags.group_tag(tags.GRAD_NORM, "a"): 1.0}
     with pytest.warns(UserWarning, match="stopped at step 3"):
         reporter.stop(Record(3, scalars=scalars, events=[cause]))
     reporter.close()
-    ((_, text),) = memory.texts(keys.STOPPED)
+    ((_, text),) = memory.texts(tags.STOPPED)
     assert "<img" not in text
     (run,) = read_runs(tmp_path)
     assert run.stopped.startswith("stopped at step 3") and NASTY[2] in run.stopped

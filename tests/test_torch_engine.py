@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from _arguments import COMMON, NUMPY, SINKS
-from gradwatch import keys
+from gradwatch import tags
+from gradwatch.cadence import Cadence
 from gradwatch.detectors import Explosion
 from gradwatch.integrations.torch import TorchEngine, TorchGradWatch
-from gradwatch.monitor import Cadence
 from gradwatch.policies import AGC, AutoClip, ClipByNorm, ClipByValue, ZClip
 from gradwatch.reporting import GradWatchWarning
 from gradwatch.sinks import MemorySink
@@ -161,7 +161,7 @@ def test_histogram_counts_match_numpy():
         cadence=Cadence(1, 1),
         histogram_bins=7,
         group_by="parameter",
-        statistics=keys.STATISTICS,
+        statistics=tags.STATISTICS,
     )
     nn.functional.mse_loss(model(torch.randn(16, 6)), torch.randn(16, 1)).backward()
     model[0].weight.grad[0, 0] = float("nan")

@@ -26,11 +26,11 @@ from _models import Regressor, gradwatch_events, loader, trainer
 from gradwatch.detectors import Explosion
 from gradwatch.integrations.lightning import GradWatch
 from gradwatch.integrations.torch import TorchGradWatch
-from gradwatch.monitor import Monitor
 from gradwatch.record import Record
 from gradwatch.report import report
 from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import MemorySink
+from gradwatch.sinks.fanout import Fanout
 
 # -- a plain loop ----------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ def test_a_lasting_rise_is_skipped_a_bounded_number_of_times_then_accepted():
 
 
 def test_the_events_kept_in_memory_stay_bounded_over_100_000_steps():
-    reporter = Reporter(Monitor([]))
+    reporter = Reporter(Fanout([]))
     event = {"kind": "nonfinite", "group": "global", "value": math.nan}
     with quiet():
         for step in range(100_000):

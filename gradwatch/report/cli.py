@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gradwatch.plots import MissingMatplotlib, require_matplotlib
-from gradwatch.plots._figure import SOFTWARE
+from gradwatch.pictures import MissingMatplotlib, require_matplotlib
+from gradwatch.pictures._figure import SOFTWARE
 from gradwatch.report.figures import FIGURES, run_figures
 from gradwatch.report.html import HEAD, page
 from gradwatch.report.output import ReportError, check_output, html_mark, png_mark, write_safely

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gradwatch import keys, plots
-from gradwatch.flow import RATIO
-from gradwatch.plots.timeline import EVENT_COLOURS
+from gradwatch import pictures, tags
+from gradwatch.pictures.history import RATIO
+from gradwatch.pictures.timeline import EVENT_COLOURS
 from gradwatch.report.reader import Run
 
 __all__ = ["FIGURES", "captions", "run_figures"]
 
 FIGURES = ("timeline", "heatmap", "depth_profile")
 _SERIES = {
-    "global": keys.total_tag(keys.GLOBAL),
-    "max since last log": keys.total_tag(keys.MAX_SINCE_LAST_LOG),
-    "clipped": keys.total_tag(keys.CLIPPED),
-    "threshold": keys.clip_tag(keys.THRESHOLD),
+    "global": tags.total_tag(tags.GLOBAL),
+    "max since last log": tags.total_tag(tags.MAX_SINCE_LAST_LOG),
+    "clipped": tags.total_tag(tags.CLIPPED),
+    "threshold": tags.clip_tag(tags.THRESHOLD),
 }
 _TIMELINE_EXTRAS = {  # what the caption says of each series the timeline draws
     "max since last log": "the largest norm between logged steps",
@@ -30,9 +30,9 @@ def run_figures(run: Run, steps: Sequence[int] | None = None) -> dict[str, bytes
     """The global norm over time, the heatmap, and the depth profile at ``steps``."""
     flow = run.history.matrix()
     return {
-        "timeline": plots.png_bytes(plots.timeline(_series(run), run.events)),
-        "heatmap": plots.png_bytes(plots.heatmap(flow, title=f"gradient flow ({run.name})")),
-        "depth_profile": plots.png_bytes(plots.depth_profile(flow, steps)),
+        "timeline": pictures.png_bytes(pictures.timeline(_series(run), run.events)),
+        "heatmap": pictures.png_bytes(pictures.heatmap(flow, title=f"gradient flow ({run.name})")),
+        "depth_profile": pictures.png_bytes(pictures.depth_profile(flow, steps)),
     }
 
 
@@ -43,7 +43,7 @@ def captions(run: Run) -> dict[str, str]:
         >>> run = Run("run")
         >>> captions(run)["timeline"]
         'Global gradient norm over time.'
-        >>> run.series[keys.clip_tag(keys.THRESHOLD)] = {0: 1.0}
+        >>> run.series[tags.clip_tag(tags.THRESHOLD)] = {0: 1.0}
         >>> run.events.append({"step": 0, "kind": "explosion"})
         >>> captions(run)["timeline"]
         'Global gradient norm over time, with the clip threshold and detections marked.'

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from gradwatch import keys
-from gradwatch.flow import FlowHistory
+from gradwatch import tags
+from gradwatch.pictures.history import FlowHistory
 from gradwatch.report.records import EventFile
 from gradwatch.reporting import plain_text
 
 __all__ = ["Run", "event_files", "parse_events", "read_runs"]
 
-_TOTAL_PREFIX = f"{keys.TOTAL}/"
-_CLIP_PREFIX = f"{keys.CLIP}/"
+_TOTAL_PREFIX = f"{tags.TOTAL}/"
+_CLIP_PREFIX = f"{tags.CLIP}/"
 _ROW = re.compile(
     r"^\|\s*(?P<step>-?\d+)\s*\|\s*(?P<kind>\w+)\s*\|"
     r"\s*(?:<code>(?P<code>[^|<]*)</code>|`?(?P<group>[^|`]*?)`?)\s*\|"
@@ -112,9 +112,9 @@ def _add(run: Run, step: int, summary) -> None:
             scalars[value.tag] = value.simple_value
             if value.tag.startswith((_TOTAL_PREFIX, _CLIP_PREFIX)):
                 run.series.setdefault(value.tag, {})[step] = value.simple_value
-        elif kind == "tensor" and value.tag == keys.EVENTS and value.tensor.string_val:
+        elif kind == "tensor" and value.tag == tags.EVENTS and value.tensor.string_val:
             run.events.extend(parse_events(value.tensor.string_val[0].decode("utf-8")))
-        elif kind == "tensor" and value.tag == keys.STOPPED and value.tensor.string_val:
+        elif kind == "tensor" and value.tag == tags.STOPPED and value.tensor.string_val:
             run.stopped = plain_text(value.tensor.string_val[0].decode("utf-8"))
     run.history.add(step, scalars)
 

@@ -1,6 +1,6 @@
 """Which groups are at risk: far from the groups of their own kind, or zero, or NaN/Inf.
 
-Groups are compared by :meth:`~gradwatch.flow.FlowMatrix.measure`, the gradient/parameter norm
+Groups are compared by :meth:`~gradwatch.pictures.FlowMatrix.measure`, the gradient/parameter norm
 ratio, which does not grow with a group's size. That is not enough to compare a LayerNorm with
 the linear layer beside it: a norm's gains are near 1 and a weight matrix's entries near 0.02,
 so in a healthy transformer the ratio of every LayerNorm is one to two decades below that of
@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gradwatch.flow import FlowMatrix
+from gradwatch.pictures.history import FlowMatrix
 
 __all__ = ["ALL_GROUPS", "DECADES", "MIN_KIND", "GroupRisk", "at_risk", "kind_of"]
 

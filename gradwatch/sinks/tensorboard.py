@@ -28,8 +28,8 @@ from tensorboard.compat.proto import (
 )
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from gradwatch import keys
-from gradwatch.layout import Layout
+from gradwatch import tags
+from gradwatch.dashboard import Layout
 from gradwatch.record import Histogram, Image, Record
 
 __all__ = ["TensorBoardSink"]
@@ -268,4 +268,4 @@ def _layout_value(layout: Layout) -> summary_pb2.Summary.Value:
             for category in layout.categories
         ]
     )
-    return _string_value(keys.LAYOUT, _CUSTOM_SCALARS_PLUGIN, proto.SerializeToString())
+    return _string_value(tags.LAYOUT, _CUSTOM_SCALARS_PLUGIN, proto.SerializeToString())

@@ -8,7 +8,7 @@ suffix runs with ``logger=False`` instead of a ``TensorBoardLogger``.
 
 Lightning starts this file again for rank 1, so the work sits under ``__main__``. Each rank
 trains a small regressor on its own fixed batch and writes ``OUTPUT_DIR/rank<r>.json``: the
-records its GradWatch engine produced (a memory sink is added to the callback's monitor on every
+records its GradWatch engine produced (a memory sink is added to the callback's fan-out on every
 rank, beside rank 0's real sinks), the gradients and parameters it held before every optimizer
 step (gathered to full tensors), how its gradients were sharded, and which batches it was given.
 """
@@ -118,7 +118,7 @@ class Probe(Callback):
         from gradwatch.integrations.lightning import GradWatch
 
         (watch,) = [c for c in trainer.callbacks if isinstance(c, GradWatch)]
-        watch.reporter.monitor.sinks = (*watch.reporter.monitor.sinks, self.memory)
+        watch.reporter.fanout.sinks = (*watch.reporter.fanout.sinks, self.memory)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         named = list(pl_module.named_parameters())

@@ -47,9 +47,9 @@ def run(rank: int, out: str, port: str) -> None:
         parallelize_module,
     )
 
+    from gradwatch.cadence import Cadence
     from gradwatch.integrations.torch import TorchEngine
-    from gradwatch.keys import STATISTICS
-    from gradwatch.monitor import Cadence
+    from gradwatch.tags import STATISTICS
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)

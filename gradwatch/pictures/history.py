@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch import keys
+from gradwatch import tags
 from gradwatch.checks import check_count
 from gradwatch.record import Record
 
 __all__ = ["NORM", "RATIO", "FlowHistory", "FlowMatrix"]
 
-_NORM_PREFIX = f"{keys.GRAD_NORM}/"
-_RATIO_PREFIX = f"{keys.GRAD_TO_PARAM}/"
+_NORM_PREFIX = f"{tags.GRAD_NORM}/"
+_RATIO_PREFIX = f"{tags.GRAD_TO_PARAM}/"
 RATIO = "gradient norm / parameter norm"
 NORM = "gradient norm (not size-free)"
 

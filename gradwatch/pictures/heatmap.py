@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gradwatch.flow import FlowMatrix
-from gradwatch.plots import _scale
+from gradwatch.pictures import _scale
+from gradwatch.pictures.history import FlowMatrix
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

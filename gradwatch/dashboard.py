@@ -2,7 +2,7 @@
 
 A :class:`Layout` is plain data; the TensorBoard sink turns it into the ``custom_scalars``
 plugin's layout proto. Each chart plots every scalar tag matching one of its regular
-expressions as one line. :func:`build_layout` makes the layout of one run from its groups,
+expressions as one line. :func:`build_dashboard` makes the layout of one run from its groups,
 so that every chart is readable: at most :data:`MAX_LINES` groups on a chart, each tag
 named exactly, and the clipping charts only in a run that clips.
 """
@@ -15,23 +15,23 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gradwatch import keys
+from gradwatch import tags
 from gradwatch.checks import check_flag
 from gradwatch.grouping import Grouping
 
-__all__ = ["MAX_LINES", "Category", "Chart", "Layout", "build_layout"]
+__all__ = ["MAX_LINES", "Category", "Chart", "Layout", "build_dashboard"]
 
 MAX_LINES = 10
 """The most groups one per-group chart draws; more are split over several charts."""
 
 # Per-group statistics on the dashboard: (statistic, what it is, category starts collapsed).
 _PER_GROUP = (
-    (keys.GRAD_NORM, "gradient norm", False),
-    (keys.GRAD_TO_PARAM, "gradient / parameter norm", False),
-    (keys.GRAD_MAX_ABS, "largest absolute gradient value", True),
-    (keys.GRAD_NONFINITE, "non-finite gradient values", True),  # zero while all is well
-    (keys.PARAM_NORM, "parameter norm", True),
-    (keys.UPDATE_TO_PARAM, "update / parameter norm", True),
+    (tags.GRAD_NORM, "gradient norm", False),
+    (tags.GRAD_TO_PARAM, "gradient / parameter norm", False),
+    (tags.GRAD_MAX_ABS, "largest absolute gradient value", True),
+    (tags.GRAD_NONFINITE, "non-finite gradient values", True),  # zero while all is well
+    (tags.PARAM_NORM, "parameter norm", True),
+    (tags.UPDATE_TO_PARAM, "update / parameter norm", True),
 )
 
 
@@ -69,12 +69,12 @@ class Layout:
     categories: tuple[Category, ...]
 
 
-def build_layout(
+def build_dashboard(
     grouping: Grouping,
     *,
     clipping: bool = False,
     optimizers: Sequence[int | None] | None = (None,),
-    statistics: Sequence[str] = keys.DEFAULT_STATISTICS,
+    statistics: Sequence[str] = tags.DEFAULT_STATISTICS,
 ) -> Layout:
     r"""The Custom Scalars dashboard of a run: global norms first, then each per-group
     statistic on charts of at most :data:`MAX_LINES` groups, in depth order.
@@ -88,7 +88,7 @@ def build_layout(
         grouping: the run's groups, in depth order, and their names in tags.
         clipping: a clip policy is configured: add the norm after clipping, the threshold and
             the clip coefficient (without one those tags are never written).
-        optimizers: the labels whole-model tags carry, as ``keys.total_tag`` takes them
+        optimizers: the labels whole-model tags carry, as ``tags.total_tag`` takes them
             (``(None,)``, the default: one optimizer; ``(0, 1)``: two), one global-norm chart
             each; None when the optimizers are not known in advance (a plain loop meets them
             as they step): one chart then matches every label.
@@ -96,7 +96,7 @@ def build_layout(
 
     Example:
         >>> grouping = Grouping.build([f"blocks.{i}.w" for i in range(12)], "module")
-        >>> layout = build_layout(grouping)
+        >>> layout = build_dashboard(grouping)
         >>> [category.title for category in layout.categories]  # doctest: +NORMALIZE_WHITESPACE
         ['gradwatch: global', 'gradwatch: gradient norm per group',
          'gradwatch: gradient / parameter norm per group']
@@ -138,20 +138,20 @@ def _global_charts(clipping: bool, optimizers: Sequence[int | None] | None) -> t
     charts = []
     for label in labels:
         title = "global gradient norm"
-        tags = [exact(keys.total_tag, keys.GLOBAL, label)]
+        patterns = [exact(tags.total_tag, tags.GLOBAL, label)]
         if clipping:
             title += ": before and after clipping, threshold"
-            tags += [
-                exact(keys.total_tag, keys.CLIPPED, label),
-                exact(keys.clip_tag, keys.THRESHOLD, label),
+            patterns += [
+                exact(tags.total_tag, tags.CLIPPED, label),
+                exact(tags.clip_tag, tags.THRESHOLD, label),
             ]
         if len(labels) > 1:
             title += f" (optimizer {label})"
-        charts.append(Chart(title, tuple(tags)))
+        charts.append(Chart(title, tuple(patterns)))
     if clipping:
-        coefficient = tuple(exact(keys.clip_tag, keys.COEFFICIENT, label) for label in labels)
+        coefficient = tuple(exact(tags.clip_tag, tags.COEFFICIENT, label) for label in labels)
         charts.append(Chart("clip coefficient (1: not clipped)", coefficient))
-    nonfinite = tuple(exact(keys.total_tag, keys.NONFINITE_STEPS, label) for label in labels)
+    nonfinite = tuple(exact(tags.total_tag, tags.NONFINITE_STEPS, label) for label in labels)
     charts.append(Chart("non-finite steps since the last log", nonfinite))
     return tuple(charts)
 
@@ -175,11 +175,10 @@ def _group_chart(grouping: Grouping, statistic: str, chunk: range) -> Chart:
     else:
         names = f"{grouping.groups[first]} … {grouping.groups[last]}"
         title = f"{statistic}: groups {first + 1}-{last + 1} of {n} ({names})"
-    tags = tuple(_exact(keys.group_tag(statistic, grouping.tags[g])) for g in chunk)
-    return Chart(title, tags)
+    return Chart(title, tuple(_exact(tags.group_tag(statistic, grouping.tags[g])) for g in chunk))
 
 
 def _exact(tag: str, any_optimizer: bool = False) -> str:
     """A pattern matching ``tag`` only (and, with ``any_optimizer``, its optimizer labels)."""
-    label = f"(?:{re.escape(keys.OPTIMIZER)}[0-9]+)?" if any_optimizer else ""
+    label = f"(?:{re.escape(tags.OPTIMIZER)}[0-9]+)?" if any_optimizer else ""
     return f"^{re.escape(tag)}{label}$"

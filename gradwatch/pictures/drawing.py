@@ -1,13 +1,13 @@
 """Gradient-flow pictures and the Custom Scalars layout, added to the records an adapter writes.
 
-Every adapter builds the same records, so one :class:`FlowPictures` in the monitor gives
+Every adapter builds the same records, so one :class:`FlowPictures` in the fan-out of sinks gives
 Lightning, Keras and plain loops the same pictures::
 
-    monitor = Monitor(sinks, pictures=FlowPictures(images=histogram_every_n_steps > 0))
+    fanout = Fanout(sinks, pictures=FlowPictures(images=histogram_every_n_steps > 0))
 
 Drawing the pictures with matplotlib takes far longer than a training step, so by default they
 are drawn by one background thread (matplotlib's object-oriented API on the Agg canvas, never
-pyplot) from a snapshot of the history; the monitor writes them, from its own thread, at a
+pyplot) from a snapshot of the history; the fan-out writes them, from its own thread, at a
 later write or at close.
 """
 
@@ -20,10 +20,13 @@ import importlib.util
 import warnings
 from collections.abc import Callable
 
-from gradwatch import keys
+from gradwatch import tags
 from gradwatch.checks import check_flag
-from gradwatch.flow import FlowHistory, FlowMatrix
-from gradwatch.layout import Layout
+from gradwatch.dashboard import Layout
+from gradwatch.pictures._figure import png_bytes
+from gradwatch.pictures.heatmap import heatmap
+from gradwatch.pictures.history import FlowHistory, FlowMatrix
+from gradwatch.pictures.profile import depth_profile
 from gradwatch.record import Image, Record
 
 __all__ = ["FlowPictures"]
@@ -42,22 +45,22 @@ class FlowPictures:
     At a record holding histograms, the heatmap (every logged step so far) and the depth
     profile (the last logged step) are drawn. With ``background=True`` (the default) a worker
     thread draws them and :meth:`ready` / :meth:`finish` return them later as records of their
-    own, at that record's step (a :class:`~gradwatch.monitor.Monitor` writes those); with
+    own, at that record's step (a :class:`~gradwatch.sinks.fanout.Fanout` writes those); with
     ``background=False`` they are added to the record itself. The first record holding scalars
     gets the Custom Scalars ``layout``. Records passed in are not changed: a copy is returned.
 
     Args:
         images: draw the images (needs matplotlib: without it, a warning and no images).
         layout: the Custom Scalars layout to write once (see
-            :func:`gradwatch.layout.build_layout`), a function called for it at the first
+            :func:`gradwatch.dashboard.build_dashboard`), a function called for it at the first
             record holding scalars (an adapter that learns its groups only then), or None.
         max_columns: logged steps kept for the heatmap (older ones are merged in pairs).
         background: draw on a worker thread instead of the caller's.
 
     Example:
         >>> from gradwatch.grouping import Grouping
-        >>> from gradwatch.layout import build_layout
-        >>> layout = build_layout(Grouping.build(["emb.weight"], "module"))
+        >>> from gradwatch.dashboard import build_dashboard
+        >>> layout = build_dashboard(Grouping.build(["emb.weight"], "module"))
         >>> pictures = FlowPictures(images=False, layout=layout)
         >>> first = pictures(Record(step=0, scalars={"grad_norm/emb": 1.0}))
         >>> first.layout is not None, pictures(Record(step=1, scalars={"loss": 1.0})).layout
@@ -158,11 +161,9 @@ class FlowPictures:
 
 
 def _draw(flow: FlowMatrix, steps: list[int] | None = None) -> dict[str, Image]:
-    from gradwatch import plots
-
     return {
-        keys.HEATMAP: Image.from_png(plots.png_bytes(plots.heatmap(flow))),
-        keys.DEPTH_PROFILE: Image.from_png(plots.png_bytes(plots.depth_profile(flow, steps))),
+        tags.HEATMAP: Image.from_png(png_bytes(heatmap(flow))),
+        tags.DEPTH_PROFILE: Image.from_png(png_bytes(depth_profile(flow, steps))),
     }
 
 

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradwatch.plots import _scale
-from gradwatch.plots._figure import new_figure
+from gradwatch.pictures import _scale
+from gradwatch.pictures._figure import new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gradwatch.flow import NORM, RATIO
-from gradwatch.plots._figure import axes_box, new_figure, short_label, text_width
+from gradwatch.pictures._figure import axes_box, new_figure, short_label, text_width
+from gradwatch.pictures.history import NORM, RATIO
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradwatch.array_api import namespace_of
 from gradwatch.detectors import DetectStats, Latch, new_latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard, GuardState
 from gradwatch.integrations._shards import local
-from gradwatch.namespace import namespace_of
 from gradwatch.policies import ClipStats, needs_unit_norms
 from gradwatch.stats import group_norms
 
-__all__ = ["GuardRun", "TorchGuard"]
+__all__ = ["GuardRun", "TorchDecisions"]
 
 Array = Any  # a torch tensor, or a numpy view of a CPU tensor
 
@@ -42,7 +42,7 @@ class GuardRun:
     last: Decision | None = None
 
 
-class TorchGuard:
+class TorchDecisions:
     """Runs a :class:`Guard` for the optimizers of one engine.
 
     ``host_on_cpu=False`` keeps the core on torch tensors on the CPU too: the path every other
