@@ -13,12 +13,16 @@ from gradwatch import tags
 
 __all__ = ["GroupBy", "Grouping", "ROOT", "check_group_by"]
 
-GroupBy = Literal["module", "parameter"] | Callable[[str], str]
+GroupBy = Literal["module", "parameter", "layer", "variable"] | Callable[[str], str]
 
 ROOT = "root"
 """Group name of parameters owned directly by the top-level module (``"weight"``)."""
 
 _NAMED_RULES = ("module", "parameter")
+_OWNERS = {"module": ".", "layer": "/"}  # torch names `blocks.0.attn.weight`, Keras paths
+# `model/dense/kernel`: a tensor's owner is the prefix before the last separator.
+_ITSELF = ("parameter", "variable")
+_ALL_RULES = (*_OWNERS, *_ITSELF)
 
 
 def check_group_by(
@@ -38,10 +42,10 @@ def check_group_by(
 
 
 def _group_of(name: str, group_by: GroupBy) -> str:
-    if group_by == "parameter":
+    if group_by in _ITSELF:
         return name
-    if group_by == "module":
-        owner, _, _ = name.rpartition(".")
+    if isinstance(group_by, str):
+        owner, _, _ = name.rpartition(_OWNERS[group_by])
         return owner or ROOT
     group = group_by(name)
     if not isinstance(group, str) or not group:
@@ -80,7 +84,7 @@ class Grouping:
 
     @classmethod
     def build(cls, tensor_names: Sequence[str], group_by: GroupBy) -> Grouping:
-        check_group_by(group_by)
+        check_group_by(group_by, _ALL_RULES)
         groups: dict[str, int] = {}
         index = [groups.setdefault(_group_of(n, group_by), len(groups)) for n in tensor_names]
         return cls(tuple(tensor_names), tuple(groups), np.asarray(index, dtype=np.int64))
@@ -89,11 +93,6 @@ class Grouping:
         """Group name -> its name in tags."""
         return dict(zip(self.groups, self.tags, strict=True))
 
-    def membership(self) -> np.ndarray:
-        """A ``[groups, tensors]`` 0/1 matrix: ``membership() @ x`` sums ``x`` by group."""
-        matrix = np.zeros((len(self.groups), len(self.tensors)), dtype=np.float32)
-        matrix[self.index, np.arange(len(self.tensors))] = 1.0
-        return matrix
 
 
 def _warn_of_shared_names(groups: tuple[str, ...], names: tuple[str, ...]) -> None:

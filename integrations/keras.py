@@ -19,10 +19,8 @@ its ``batch_``/``epoch_`` metrics to, with the step = ``optimizer.iterations`` b
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,25 +29,14 @@ import keras
 from gradwatch.adapter import Adapter
 from gradwatch.cadence import ReadSchedule
 from gradwatch.dashboard import Layout
-from gradwatch.grouping import ROOT, Grouping
+from gradwatch.grouping import Grouping
 from gradwatch.options import Rules
 from gradwatch.reporting import GradWatchWarning, Reporter
 from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatch", "GradWatchWarning"]
 
-log = logging.getLogger(__name__)
-GroupBy = str | Callable[[str], str]
 DEFAULT_LOG_DIR = "logs"
-
-
-def _group_rule(group_by: GroupBy) -> Callable[[str], str]:
-    """Keras variable paths look like ``model/block/dense/kernel``: the layer is the prefix."""
-    if group_by == "variable":
-        return lambda path: path
-    if group_by == "layer":
-        return lambda path: path.rpartition("/")[0] or ROOT
-    return group_by  # type: ignore[return-value]
 
 
 class GradWatch(Adapter, keras.callbacks.Callback):
@@ -168,7 +155,7 @@ class GradWatch(Adapter, keras.callbacks.Callback):
             variables += [v for v in given if id(v) not in known]
             options = self.options
             paths = [v.path for v in variables]
-            self.grouping = Grouping.build(paths, _group_rule(options.group_by))
+            self.grouping = Grouping.build(paths, options.group_by)
             self._capture = Capture(
                 target,
                 variables,

@@ -78,9 +78,15 @@ def test_grouping_rules(group_by, groups):
     names = ["emb.weight", "blocks.0.attn.w", "blocks.0.attn.b", "bias"]
     grouping = Grouping.build(names, group_by)
     assert grouping.groups == groups
-    membership = grouping.membership()
-    assert membership.sum() == len(names)
-    assert (membership.argmax(axis=0) == grouping.index).all()
+    # each tensor's group, groups numbered in order of first appearance
+    assert list(grouping.index) == sorted(grouping.index)
+    assert set(grouping.index) == set(range(len(groups)))
+
+
+def test_keras_rules_group_variable_paths():
+    paths = ["model/dense/kernel", "model/dense/bias", "model/out/kernel", "scale"]
+    assert Grouping.build(paths, "layer").groups == ("model/dense", "model/out", "root")
+    assert Grouping.build(paths, "variable").groups == tuple(paths)
 
 
 @pytest.mark.parametrize("bad", ["layer", 3, None])
