@@ -113,8 +113,8 @@ def _norm(tensor: tf.Tensor) -> tf.Tensor:
     A large tensor is viewed as rows, and its squares are summed by a matrix-vector product
     with ones: XLA on the CPU runs that as one kernel with the squaring fused in, where it
     lowers ``tf.norm``'s full reduction to a slow windowed loop over squares it may first
-    write out (shared with Adam's). On the benchmark MLP's 784x512 kernel: ~0.07 ms against
-    ~0.5 ms per step, which was most of gradwatch's cost there.
+    write out (shared with Adam's); on the benchmark MLP's 784x512 kernel that was most of
+    gradwatch's cost (benchmarks/README.md).
     """
     size = tensor.shape.num_elements()
     row = next((n for n in _ROW if size and size >= 16 * n and size % n == 0), None)

@@ -1,9 +1,9 @@
 """The core's :class:`~gradwatch.guard.Guard` on torch tensors: decide, clip, skip, stop.
 
 The decision is the core's pure array code, run where the gradients are: on a GPU on torch
-tensors (no host synchronisation), on the CPU on numpy views of the same memory (the core's
-few dozen operations on arrays of a few dozen numbers cost ~1 µs each in numpy against 3 to 8 µs
-of torch dispatch, which made the decision cost more than the norms). This module only gathers
+tensors (no host synchronisation), on the CPU on numpy views of the same memory (on arrays of a
+few dozen numbers, numpy's per-operation cost is a fraction of torch's dispatch, which made the
+decision cost more than the norms: see benchmarks/README.md). This module only gathers
 the decision's inputs (per-group norms, AGC's per-unit norms) and applies its outputs with torch
 kernels: scaling or clamping gradients in place, and dropping a step by setting every
 ``p.grad = None`` (torch optimizers then leave those parameters and their state untouched,
