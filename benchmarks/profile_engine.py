@@ -132,7 +132,6 @@ def per_step(
 
         def call() -> None:
             engine.before_optimizer_step(optimizer)
-            engine.should_stop()
 
         return call
 
