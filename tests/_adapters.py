@@ -37,10 +37,12 @@ def fixed_batch() -> tuple[np.ndarray, np.ndarray]:
 
 
 @contextlib.contextmanager
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GradWatchWarning)
+def told(run: Run):
+    """Keep the run's GradWatchWarning lines on ``run.warnings`` instead of showing them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GradWatchWarning)
         yield
+    run.warnings += [str(w.message) for w in caught if issubclass(w.category, GradWatchWarning)]
 
 
 @dataclass
@@ -48,7 +50,8 @@ class Run:
     """What one training run left behind.
 
     ``weights[i]`` and ``optimizer[i]`` are copies of every weight and every optimizer tensor
-    after ``i`` batches (``weights[0]``: before training); ``batches`` is how many batches ran.
+    after ``i`` batches (``weights[0]``: before training); ``batches`` is how many batches ran;
+    ``warnings``, the GradWatchWarning lines told during training.
     """
 
     watch: Any
@@ -56,6 +59,7 @@ class Run:
     weights: list[list[np.ndarray]] = field(default_factory=list)
     optimizer: list[list[np.ndarray]] = field(default_factory=list)
     stopped_at: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def batches(self) -> int:
@@ -208,7 +212,7 @@ class TorchDriver(Driver):
         x, y = (torch.from_numpy(a) for a in fixed_batch())
         run = Run(watch, Path(log_dir))
         _torch_snapshot(run, model.parameters(), opt)
-        with quiet(), watch:
+        with told(run), watch:
             for step in range(start, steps):
                 opt.zero_grad()
                 loss = nn.functional.mse_loss(model(x), y) * _loss_factor(faults, step, scale)
@@ -299,7 +303,7 @@ class LightningDriver(Driver):
             enable_model_summary=False,
             callbacks=[run.watch, Snapshots()],
         )
-        with quiet():
+        with told(run):
             trainer.fit(module, DataLoader(Fixed(), batch_size=None), ckpt_path=ckpt_path)
         run.stopped_at = run.watch.stopped_at
         return trainer
@@ -396,7 +400,7 @@ class KerasDriver(Driver):
         weights = np.array(
             [_loss_factor(faults, start + k, scale) for k in range(count)], dtype="float32"
         )
-        with quiet():
+        with told(run):
             model.fit(
                 np.tile(x, (count, 1)),
                 np.tile(y, (count, 1)),
