@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from _arguments import COMMON, NUMPY, SINKS
+from _arguments import NUMPY
 from gradwatch.integrations.keras import GradWatch
 from gradwatch.monitor import Cadence
 from gradwatch.policies import AGC, AutoClip, ClipByNorm, ClipByValue, ZClip
@@ -342,11 +342,10 @@ def finite(model: keras.Model) -> bool:
 
 
 # Three steps per execution: the stop step (31) is not the last of its execution (30-32), so
-# the step after it runs in the same graph call and must be dropped too.
-@pytest.mark.parametrize(
-    "compiled", [MODES["jit"], {"steps_per_execution": 3}], ids=["jit", "spe3"]
-)
-def test_explosion_stops_training_dropping_that_step_and_logs_it(tmp_path, compiled):
+# the step after it runs in the same graph call and must be dropped too. (One step per
+# execution, the default, runs in test_adapter_contract.py.)
+def test_explosion_stops_training_dropping_that_step_and_logs_it(tmp_path):
+    compiled = {"steps_per_execution": 3}
     checkpoint = tmp_path / "last.weights.h5"
     saves = keras.callbacks.ModelCheckpoint(str(checkpoint), save_weights_only=True, save_freq=1)
     watch = GradWatch(log_dir=str(tmp_path), log_every_n_steps=10, on_explosion="stop")
@@ -395,9 +394,8 @@ class Snapshots(keras.callbacks.Callback):
         self.taken.append([np.array(v.numpy(), copy=True) for v in variables])
 
 
-@pytest.mark.parametrize(
-    ("mode", "built"), [("auto", True), ("jit", True), ("eager", True), ("jit", False)]
-)
+# The default mode (jit on TensorFlow) with a built model runs in test_adapter_contract.py.
+@pytest.mark.parametrize(("mode", "built"), [("eager", True), ("jit", False)])
 def test_a_nonfinite_step_is_skipped_bit_for_bit(mode, built):
     x, y = regression_data(32 * 8)
     x[32 * 5] = np.nan  # batch 5 has non-finite gradients
@@ -522,9 +520,7 @@ def test_a_fit_that_raises_leaves_the_next_fit_without_gradwatch_clean(tmp_path)
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
-    [
-        *COMMON,
-        *SINKS,
+    [  # the rows every adapter shares run in test_adapter_contract.py
         (
             {"log_every_n_steps": 0},
             ValueError,
