@@ -2,10 +2,10 @@
 
 A driver trains the same tiny network (three dense layers, 6 -> 16 -> 16 -> 1, on one fixed
 batch of 8) for real with its adapter: a real ``lightning.Trainer``, a real plain PyTorch loop,
-a real Keras ``model.fit`` (TensorFlow backend). It uses the adapters' public API only: options,
-``events``, ``stopped_at`` / ``should_stop``, ``state_dict`` / ``load_state_dict`` and the event
-files, read back by TensorBoard's own reader. It papers over where each adapter writes (Keras:
-``<log_dir>/train``) and how each tells that it stopped.
+a real Keras ``model.fit`` (TensorFlow backend, compiled as by default). It uses the adapters'
+public API only: options, ``events``, ``stopped_at`` / ``should_stop``, ``state_dict`` /
+``load_state_dict`` and the event files, read back by TensorBoard's own reader. It papers over
+where each adapter writes (Keras: ``<log_dir>/train``) and how each tells that it stopped.
 
 Frameworks are imported inside the drivers: ``driver(name)`` skips (``pytest.importorskip``)
 when that adapter's framework is missing, and only that adapter's tests.
@@ -377,6 +377,8 @@ class KerasDriver(Driver):
             opt = keras.optimizers.AdamW(lr, weight_decay=0.1)
         else:
             opt = keras.optimizers.SGD(lr)
+        # jit_compile="auto": a graph without XLA on a CPU-only machine, XLA on a GPU
+        # (test_keras runs jit, eager, late-built models and steps_per_execution)
         model.compile(opt, "mse")
         return model
 

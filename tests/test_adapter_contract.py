@@ -60,40 +60,6 @@ def test_the_defaults_write_the_same_tag_families(adapter, tmp_path):
     assert tags["tensors"] == ["custom_scalars__config__"]  # the custom-scalars layout
 
 
-def test_all_statistics_and_histograms_on_request(adapter, tmp_path):
-    run = adapter.train(
-        tmp_path / "logs",
-        2,
-        log_every_n_steps=1,
-        histogram_every_n_steps=1,
-        statistics="all",
-        track_update_ratio=np.bool_(True),  # a numpy bool: True
-        clip=1e6,
-    )
-    tags = run.events().Tags()
-    assert families(tags["scalars"], adapter.groups) == {
-        "global/grad_norm",
-        "global/max_since_last_log",
-        "global/nonfinite_steps",
-        "global/clipped_norm",
-        "clip/threshold",
-        "clip/coefficient",
-        *(
-            f"{statistic}/<group>"
-            for statistic in (
-                "grad_norm",
-                "grad_to_param",
-                "grad_max_abs",
-                "grad_nonfinite",
-                "param_norm",
-                "update_to_param",
-            )
-        ),
-    }
-    assert families(tags["histograms"], adapter.groups) == {"grad_hist/<group>"}
-    assert set(tags["images"]) == {"grad_flow/depth_profile", "grad_flow/heatmap"}
-
-
 def test_the_logging_and_histogram_cadence(adapter, tmp_path):
     # numpy numbers where Python numbers are expected act as the numbers they hold
     run = adapter.train(
@@ -110,6 +76,8 @@ def test_the_logging_and_histogram_cadence(adapter, tmp_path):
         "param_norm/<group>",
     }
     assert not [t for t in events.Tags()["scalars"] if t.startswith("grad_to_param/")]
+    assert families(events.Tags()["histograms"], adapter.groups) == {"grad_hist/<group>"}
+    assert set(events.Tags()["images"]) == {"grad_flow/depth_profile", "grad_flow/heatmap"}
     for group in adapter.groups:
         # step 0, then every third step (k + 1 divisible by 3), and the run's last step
         norms = run.scalars(f"grad_norm/{group}")
@@ -237,7 +205,7 @@ def test_should_stop_says_a_stop_fired(adapter, request, trained):
     assert trained(adapter, "stop").watch.should_stop is True
 
 
-def test_clip_bounds_the_applied_gradient(adapter, tmp_path):
+def test_clip_bounds_the_applied_gradient_and_all_statistics_are_written(adapter, tmp_path):
     lr = 0.1
     run = adapter.train(
         tmp_path / "logs",
@@ -246,7 +214,26 @@ def test_clip_bounds_the_applied_gradient(adapter, tmp_path):
         scale=100.0,  # gradient norms far above 1
         log_every_n_steps=1,
         clip=np.float32(1.0),  # a numpy number: the float it holds
+        statistics="all",
+        track_update_ratio=np.bool_(True),  # a numpy bool: True
     )
+    statistics = (
+        "grad_norm",
+        "grad_to_param",
+        "grad_max_abs",
+        "grad_nonfinite",
+        "param_norm",
+        "update_to_param",
+    )
+    assert families(run.events().Tags()["scalars"], adapter.groups) == {
+        "global/grad_norm",
+        "global/max_since_last_log",
+        "global/nonfinite_steps",
+        "global/clipped_norm",
+        "clip/threshold",
+        "clip/coefficient",
+        *(f"{statistic}/<group>" for statistic in statistics),
+    }
     before = run.scalars("global/grad_norm")
     after = run.scalars("global/clipped_norm")
     coefficient = run.scalars("clip/coefficient")
@@ -281,6 +268,8 @@ def test_state_round_trips_into_a_new_instance(adapter, request, tmp_path):
         clip=AutoClip(percentile=50.0),
         explosion=Explosion(warmup_steps=3),
     )
+    fresh = adapter.make()
+    fresh.load_state_dict(fresh.state_dict())  # the API first: where it is missing, fail fast
     straight = adapter.train(tmp_path / "straight", 8, **options)
     first, resumed = adapter.resume(tmp_path / "resumed", 4, 8, **options)
     assert sorted(first.scalars("global/grad_norm")) == [0, 2, 3]
