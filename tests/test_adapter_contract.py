@@ -44,23 +44,16 @@ def families(tags: list[str], groups: tuple[str, ...]) -> set[str]:
 # -- what is written, and when ---------------------------------------------------------------
 
 
-def test_the_defaults_write_the_same_tag_families(adapter, tmp_path):
-    run = adapter.train(tmp_path / "logs", 4, log_every_n_steps=2)
-    tags = run.events().Tags()
-    assert families(tags["scalars"], adapter.groups) == {
-        "global/grad_norm",
-        "global/max_since_last_log",
-        "global/nonfinite_steps",
-        "grad_norm/<group>",
-        "grad_to_param/<group>",
-    }
-    for group in adapter.groups:  # one group per layer, named as the framework names it
-        assert f"grad_norm/{group}" in tags["scalars"]
-    assert tags["histograms"] == [] and tags["images"] == []  # histograms are opt-in
-    assert tags["tensors"] == ["custom_scalars__config__"]  # the custom-scalars layout
+DEFAULT_SCALARS = {
+    "global/grad_norm",
+    "global/max_since_last_log",
+    "global/nonfinite_steps",
+    "grad_norm/<group>",
+    "grad_to_param/<group>",
+}
 
 
-def test_the_logging_and_histogram_cadence(adapter, tmp_path):
+def test_the_default_tags_and_the_logging_and_histogram_cadence(adapter, tmp_path):
     # numpy numbers where Python numbers are expected act as the numbers they hold
     run = adapter.train(
         tmp_path / "logs",
@@ -68,16 +61,15 @@ def test_the_logging_and_histogram_cadence(adapter, tmp_path):
         log_every_n_steps=np.int64(3),
         histogram_every_n_steps=np.int32(4),
         histogram_bins=np.uint16(7),
-        statistics=["param_norm"],  # grad_norm is always written
     )
     events = run.events()
-    assert families(events.Tags()["scalars"], adapter.groups) >= {
-        "grad_norm/<group>",
-        "param_norm/<group>",
-    }
-    assert not [t for t in events.Tags()["scalars"] if t.startswith("grad_to_param/")]
-    assert families(events.Tags()["histograms"], adapter.groups) == {"grad_hist/<group>"}
-    assert set(events.Tags()["images"]) == {"grad_flow/depth_profile", "grad_flow/heatmap"}
+    tags = events.Tags()
+    assert families(tags["scalars"], adapter.groups) == DEFAULT_SCALARS
+    for group in adapter.groups:  # one group per layer, named as the framework names it
+        assert f"grad_norm/{group}" in tags["scalars"]
+    assert families(tags["histograms"], adapter.groups) == {"grad_hist/<group>"}
+    assert set(tags["images"]) == {"grad_flow/depth_profile", "grad_flow/heatmap"}
+    assert tags["tensors"] == ["custom_scalars__config__"]  # the custom-scalars layout
     for group in adapter.groups:
         # step 0, then every third step (k + 1 divisible by 3), and the run's last step
         norms = run.scalars(f"grad_norm/{group}")
@@ -133,6 +125,7 @@ RUNS = {
             log_every_n_steps=4,
             on_explosion="stop",
             explosion=Explosion(warmup_steps=3),
+            statistics=["param_norm"],
         ),
     ),
 }
@@ -187,6 +180,15 @@ def test_stop_ends_training_and_drops_the_stop_step(adapter, trained):
     assert sorted(totals) == [0, 3, 5]  # the stop step is written, with its norm
     assert totals[5] == pytest.approx(first["value"], rel=1e-5) and totals[5] > 1e4
     assert finite(run.weights[-1])
+
+
+def test_chosen_statistics_and_no_histograms_by_default(adapter, trained):
+    tags = trained(adapter, "stop").events().Tags()
+    chosen = {"grad_norm/<group>", "param_norm/<group>"}  # grad_norm is always written
+    dropped = {"global/skipped_steps"}  # the stop step was dropped
+    default_globals = {t for t in DEFAULT_SCALARS if t.startswith("global/")}
+    assert families(tags["scalars"], adapter.groups) == default_globals | dropped | chosen
+    assert tags["histograms"] == [] and tags["images"] == []  # histograms are opt-in
 
 
 def test_stopped_at_names_the_dropped_step(adapter, request, trained):
