@@ -94,7 +94,6 @@ class Grouping:
         return dict(zip(self.groups, self.tags, strict=True))
 
 
-
 def _warn_of_shared_names(groups: tuple[str, ...], names: tuple[str, ...]) -> None:
     """One warning naming the groups whose tags needed a suffix to stay apart."""
     shared: dict[str, list[int]] = {}

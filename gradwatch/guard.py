@@ -9,6 +9,7 @@ offending step, which cannot be done without knowing), at the logging cadence fo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -268,6 +269,22 @@ class Guard:
                 afresh.append(f"detector {name}")
             detectors.append(restored if restored is not None else template)
         return fresh._replace(policy=policy, detectors=tuple(detectors)), afresh
+
+    def restore(
+        self, fresh: GuardState, saved: dict[str, Any], like: Callable[[Array, Any], Array]
+    ) -> GuardState:
+        """:meth:`load_state_dict`, with one warning naming the parts that start afresh."""
+        state, afresh = self.load_state_dict(fresh, saved, like)
+        if afresh:
+            from gradwatch.reporting import GradWatchWarning  # reporting imports this module
+
+            warnings.warn(
+                "gradwatch: the checkpoint's state does not match this configuration; starting"
+                f" afresh: {', '.join(afresh)}",
+                GradWatchWarning,
+                stacklevel=2,
+            )
+        return state
 
     def _config(self) -> dict[str, Any]:
         return {

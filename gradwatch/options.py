@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -124,6 +125,19 @@ class Options:
             optimizers=optimizers,
             statistics=self.statistics,
         )
+
+    def warn_if_clipped_twice(self, other: object, order: str) -> None:
+        """One warning when a clip policy is set and the framework clips too: ``other`` names
+        the framework's clipping setting (falsy when there is none), ``order`` says which
+        clips first."""
+        if self.guard.policy is not None and other:
+            from gradwatch.reporting import GradWatchWarning  # reporting imports this module
+
+            warnings.warn(
+                f"GradWatch(clip={self.guard.policy}) and {other} both clip; {order}",
+                GradWatchWarning,
+                stacklevel=3,
+            )
 
     def cadence(self, log_every_n_steps: int | None = None) -> Cadence:
         """The cadence; ``log_every_n_steps`` is the framework's, used where the options have

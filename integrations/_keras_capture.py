@@ -152,6 +152,7 @@ class Capture:
         track_update_ratio: bool = False,
         scaled: bool = False,
         statistics: Sequence[str] = tags.DEFAULT_STATISTICS,
+        saved: dict[str, Any] | None = None,
     ) -> None:
         _tf_namespace.install()
         self.statistics = tuple(statistics)
@@ -178,7 +179,10 @@ class Capture:
         # deferred variables; the step captures them like the model's own.
         with tf.init_scope(), strategy.scope():
             like = tf.zeros((), tf.float32)
-            self.guard_state = stored(guard.init(like, groups), "guard")
+            state = guard.init(like, groups)
+            if saved is not None:  # a resumed run's state, where it fits this configuration
+                state = guard.restore(state, saved, lambda t, v: tf.constant(v, t.dtype))
+            self.guard_state = stored(state, "guard")
             self.summary = stored(init_summary(like), "summary")
             # per tensor, at the last logging step: had it a gradient, and every measure taken
             self.present = stored(tf.zeros((tensors,)), "present")

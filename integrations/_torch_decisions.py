@@ -102,11 +102,10 @@ class TorchDecisions:
         """The policy's and detectors' state as plain lists (loads with weights_only=True)."""
         return self.guard.state_dict(run.state)
 
-    def load_state_dict(self, run: GuardRun, saved: dict[str, Any]) -> list[str]:
-        """Put saved state into a freshly started run; returns the parts that start afresh
-        (saved under another configuration)."""
-        run.state, afresh = self.guard.load_state_dict(run.state, saved, _like)
-        return afresh
+    def load_state_dict(self, run: GuardRun, saved: dict[str, Any]) -> None:
+        """Put saved state into a freshly started run (parts saved under another
+        configuration start afresh, with a warning)."""
+        run.state = self.guard.restore(run.state, saved, _like)
 
     def drain(self, run: GuardRun) -> Latch:
         """Read and reset the latched detections: a host copy (one small transfer)."""

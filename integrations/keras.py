@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ from gradwatch.sinks import TensorBoardSink
 __all__ = ["GradWatch", "GradWatchWarning"]
 
 DEFAULT_LOG_DIR = "logs"
+_KERAS_CLIPS = ("clipnorm", "global_clipnorm", "clipvalue")
 
 
 class GradWatch(Adapter, keras.callbacks.Callback):
@@ -71,6 +71,7 @@ class GradWatch(Adapter, keras.callbacks.Callback):
         self._target: Any = None
         self._outer: Any = None
         self._marks = (-1, -1)
+        self._saved: dict[str, list] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -82,7 +83,11 @@ class GradWatch(Adapter, keras.callbacks.Callback):
             )
         model = self.model
         optimizer = model.optimizer
-        self._warn_if_keras_clips(optimizer)
+        own = [f"{k}={v}" for k in _KERAS_CLIPS if (v := getattr(optimizer, k, None))]
+        self.options.warn_if_clipped_twice(
+            own and f"the optimizer's own {', '.join(own)}",
+            "Keras clips after gradwatch (per replica under tf.distribute).",
+        )
         # Under mixed_float16 the inner optimizer receives the unscaled gradients.
         target = getattr(optimizer, "inner_optimizer", optimizer)
         self._target, self._capture, self.grouping = target, None, None
@@ -133,8 +138,7 @@ class GradWatch(Adapter, keras.callbacks.Callback):
 
     def _layout(self) -> Layout:
         """The Custom Scalars layout, made at the first record: the groups are known then."""
-        assert self.grouping is not None  # records come from the capture, which made it
-        return self.options.dashboard(self.grouping)
+        return self.options.dashboard(self.grouping)  # type: ignore[arg-type]
 
     def _started(self, trainable_variables: Any) -> Any:
         """The capture, started at the first optimizer step (inside the traced train step,
@@ -167,6 +171,7 @@ class GradWatch(Adapter, keras.callbacks.Callback):
                 options.track_update_ratio,
                 scaled=target is not model.optimizer,
                 statistics=options.statistics,
+                saved=(self._saved.get("guards") or [None])[0],
             )
 
         cross_replica(start)
@@ -191,6 +196,17 @@ class GradWatch(Adapter, keras.callbacks.Callback):
         self._marks = tuple(marks)
         self.reporter.publish(records, self._marks[0] if stop else None)
 
+    def state_dict(self) -> dict[str, list]:
+        """The clipping and detector state as plain lists, to resume a later ``fit`` with
+        :meth:`load_state_dict` (the step count is the optimizer's own ``iterations``)."""
+        if self._capture is None:
+            return dict(self._saved)
+        return {"guards": [self.options.guard.state_dict(self._capture.guard_state.host())]}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        """Resume from :meth:`state_dict`, when the next ``fit`` starts measuring."""
+        self._saved = dict(state) if isinstance(state, dict) else {}
+
     def on_train_end(self, logs: dict | None = None) -> None:
         self._restore()
 
@@ -212,24 +228,6 @@ class GradWatch(Adapter, keras.callbacks.Callback):
         if self._target is not None:
             model.train_function = None  # the next fit traces the user's own step
         self._target = self._outer = None
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _warn_if_keras_clips(self, optimizer: Any) -> None:
-        own = {
-            name: getattr(optimizer, name, None)
-            for name in ("clipnorm", "global_clipnorm", "clipvalue")
-        }
-        own = {name: value for name, value in own.items() if value}
-        policy = self.options.guard.policy
-        if policy is not None and own:
-            settings = ", ".join(f"{k}={v}" for k, v in own.items())
-            warnings.warn(
-                f"GradWatch(clip={policy}) and the optimizer's own {settings} both"
-                " clip; Keras clips after gradwatch (per replica under tf.distribute).",
-                GradWatchWarning,
-                stacklevel=2,
-            )
 
 
 def _sibling_tensorboard_log_dir() -> str | None:

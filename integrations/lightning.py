@@ -16,7 +16,6 @@ A thin translation of Trainer events into calls on the torch engine:
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -145,13 +144,10 @@ class GradWatch(Adapter, Callback):
             guard=options.guard,
             scaler=scaler,
         )
-        if options.guard.policy is not None and trainer.gradient_clip_val:
-            warnings.warn(
-                f"GradWatch(clip={options.guard.policy}) and Trainer(gradient_clip_val="
-                f"{trainer.gradient_clip_val}) both clip; Lightning clips after gradwatch.",
-                GradWatchWarning,
-                stacklevel=2,
-            )
+        clip = trainer.gradient_clip_val
+        options.warn_if_clipped_twice(
+            clip and f"Trainer(gradient_clip_val={clip})", "Lightning clips after gradwatch."
+        )
         if self._loaded_state is not None:
             self.engine.load_state_dict(self._loaded_state)
             self._loaded_state = None

@@ -91,6 +91,14 @@ class TorchGradWatch(Adapter):
         """Write the logging steps measured, and tell their detections."""
         self.reporter.publish(self.engine.after_optimizer_step())
 
+    def state_dict(self) -> dict[str, list]:
+        """The step counts and the clipping and detector state, as plain lists."""
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        """Resume from :meth:`state_dict` (before the first step)."""
+        self.engine.load_state_dict(state)
+
     def close(self) -> None:
         """Write the last step when it was not logged, and close the event files."""
         if not self.reporter.closed:

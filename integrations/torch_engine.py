@@ -10,7 +10,6 @@ after the optimizer step; the core's :class:`~gradwatch.recording.Recorder` name
 from __future__ import annotations
 
 import math
-import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from gradwatch.integrations._torch_decisions import GuardRun, TorchDecisions, vi
 from gradwatch.options import check_histogram_bins
 from gradwatch.record import Record
 from gradwatch.recording import Reading, Recorder
-from gradwatch.reporting import GradWatchWarning
 from gradwatch.stats import (
     GRAD_NORM,
     StepSummary,
@@ -322,15 +320,9 @@ class TorchEngine:
         guards = self._restored.get("guards", [])
         if not self._restored or state.guard is None:
             return
-        saved = guards[state.index] if state.index < len(guards) else {}
-        afresh = self.guard.load_state_dict(state.guard, saved)
-        if afresh:
-            warnings.warn(
-                "gradwatch: the checkpoint's state does not match this configuration; starting"
-                f" afresh: {', '.join(afresh)}",
-                GradWatchWarning,
-                stacklevel=4,
-            )
+        self.guard.load_state_dict(
+            state.guard, guards[state.index] if state.index < len(guards) else {}
+        )
 
     def _stepped(self, state: _Optimizer, optimizer: torch.optim.Optimizer) -> _Stepped:
         """The parameters with gradients this step, worked out once per set of them."""

@@ -78,7 +78,12 @@ COMMON = [
         ValueError,
         "`on_vanishing` must be one of 'warn', 'stop', 'ignore'. Received: on_vanishing='skip'",
     ),
-    ({"on_explosion": "explode"}, ValueError, "Received: on_explosion='explode'"),
+    (
+        {"on_explosion": "explode"},
+        ValueError,
+        "`on_explosion` must be one of 'warn', 'skip', 'stop', 'ignore'."
+        " Received: on_explosion='explode'",
+    ),
     ({"on_nonfinite": None}, ValueError, "Received: on_nonfinite=None"),
     (
         {"explosion": 0},

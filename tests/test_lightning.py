@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from _arguments import COMMON, NUMPY, SINKS
+from _arguments import NUMPY
 from _models import (
     Regressor,
     direct_group_norms,
@@ -100,18 +100,6 @@ def test_a_csv_logger_gets_the_scalars_and_the_event_file_everything(tmp_path):
         (3, True, True),
         (7, True, True),
     ]
-
-
-def test_the_defaults_write_two_charts_a_group_and_more_on_request(tmp_path):
-    for statistics, expected in [
-        ("default", {"grad_norm", "grad_to_param"}),
-        (["param_norm"], {"grad_norm", "param_norm"}),
-    ]:
-        root = tmp_path / ("default" if statistics == "default" else "chosen")
-        watch = GradWatch(log_every_n_steps=2, statistics=statistics)
-        trainer(root, callbacks=[watch], max_steps=4).fit(Regressor(lr=0.01), loader())
-        tags = gradwatch_events(root).Tags()["scalars"]
-        assert {t.split("/")[0] for t in tags if t.split("/", 1)[1] in GROUPS} == expected
 
 
 def test_no_arguments_and_no_logger(tmp_path):
@@ -208,24 +196,6 @@ def test_mixed_precision_statistics_are_unscaled(tmp_path, precision, optimizer,
         assert scaler.get_scale() == 2.0**12  # no inf found: every step was taken
 
 
-def test_state_round_trips_through_a_checkpoint(tmp_path):
-    watch = GradWatch(log_every_n_steps=4)
-    first = trainer(tmp_path, callbacks=[watch], max_steps=6)
-    first.fit(Regressor(lr=0.01), loader())
-    path = tmp_path / "six.ckpt"
-    first.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["callbacks"][watch.state_key]["optimizer_steps"] == [6]
-
-    resumed = GradWatch(log_every_n_steps=4)
-    second = trainer(tmp_path / "resumed", callbacks=[resumed], max_steps=10, logger=False)
-    second.fit(Regressor(lr=0.01), loader(), ckpt_path=path)
-    assert resumed.state_dict()["optimizer_steps"] == [10]
-    events = read_events(event_files(tmp_path / "resumed")[0])
-    # the cadence continued (7); the last step (9) is written when the run ends
-    assert [s for s, _ in logged(events, "grad_norm/net.0")] == [7, 9]
-
-
 def test_a_crash_loses_nothing_that_was_logged(tmp_path):
     class Crashes(Regressor):
         def training_step(self, batch, batch_idx):
@@ -244,8 +214,7 @@ def test_a_crash_loses_nothing_that_was_logged(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
-    [
-        *COMMON,
+    [  # the rows every adapter shares run in test_adapter_contract.py
         (
             {"log_every_n_steps": 0},
             ValueError,
@@ -258,7 +227,6 @@ def test_a_crash_loses_nothing_that_was_logged(tmp_path):
             "`group_by` must be one of 'module', 'parameter', or a callable from parameter name"
             " to group name. Received: group_by='layer'",
         ),
-        *SINKS,
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, message):

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from _arguments import COMMON, NUMPY, SINKS
 from gradwatch import tags
 from gradwatch.cadence import Cadence
 from gradwatch.detectors import Explosion
@@ -178,29 +177,9 @@ def test_histogram_counts_match_numpy():
     assert np.isnan(record.scalars["grad_norm/0.weight"])
 
 
-def test_plain_loop_takes_histogram_bins():
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sink = MemorySink()
-    with TorchGradWatch(
-        model, log_dir=False, histogram_every_n_steps=1, histogram_bins=7, sinks=[sink]
-    ) as watch:
-        nn.functional.mse_loss(model(torch.randn(16, 6)), torch.randn(16, 1)).backward()
-        watch.before_optimizer_step(optimizer)
-        optimizer.step()
-        watch.after_optimizer_step()
-    (record,) = [r for r in sink.records if r.histograms]
-    assert set(record.histograms) == {"grad_hist/0", "grad_hist/2", "grad_hist/4"}
-    for hist in record.histograms.values():
-        assert len(hist.counts) == len(hist.bucket_limits) == 7
-    assert record.histograms["grad_hist/0"].num == 6 * 8 + 8
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
-    [
-        *COMMON,
-        *SINKS,
+    [  # the rows every adapter shares run in test_adapter_contract.py
         (
             {"log_every_n_steps": 0},
             ValueError,
@@ -228,15 +207,6 @@ def test_bad_arguments_fail_at_construction(kwargs, error, message):
 def test_bad_model_fails_at_construction():
     with pytest.raises(TypeError, match=re.escape("`model` must be a torch.nn.Module.")):
         TorchGradWatch("net", log_dir=False)  # type: ignore[arg-type]
-
-
-def test_numpy_numbers_are_accepted_as_python_numbers():
-    watch = TorchGradWatch(make_model(), log_dir=False, **NUMPY)
-    engine = watch.engine
-    assert engine.cadence == Cadence(5, 10) and type(engine.cadence.log_every_n_steps) is int
-    assert engine.histogram_bins == 7 and type(engine.histogram_bins) is int
-    assert engine.track_update_ratio is True
-    assert engine.guard.guard.policy == ClipByNorm(0.5)
 
 
 @contextlib.contextmanager
@@ -324,43 +294,6 @@ def test_several_optimizers_get_their_own_total_tags():
     assert "global/grad_norm" in one.scalars and "grad_norm/2" not in one.scalars
     assert "global/grad_norm_optimizer1" in two.scalars and "grad_norm/0" not in two.scalars
     assert engine.state_dict()["optimizer_steps"] == [1, 1]
-
-
-def test_plain_loop_wrapper_skips_stops_and_warns():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x, y = torch.randn(32, 4), torch.randn(32, 1)
-    watch = TorchGradWatch(
-        model,
-        None,
-        log_every_n_steps=1,
-        on_nonfinite="skip",
-        on_explosion="stop",
-        explosion=Explosion(warmup_steps=3),
-    )
-    stopped_at = None
-    with pytest.warns(GradWatchWarning, match="non-finite"):
-        for step in range(12):
-            optimizer.zero_grad()
-            scale = 1e6 if step == 8 else 1.0
-            torch.nn.functional.mse_loss(model(x * scale), y * scale).backward()
-            if step == 5:
-                model[2].weight.grad[0, 0] = float("nan")
-                before = [p.detach().clone() for p in model.parameters()]
-            watch.before_optimizer_step(optimizer)
-            optimizer.step()
-            if step == 5:
-                assert all(
-                    torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
-                )
-            watch.after_optimizer_step()
-            if watch.should_stop:
-                stopped_at = step
-                break
-    kinds = {(e["kind"], e["step"]) for e in watch.events}
-    assert ("nonfinite", 5) in kinds and ("explosion", 8) in kinds
-    assert stopped_at == 8
 
 
 STATE = ("policy", "detectors")  # the arrays of a saved guard state (beside its "config")
