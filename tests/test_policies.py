@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from _policies import BUILTIN_POLICIES
 from gradwatch.policies import (
     AGC,
     AutoClip,
@@ -22,14 +23,7 @@ from gradwatch.policies import (
     needs_unit_norms,
 )
 
-POLICIES = [
-    ClipByNorm(1.0),
-    ClipByValue(0.5),
-    AutoClip(percentile=25.0, history=16),
-    ZClip(warmup_steps=5),
-    ZClip(warmup_steps=5, mode="percentile"),
-    AGC(clipping=0.05),
-]
+POLICIES = BUILTIN_POLICIES
 IDS = [
     type(p).__name__ + ("-percentile" if getattr(p, "mode", "") == "percentile" else "")
     for p in POLICIES

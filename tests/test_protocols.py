@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from _custom import ClipToMean, HalveAbove, Streak, UnitCap
+from _policies import BUILTIN_POLICIES
 from gradwatch.checks import meets
 from gradwatch.detectors import (
     Detector,
@@ -31,22 +32,13 @@ from gradwatch.detectors import (
 from gradwatch.guard import Guard, describe
 from gradwatch.policies import (
     AGC,
-    AutoClip,
-    ClipByNorm,
-    ClipByValue,
     ClipStats,
     Policy,
-    ZClip,
     needs_unit_norms,
 )
 
 POLICIES = [
-    ClipByNorm(1.0),
-    ClipByValue(0.5),
-    AutoClip(percentile=25.0, history=16),
-    ZClip(warmup_steps=5),
-    ZClip(warmup_steps=5, mode="percentile"),
-    AGC(clipping=0.05),
+    *BUILTIN_POLICIES,
     HalveAbove(1.5),  # a user's: stateless, no dataclass repr
     ClipToMean(),  # a user's: its state a plain tuple
     UnitCap(0.5),  # a user's: declares needs_unit_norms
