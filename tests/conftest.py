@@ -27,3 +27,10 @@ def framework_xp(request: pytest.FixtureRequest):
 
     _tf_namespace.install()
     return _tf_namespace
+
+
+@pytest.fixture(autouse=True)
+def _in_a_folder_of_its_own(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """Each test runs in an empty folder, so that what an adapter writes by default (`runs`,
+    `logs`, `lightning_logs`) never lands in the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))

@@ -314,7 +314,7 @@ def test_numpy_and_torch_decisions_agree_on_the_cpu(clip):
         sink = MemorySink()
         watch = TorchGradWatch(
             model,
-            None,
+            False,
             log_every_n_steps=3,
             sinks=[sink],
             clip=clip,
