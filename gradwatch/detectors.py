@@ -331,10 +331,10 @@ def new_latch(like: Array, shape: int | tuple[int, ...]) -> Latch:
     xp = namespace_of(like)
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     device = getattr(like, "device", None)
-    zeros = xp.zeros(shape, dtype=like.dtype, device=device)
+    values, thresholds = (xp.zeros(shape, dtype=like.dtype, device=device) for _ in range(2))
     steps = xp.zeros(shape, dtype=xp.int64, device=device)
     fired = xp.zeros(shape, dtype=xp.bool, device=device)
-    return Latch(fired, steps, zeros, zeros)
+    return Latch(fired, steps, values, thresholds)  # no two fields one array: no aliasing
 
 
 def latch(state: Latch, verdict: Verdict, step: Array) -> Latch:

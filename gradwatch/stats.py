@@ -77,14 +77,17 @@ class StepSummary(NamedTuple):
 def init_summary(like: Array) -> StepSummary:
     """A fresh summary on the device and dtype of ``like`` (any array of that namespace)."""
     xp = namespace_of(like)
-    zero = xp.zeros_like(xp.reshape(like, (-1,))[:1])[0]
-    return StepSummary(zero, zero, zero, zero)
+    fields = (xp.zeros_like(xp.reshape(like, (-1,))[:1])[0] for _ in StepSummary._fields)
+    return StepSummary(*fields)  # no two fields one array: no aliasing
 
 
 def reset_summary(summary: StepSummary) -> StepSummary:
     """The summary after a logging step: the per-interval fields start again, the totals stay."""
-    zero = namespace_of(summary.max_global_norm).zeros_like(summary.max_global_norm)
-    return summary._replace(max_global_norm=zero, nonfinite_steps=zero)
+    zeros_like = namespace_of(summary.max_global_norm).zeros_like
+    return summary._replace(
+        max_global_norm=zeros_like(summary.max_global_norm),
+        nonfinite_steps=zeros_like(summary.nonfinite_steps),
+    )
 
 
 def update_summary(

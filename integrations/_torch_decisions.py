@@ -13,6 +13,7 @@ step cannot be dropped without knowing; a stop drops the offending step too).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +24,10 @@ from gradwatch.array_api import namespace_of
 from gradwatch.detectors import DetectStats, Latch, new_latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard, GuardState
+from gradwatch.integrations._compiled import Compiled
 from gradwatch.integrations._shards import local
 from gradwatch.policies import ClipStats, needs_unit_norms
-from gradwatch.stats import group_norms
+from gradwatch.stats import StepSummary, global_norm, group_norms, update_summary
 
 __all__ = ["GuardRun", "TorchDecisions"]
 
@@ -42,17 +44,25 @@ class GuardRun:
     last: Decision | None = None
 
 
+DEVICE_DECISIONS = "GRADWATCH_DEVICE_DECISIONS"
+"""Set to ``"1"``, the core decides on torch tensors on the CPU too: the path every other device
+takes (compiled, see :mod:`gradwatch.integrations._compiled`), for tests and benchmarks."""
+
+
 class TorchDecisions:
     """Runs a :class:`Guard` for the optimizers of one engine.
 
     ``host_on_cpu=False`` keeps the core on torch tensors on the CPU too: the path every other
-    device takes, so that the CPU tests can check it.
+    device takes. Default: numpy on the CPU unless ``GRADWATCH_DEVICE_DECISIONS=1``.
     """
 
-    def __init__(self, guard: Guard, grouping: Grouping, host_on_cpu: bool = True) -> None:
+    def __init__(self, guard: Guard, grouping: Grouping, host_on_cpu: bool | None = None) -> None:
         self.guard = guard
         self.grouping = grouping
+        if host_on_cpu is None:
+            host_on_cpu = os.environ.get(DEVICE_DECISIONS, "0") != "1"
         self.host_on_cpu = host_on_cpu
+        self._compiled = Compiled(self._decide)
 
     def start(self, like: torch.Tensor) -> GuardRun:
         on_host = self.host_on_cpu and like.device.type == "cpu"
@@ -65,38 +75,66 @@ class TorchDecisions:
         params: list[torch.Tensor],
         grads: list[torch.Tensor],
         norms: torch.Tensor,
-        global_norm: Array,
         step: int,
-        scaler_skipped: Array | None = None,
-    ) -> tuple[Decision, bool]:
-        """Decide for this step and clip; return the decision and whether to drop the step.
+        summary: StepSummary,
+        scaler_skipped: torch.Tensor | None = None,
+    ) -> tuple[Decision, bool, Array, StepSummary]:
+        """Decide for this step, fold it into ``summary``, and clip; return the decision,
+        whether to drop the step, the global norm and the summary (where the run decides).
 
-        ``global_norm`` and ``scaler_skipped`` are already where the run decides (see
-        :func:`view`). Whether to drop is read on the host (the one read per step) only when
-        an action may drop the step; the caller drops it.
+        Whether to drop is read on the host (the one read per step) only when an action may
+        drop the step; the caller drops it.
         """
         guard, on_host = self.guard, run.on_host
-        if guard.active:
-            stats = DetectStats(global_norm, self._group_norms(run, indices, norms))
-            step_value = (
-                np.asarray(step, dtype=np.int64)
-                if on_host
-                else torch.full((), step, dtype=torch.int64, device=norms.device)
+        step_value = (
+            np.asarray(step, dtype=np.int64)
+            if on_host
+            else torch.full((), step, dtype=torch.int64, device=norms.device)
+        )
+        units = None
+        if needs_unit_norms(guard.policy):
+            units = tuple(
+                view(torch.cat([_unit_norms(t) for t in tensors]), on_host)
+                for tensors in (grads, [local(p).detach() for p in params])
             )
-        else:  # no detector looks at the groups or the step
-            stats, step_value = DetectStats(global_norm, global_norm[None][:0]), None
-        decision, run.state = guard.update(
-            stats,
-            self._clip_stats(grads, params, global_norm, on_host),
-            run.state,
+        decide = self._decide if on_host else self._compiled
+        decision, run.state, summary, total = decide(
+            view(norms, on_host),
+            self._group_index(run, indices, norms),
             step_value,
-            scaler_skipped,
+            None if scaler_skipped is None else view(scaler_skipped, on_host),
+            units,
+            run.state,
+            summary,
         )
         run.last = decision
         dropped = guard.reads_every_step and bool(decision.skip)
         if not dropped and decision.clip is not None:
             _apply(decision, grads)
-        return decision, dropped
+        return decision, dropped, total, summary
+
+    def _decide(
+        self,
+        norms: Array,
+        group_index: Array,
+        step: Array,
+        scaler_skipped: Array | None,
+        units: tuple[Array, Array] | None,
+        state: GuardState,
+        summary: StepSummary,
+    ) -> tuple[Decision, GuardState, StepSummary, Array]:
+        """The whole per-step decision as pure array code (compiled on the device path):
+        the global and per-group norms, the guard's update and the summary."""
+        guard = self.guard
+        total = global_norm(norms)
+        if guard.active:
+            stats = DetectStats(total, _group_norms(norms, group_index, len(self.grouping.groups)))
+        else:  # no detector looks at the groups or the step
+            stats, step = DetectStats(total, total[None][:0]), None
+        clip_stats = ClipStats(total) if units is None else ClipStats(total, *units)
+        decision, state = guard.update(stats, clip_stats, state, step, scaler_skipped)
+        skips = decision.skip if guard.reads_every_step else None
+        return decision, state, update_summary(summary, total, skips, scaler_skipped), total
 
     def state_dict(self, run: GuardRun) -> dict[str, Any]:
         """The policy's and detectors' state as plain lists (loads with weights_only=True)."""
@@ -123,34 +161,25 @@ class TorchDecisions:
         threshold, scale = torch.as_tensor(clip.threshold), torch.as_tensor(clip.scale)
         return torch.stack([threshold.float(), scale.min().float(), clipped_norm])
 
-    def _group_norms(self, run: GuardRun, indices: list[int], norms: torch.Tensor) -> Array:
+    def _group_index(self, run: GuardRun, indices: list[int], norms: torch.Tensor) -> Array:
+        """Each tensor's group, once per set of tensors (a host-to-device copy outside the
+        per-step path)."""
         key = tuple(indices)
         index = run.group_index.get(key)
-        if index is None:  # once per set of tensors: a host-to-device copy outside the loop
+        if index is None:
             groups = self.grouping.index[np.asarray(indices)]
             index = run.group_index[key] = (
                 groups if run.on_host else torch.from_numpy(groups).to(norms.device)
             )
-        if run.on_host:
-            groups = len(self.grouping.groups)
-            return group_norms(view(norms, True), index, groups).astype(np.float32)
-        squares = torch.zeros(len(self.grouping.groups), device=norms.device)
-        return squares.index_add_(0, index, norms.square()).sqrt()
+        return index
 
-    def _clip_stats(
-        self,
-        grads: list[torch.Tensor],
-        params: list[torch.Tensor],
-        global_norm: Array,
-        on_host: bool,
-    ) -> ClipStats:
-        if not needs_unit_norms(self.guard.policy):
-            return ClipStats(global_norm)
-        return ClipStats(
-            global_norm,
-            view(torch.cat([_unit_norms(g) for g in grads]), on_host),
-            view(torch.cat([_unit_norms(local(p).detach()) for p in params]), on_host),
-        )
+
+def _group_norms(norms: Array, group_index: Array, groups: int) -> Array:
+    """Per group, the root of its tensors' summed squared norms, in the norms' dtype."""
+    if isinstance(norms, np.ndarray):
+        return group_norms(norms, group_index, groups).astype(norms.dtype)
+    squares = torch.zeros(groups, dtype=norms.dtype, device=norms.device)
+    return squares.index_add(0, group_index, norms.square()).sqrt()
 
 
 def view(tensor: torch.Tensor, on_host: bool) -> Array:

@@ -35,7 +35,6 @@ from gradwatch.stats import (
     measures_for,
     nonzero_sums,
     reset_summary,
-    update_summary,
 )
 
 __all__ = ["TorchEngine"]
@@ -218,17 +217,12 @@ class TorchEngine:
         on_host = state.guard.on_host
         if on_host:
             norms = _without_overflow(norms, grads, stepped.sharded)
-        total = global_norm(view(norms, on_host))  # where the guard decides
-        if scaler_skipped is not None:
-            scaler_skipped = view(scaler_skipped, on_host)
-        number = count if step is None else step
-        decision, dropped = self.guard.step(
-            state.guard, indices, params, grads, norms, total, number, scaler_skipped
-        )
         if state.summary is None:
-            state.summary = init_summary(total)
-        skips = decision.skip if self.guard.guard.reads_every_step else None
-        state.summary = update_summary(state.summary, total, skips, scaler_skipped)
+            state.summary = init_summary(view(norms, on_host))
+        number = count if step is None else step
+        decision, dropped, total, state.summary = self.guard.step(
+            state.guard, indices, params, grads, norms, number, state.summary, scaler_skipped
+        )
         if (on_host or dropped) and _nonfinite_finding(total, scaler_skipped):
             # How many NaN/Inf values, counted while they are here, where the host knows the
             # step already (on the CPU, or a step dropped after its one read on a GPU).
