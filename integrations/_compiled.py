@@ -24,6 +24,8 @@ from gradwatch.reporting import GradWatchWarning
 
 __all__ = ["Compiled", "compiling"]
 
+_COUNT = 0  # compiled updates made in this process
+
 
 def compiling() -> bool:
     """Whether the device path compiles the update (``GRADWATCH_COMPILE`` is not ``"0"``)."""
@@ -66,6 +68,11 @@ class Compiled:
         def flat(*leaves: torch.Tensor) -> list:
             return tree_flatten(update(*tree_unflatten(list(leaves), spec)))[0]
 
+        # Dynamo keeps its compiled code per code object, and at most a few entries each: a
+        # code object of its own per compiled update keeps engines and tests from sharing one.
+        global _COUNT
+        _COUNT += 1
+        flat.__code__ = flat.__code__.replace(co_name=f"gradwatch_update_{_COUNT}")
         return torch.compile(flat, fullgraph=True, dynamic=False)
 
 
