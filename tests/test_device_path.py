@@ -105,7 +105,7 @@ def test_a_compiled_model_keeps_its_graph(monkeypatch, device_path):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = torch.compile(net())
-    watch, records = train(model, clip=1.0)
+    _, records = train(model, clip=1.0)
     counters = torch._dynamo.utils.counters
     assert not counters["graph_break"]
     # the model's forward, and on the device path gradwatch's own update: one graph each
