@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from gradwatch.integrations import _torch_namespace
 from gradwatch.reporting import GradWatchWarning
 
 __all__ = ["Compiled", "compiling"]
@@ -36,7 +35,6 @@ class Compiled:
     """``update(*args)``, compiled once per structure of its arguments; eager after a failure."""
 
     def __init__(self, update: Callable[..., Any]) -> None:
-        _torch_namespace.install()  # plain torch calls: traceable by Dynamo
         self.update = update
         self._compiled: dict[Any, tuple[Callable[..., list], Any]] = {}
         self.failed = not compiling()

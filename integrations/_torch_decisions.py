@@ -24,6 +24,7 @@ from gradwatch.array_api import namespace_of
 from gradwatch.detectors import DetectStats, Latch, new_latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import Decision, Guard, GuardState
+from gradwatch.integrations import _torch_namespace
 from gradwatch.integrations._compiled import Compiled
 from gradwatch.integrations._shards import local
 from gradwatch.policies import ClipStats, needs_unit_norms
@@ -43,6 +44,8 @@ class GuardRun:
     group_index: dict[tuple[int, ...], Array] = field(default_factory=dict)
     last: Decision | None = None
 
+
+_torch_namespace.install()  # the core's array code on torch tensors: plain torch calls
 
 DEVICE_DECISIONS = "GRADWATCH_DEVICE_DECISIONS"
 """Set to ``"1"``, the core decides on torch tensors on the CPU too: the path every other device

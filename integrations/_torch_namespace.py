@@ -18,17 +18,23 @@ from gradwatch import array_api
 
 __all__ = ["install"]
 
-bool = torch.bool
-int64 = torch.int64
-float32 = torch.float32
-float64 = torch.float64
+bool, int64, float32, float64 = torch.bool, torch.int64, torch.float32, torch.float64
 log, exp, sqrt, floor, isfinite = torch.log, torch.exp, torch.sqrt, torch.floor, torch.isfinite
+zeros, full, arange, where, any, sum = (
+    torch.zeros,
+    torch.full,
+    torch.arange,
+    torch.where,
+    torch.any,
+    torch.sum,
+)
 zeros_like, ones_like, full_like, reshape = (
     torch.zeros_like,
     torch.ones_like,
     torch.full_like,
     torch.reshape,
 )
+concat, stack, max = torch.cat, torch.stack, torch.amax
 
 
 def _tensor(value: Any, like: Any) -> torch.Tensor:
@@ -49,48 +55,12 @@ def minimum(a: Any, b: Any) -> torch.Tensor:
     return torch.minimum(_tensor(a, b), b)
 
 
-def where(condition: Any, a: Any, b: Any) -> torch.Tensor:
-    return torch.where(condition, a, b)
-
-
-def zeros(shape: Any, dtype: Any = torch.float32, device: Any = None) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
-def full(shape: Any, value: Any, dtype: Any = torch.float32, device: Any = None) -> torch.Tensor:
-    return torch.full(shape, value, dtype=dtype, device=device)
-
-
-def arange(stop: int, device: Any = None) -> torch.Tensor:
-    return torch.arange(stop, device=device)
-
-
 def astype(a: Any, dtype: Any) -> torch.Tensor:
     return a.to(dtype)
 
 
-def concat(arrays: Any, axis: int = 0) -> torch.Tensor:
-    return torch.cat(list(arrays), dim=axis)
-
-
-def stack(arrays: Any, axis: int = 0) -> torch.Tensor:
-    return torch.stack(list(arrays), dim=axis)
-
-
 def take(a: Any, indices: Any, axis: int | None = None) -> torch.Tensor:
     return torch.index_select(a, axis or 0, indices)
-
-
-def any(a: Any) -> torch.Tensor:
-    return torch.any(a)
-
-
-def max(a: Any) -> torch.Tensor:
-    return torch.amax(a)
-
-
-def sum(a: Any) -> torch.Tensor:
-    return torch.sum(a)
 
 
 def sort(a: Any) -> torch.Tensor:

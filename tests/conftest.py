@@ -17,6 +17,16 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"GRADWATCH_REQUIRE_FRAMEWORKS is set but missing: {missing}")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _torch_through_gradwatchs_namespace() -> None:
+    """The core runs on torch tensors through the namespace the torch engine installs, in
+    every test alike, whichever test builds an engine first."""
+    if importlib.util.find_spec("torch") is not None:
+        from gradwatch.integrations import _torch_namespace
+
+        _torch_namespace.install()
+
+
 @pytest.fixture(params=["torch", "tensorflow"])
 def framework_xp(request: pytest.FixtureRequest):
     """The namespace the core runs on inside an adapter: torch's, or gradwatch's TensorFlow one."""
