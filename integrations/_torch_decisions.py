@@ -211,10 +211,14 @@ def _unit_norms(tensor: torch.Tensor) -> torch.Tensor:
 def _apply(decision: Decision, grads: list[torch.Tensor]) -> None:
     clip = decision.clip
     assert clip is not None
-    if clip.value is not None:
+    if clip.value is not None:  # one bound per dtype and device, two foreach kernels
+        bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for g in grads:
-            limit = torch.as_tensor(clip.value, dtype=g.dtype, device=g.device)
-            g.clamp_(min=-limit, max=limit)
+            if (g.dtype, g.device) not in bounds:
+                high = torch.as_tensor(clip.value, dtype=g.dtype, device=g.device)
+                bounds[g.dtype, g.device] = (high, -high)
+        torch._foreach_clamp_max_(grads, [bounds[g.dtype, g.device][0] for g in grads])
+        torch._foreach_clamp_min_(grads, [bounds[g.dtype, g.device][1] for g in grads])
         return
     scales = torch.as_tensor(clip.scale)  # the same memory, for a numpy decision
     if scales.ndim == 0:
