@@ -85,6 +85,11 @@ class Driver:
     groups: tuple[str, str, str]  # the three layers' group names, input to output
     #: the directory below a ``log_dir`` where the event files land
     subdirectory: str = ""
+    #: what ``log_every_n_steps=None`` stands for, as the adapter's messages say it
+    log_every_default: str = "50"
+    #: the named ``group_by`` rules, and what a ``group_by`` callable maps
+    group_rules: tuple[str, str] = ("module", "parameter")
+    group_member: str = "parameter name"
 
     def make(self, **options: Any) -> Any:
         """The adapter, built as a user builds it (no event files unless ``log_dir`` is
@@ -111,6 +116,15 @@ class Driver:
         multiplies every step's loss. ``state``: an earlier run's ``state_dict`` loaded into
         the new adapter before training (a resume).
         """
+        watch = self.make(log_dir=log_dir, **options)
+        if state is not None:
+            watch.load_state_dict(state)
+        run = Run(watch, Path(log_dir) / self.subdirectory)
+        self._train(run, Path(log_dir), steps, optimizer, lr, faults, scale)
+        return run
+
+    def _train(self, run: Run, log_dir: Path, steps: int, optimizer, lr, faults, scale) -> None:
+        """Train the framework's way, with ``run.watch`` watching."""
         raise NotImplementedError
 
     def resume(self, log_dir: Path, first: int, steps: int, **kwargs: Any) -> tuple[Run, Run]:
@@ -246,6 +260,7 @@ class TorchDriver(Driver):
 class LightningDriver(Driver):
     name = "lightning"
     groups = ("net.0", "net.2", "net.4")
+    log_every_default = "the Trainer's log_every_n_steps"
 
     def make(self, **options: Any) -> Any:
         from gradwatch.integrations.lightning import GradWatch
@@ -309,24 +324,8 @@ class LightningDriver(Driver):
         run.stopped_at = run.watch.stopped_at
         return trainer
 
-    def train(
-        self,
-        log_dir,
-        steps,
-        *,
-        optimizer="sgd",
-        lr=0.0,
-        faults=None,
-        scale=1.0,
-        state=None,
-        **options,
-    ):
-        watch = self.make(log_dir=log_dir, **options)
-        if state is not None:
-            watch.load_state_dict(state)
-        run = Run(watch, Path(log_dir))
-        self._fit(Path(log_dir).parent, run, self._module(optimizer, lr, faults, scale), steps)
-        return run
+    def _train(self, run, log_dir, steps, optimizer, lr, faults, scale):
+        self._fit(log_dir.parent, run, self._module(optimizer, lr, faults, scale), steps)
 
     def resume(
         self, log_dir, first, steps, *, optimizer="sgd", lr=0.0, faults=None, scale=1.0, **options
@@ -353,6 +352,8 @@ class LightningDriver(Driver):
 class KerasDriver(Driver):
     name = "keras"
     groups = ("net/hidden", "net/middle", "net/head")
+    group_rules = ("layer", "variable")
+    group_member = "variable path"
     subdirectory = "train"  # Keras' GradWatch writes to <log_dir>/train
 
     def make(self, **options: Any) -> Any:
@@ -416,24 +417,8 @@ class KerasDriver(Driver):
             )
         run.stopped_at = run.watch.stopped_at
 
-    def train(
-        self,
-        log_dir,
-        steps,
-        *,
-        optimizer="sgd",
-        lr=0.0,
-        faults=None,
-        scale=1.0,
-        state=None,
-        **options,
-    ):
-        watch = self.make(log_dir=str(log_dir), **options)
-        if state is not None:
-            watch.load_state_dict(state)
-        run = Run(watch, Path(log_dir) / self.subdirectory)
+    def _train(self, run, log_dir, steps, optimizer, lr, faults, scale):
         self._fit(run, self._model(optimizer, lr), steps, faults, scale)
-        return run
 
     def resume(
         self, log_dir, first, steps, *, optimizer="sgd", lr=0.0, faults=None, scale=1.0, **options

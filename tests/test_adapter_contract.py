@@ -281,3 +281,20 @@ def test_state_round_trips_into_a_new_instance(adapter, tmp_path):
 def test_bad_arguments_fail_at_construction(adapter, kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
         adapter.make(**kwargs)
+
+
+def test_messages_name_the_adapters_own_defaults_and_rules(adapter):
+    every = (
+        f"`log_every_n_steps` must be an int >= 1 or None ({adapter.log_every_default})."
+        " Received: log_every_n_steps=0"
+    )
+    with pytest.raises(ValueError, match=re.escape(every)):
+        adapter.make(log_every_n_steps=0)
+    other = "module" if "layer" in adapter.group_rules else "layer"  # the other framework's
+    rules = ", ".join(repr(r) for r in adapter.group_rules)
+    group = (
+        f"`group_by` must be one of {rules}, or a callable from {adapter.group_member} to group"
+        f" name. Received: group_by={other!r}"
+    )
+    with pytest.raises(ValueError, match=re.escape(group)):
+        adapter.make(group_by=other)

@@ -526,27 +526,6 @@ def test_a_fit_that_raises_leaves_the_next_fit_without_gradwatch_clean(tmp_path)
     assert "apply" not in vars(model.optimizer)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [  # the rows every adapter shares run in test_adapter_contract.py
-        (
-            {"log_every_n_steps": 0},
-            ValueError,
-            "`log_every_n_steps` must be an int >= 1 or None (50). Received: log_every_n_steps=0",
-        ),
-        (
-            {"group_by": "module"},
-            ValueError,
-            "`group_by` must be one of 'layer', 'variable', or a callable from variable path"
-            " to group name. Received: group_by='module'",
-        ),
-    ],
-)
-def test_bad_arguments_fail_at_construction(kwargs, error, message):
-    with pytest.raises(error, match=re.escape(message)):
-        GradWatch(**kwargs)
-
-
 def test_numpy_numbers_are_accepted_as_python_numbers():
     watch = GradWatch(**NUMPY)
     options = watch.options

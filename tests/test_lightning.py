@@ -212,28 +212,6 @@ def test_a_crash_loses_nothing_that_was_logged(tmp_path):
     assert [s for s, _ in logged(events, "grad_norm/net.0")] == [0, 1, 3, 4]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [  # the rows every adapter shares run in test_adapter_contract.py
-        (
-            {"log_every_n_steps": 0},
-            ValueError,
-            "`log_every_n_steps` must be an int >= 1 or None (the Trainer's log_every_n_steps)."
-            " Received: log_every_n_steps=0",
-        ),
-        (
-            {"group_by": "layer"},
-            ValueError,
-            "`group_by` must be one of 'module', 'parameter', or a callable from parameter name"
-            " to group name. Received: group_by='layer'",
-        ),
-    ],
-)
-def test_bad_arguments_fail_at_construction(kwargs, error, message):
-    with pytest.raises(error, match=re.escape(message)):
-        GradWatch(**kwargs)
-
-
 def test_numpy_numbers_are_accepted_as_python_numbers():
     options = GradWatch(**NUMPY).options
     assert (options.log_every_n_steps, options.histogram_every_n_steps) == (5, 10)

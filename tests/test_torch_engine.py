@@ -179,18 +179,7 @@ def test_histogram_counts_match_numpy():
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
-    [  # the rows every adapter shares run in test_adapter_contract.py
-        (
-            {"log_every_n_steps": 0},
-            ValueError,
-            "`log_every_n_steps` must be an int >= 1 or None (50). Received: log_every_n_steps=0",
-        ),
-        (
-            {"group_by": "layer"},
-            ValueError,
-            "`group_by` must be one of 'module', 'parameter', or a callable from parameter name"
-            " to group name. Received: group_by='layer'",
-        ),
+    [  # the rows every adapter shares, and its own defaults, run in test_adapter_contract.py
         (
             {"scaler": 1},
             TypeError,
@@ -199,7 +188,7 @@ def test_histogram_counts_match_numpy():
         ({"scaler": torch.amp.GradScaler}, TypeError, "; did you mean GradScaler()?"),
     ],
 )
-def test_bad_arguments_fail_at_construction(kwargs, error, message):
+def test_a_bad_scaler_fails_at_construction(kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
         TorchGradWatch(make_model(), **{"log_dir": False, **kwargs})
 
