@@ -3,12 +3,14 @@
 The decision is the core's pure array code, run where the gradients are: on a GPU on torch
 tensors (no host synchronisation), on the CPU on numpy views of the same memory (on arrays of a
 few dozen numbers, numpy's per-operation cost is a fraction of torch's dispatch, which made the
-decision cost more than the norms: see benchmarks/README.md). This module only gathers
-the decision's inputs (per-group norms, AGC's per-unit norms) and applies its outputs with torch
-kernels: scaling or clamping gradients in place, and dropping a step by setting every
-``p.grad = None`` (torch optimizers then leave those parameters and their state untouched,
-bit for bit). Host reads: every step only when an action is ``"skip"`` or ``"stop"`` (the
-step cannot be dropped without knowing; a stop drops the offending step too).
+decision cost more than the norms: see benchmarks/README.md); on a device the whole decision is
+one compiled function (:mod:`gradwatch.integrations._compiled`). This module gathers the
+decision's inputs (the group of each tensor, AGC's per-unit norms), folds the step into the
+summary, and applies the decision with torch kernels: scaling or clamping gradients in place,
+and dropping a step by setting every ``p.grad = None`` (torch optimizers then leave those
+parameters and their state untouched, bit for bit). Host reads: every step only when an
+action is ``"skip"`` or ``"stop"`` (the step cannot be dropped without knowing; a stop drops
+the offending step too).
 """
 
 from __future__ import annotations
@@ -89,11 +91,13 @@ class TorchDecisions:
         drop the step; the caller drops it.
         """
         guard, on_host = self.guard, run.on_host
-        step_value = (
-            np.asarray(step, dtype=np.int64)
-            if on_host
-            else torch.full((), step, dtype=torch.int64, device=norms.device)
-        )
+        step_value = None  # no detector to latch the step: no tensor made for it
+        if guard.active:
+            step_value = (
+                np.asarray(step, dtype=np.int64)
+                if on_host
+                else torch.full((), step, dtype=torch.int64, device=norms.device)
+            )
         units = None
         if needs_unit_norms(guard.policy):
             units = tuple(
@@ -120,7 +124,7 @@ class TorchDecisions:
         self,
         norms: Array,
         group_index: Array,
-        step: Array,
+        step: Array | None,
         scaler_skipped: Array | None,
         units: tuple[Array, Array] | None,
         state: GuardState,
@@ -133,7 +137,7 @@ class TorchDecisions:
         if guard.active:
             stats = DetectStats(total, _group_norms(norms, group_index, len(self.grouping.groups)))
         else:  # no detector looks at the groups or the step
-            stats, step = DetectStats(total, total[None][:0]), None
+            stats = DetectStats(total, total[None][:0])
         clip_stats = ClipStats(total) if units is None else ClipStats(total, *units)
         decision, state = guard.update(stats, clip_stats, state, step, scaler_skipped)
         skips = decision.skip if guard.reads_every_step else None
