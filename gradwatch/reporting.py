@@ -134,6 +134,9 @@ def describe(event: dict) -> str:
         >>> describe({"step": 7, "kind": "explosion", "group": "global", "value": 412.0,
         ...           "threshold": 31.5, "action": "skip"})
         'explosion at step 7: global gradient norm 412 > 31.5 (step skipped)'
+        >>> describe({"step": 3, "kind": "nonfinite", "group": "fc", "value": float("nan"),
+        ...           "threshold": float("inf"), "action": "warn", "count": 1})
+        '1 non-finite value (NaN/Inf) in fc at step 3'
     """
     whole = event["group"] == GLOBAL
     subject = "global gradient norm" if whole else f"gradient norm of {event['group']}"
@@ -147,7 +150,8 @@ def describe(event: dict) -> str:
     if event["kind"] == "nonfinite":
         where = "the gradient" if whole else event["group"]
         many = f"{event['count']} " if "count" in event else ""
-        text = f"{many}non-finite values (NaN/Inf) in {where} at step {step}"
+        noun = "value" if event.get("count") == 1 else "values"
+        text = f"{many}non-finite {noun} (NaN/Inf) in {where} at step {step}"
     elif event["kind"] == "explosion":
         text = f"explosion at step {step}: {subject} {value:.3g} > {bound:.3g}"
     else:
