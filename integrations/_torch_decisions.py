@@ -29,7 +29,8 @@ from gradwatch.guard import Decision, Guard, GuardState
 from gradwatch.integrations import _torch_namespace
 from gradwatch.integrations._compiled import Compiled
 from gradwatch.integrations._shards import local
-from gradwatch.policies import ClipStats, needs_unit_norms
+from gradwatch.integrations._units import UnitLayout
+from gradwatch.policies import Clip, ClipStats, needs_unit_norms
 from gradwatch.stats import StepSummary, global_norm, group_norms, update_summary
 
 __all__ = ["GuardRun", "TorchDecisions"]
@@ -44,6 +45,7 @@ class GuardRun:
     state: GuardState
     on_host: bool  # the core runs on numpy views of CPU tensors
     group_index: dict[tuple[int, ...], Array] = field(default_factory=dict)
+    unit_layouts: dict[tuple[int, ...], UnitLayout] = field(default_factory=dict)
     last: Decision | None = None
 
 
@@ -67,7 +69,7 @@ class TorchDecisions:
         if host_on_cpu is None:
             host_on_cpu = os.environ.get(DEVICE_DECISIONS, "0") != "1"
         self.host_on_cpu = host_on_cpu
-        self._compiled = Compiled(self._decide)
+        self.compiled = Compiled(self._decide)
 
     def start(self, like: torch.Tensor) -> GuardRun:
         on_host = self.host_on_cpu and like.device.type == "cpu"
@@ -98,13 +100,15 @@ class TorchDecisions:
                 if on_host
                 else torch.full((), step, dtype=torch.int64, device=norms.device)
             )
-        units = None
+        layout = units = None
         if needs_unit_norms(guard.policy):
-            units = tuple(
-                view(torch.cat([_unit_norms(t) for t in tensors]), on_host)
-                for tensors in (grads, [local(p).detach() for p in params])
-            )
-        decide = self._decide if on_host else self._compiled
+            layout = self._layout(run, indices, grads)
+            with torch.no_grad():
+                units = (
+                    view(layout.norms(grads, norms), on_host),
+                    view(layout.norms([local(p) for p in params]), on_host),
+                )
+        decide = self._decide if on_host else self.compiled
         decision, run.state, summary, total = decide(
             view(norms, on_host),
             self._group_index(run, indices, norms),
@@ -117,7 +121,7 @@ class TorchDecisions:
         run.last = decision
         dropped = guard.reads_every_step and bool(decision.skip)
         if not dropped and decision.clip is not None:
-            _apply(decision, grads)
+            _apply(decision.clip, grads, layout)
         return decision, dropped, total, summary
 
     def _decide(
@@ -168,6 +172,14 @@ class TorchDecisions:
         threshold, scale = torch.as_tensor(clip.threshold), torch.as_tensor(clip.scale)
         return torch.stack([threshold.float(), scale.min().float(), clipped_norm])
 
+    def _layout(self, run: GuardRun, indices: list[int], grads: list[torch.Tensor]) -> UnitLayout:
+        """Where each tensor's output units sit, once per set of tensors."""
+        key = tuple(indices)
+        layout = run.unit_layouts.get(key)
+        if layout is None:
+            layout = run.unit_layouts[key] = UnitLayout([g.shape for g in grads])
+        return layout
+
     def _group_index(self, run: GuardRun, indices: list[int], norms: torch.Tensor) -> Array:
         """Each tensor's group, once per set of tensors (a host-to-device copy outside the
         per-step path)."""
@@ -205,32 +217,25 @@ def _like(template: Array, values: list) -> Array:
     return np.asarray(values, dtype=template.dtype)
 
 
-def _unit_norms(tensor: torch.Tensor) -> torch.Tensor:
-    """Norms of a tensor's output units: rows along dim 0; a vector or scalar is one unit."""
-    if tensor.ndim > 1:
-        return tensor.float().flatten(1).norm(dim=1)
-    return tensor.float().norm().reshape(1)
-
-
-def _apply(decision: Decision, grads: list[torch.Tensor]) -> None:
-    clip = decision.clip
-    assert clip is not None
+def _apply(clip: Clip, grads: list[torch.Tensor], layout: UnitLayout | None) -> None:
     if clip.value is not None:  # one bound per dtype and device, two foreach kernels
-        bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        for g in grads:
-            if (g.dtype, g.device) not in bounds:
-                high = torch.as_tensor(clip.value, dtype=g.dtype, device=g.device)
-                bounds[g.dtype, g.device] = (high, -high)
-        torch._foreach_clamp_max_(grads, [bounds[g.dtype, g.device][0] for g in grads])
-        torch._foreach_clamp_min_(grads, [bounds[g.dtype, g.device][1] for g in grads])
+        kinds = {(g.dtype, g.device) for g in grads}
+        bounds = {}
+        for dtype, device in kinds:
+            high = torch.as_tensor(clip.value, dtype=dtype, device=device)
+            bounds[dtype, device] = (high, -high)
+        if len(kinds) == 1:  # the usual case: the same two bounds for every tensor
+            highs, lows = ([bound] * len(grads) for bound in bounds[kinds.pop()])
+        else:
+            highs, lows = (
+                list(b) for b in zip(*(bounds[g.dtype, g.device] for g in grads), strict=True)
+            )
+        torch._foreach_clamp_max_(grads, highs)
+        torch._foreach_clamp_min_(grads, lows)
         return
     scales = torch.as_tensor(clip.scale)  # the same memory, for a numpy decision
     if scales.ndim == 0:
         torch._foreach_mul_(grads, scales)
-    else:  # one scale per unit (AGC), in the order of _unit_norms
-        offset = 0
-        for g in grads:
-            units = g.shape[0] if g.ndim > 1 else 1
-            scale = scales[offset : offset + units]
-            g.mul_(scale.reshape(-1, *([1] * (g.ndim - 1))) if g.ndim > 1 else scale)
-            offset += units
+    else:  # one scale per unit (AGC), in the layout's order
+        assert layout is not None
+        layout.scale_(grads, scales)

@@ -56,11 +56,10 @@ def test_the_update_compiles_once_and_decides_as_the_host_path(monkeypatch):
     options = {"clip": AutoClip(), "on_nonfinite": "skip"}
     host, host_records = train(net(), **options)
     monkeypatch.setenv(DEVICE_DECISIONS, "1")
-    torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     device, device_records = train(net(), **options)
-    stats = torch._dynamo.utils.counters["stats"]
-    assert stats["unique_graphs"] == 1  # compiled at the second step, never again
+    assert device.engine.guard.compiled.compilations == 1  # at the first step, never again
+    assert not device.engine.guard.compiled.failed
     assert not torch._dynamo.utils.counters["graph_break"]
     assert device.engine.skipped == host.engine.skipped == [6]
     assert [repr(e) for e in device.events] == [repr(e) for e in host.events]  # NaN values
@@ -71,13 +70,10 @@ def test_the_update_compiles_once_and_decides_as_the_host_path(monkeypatch):
 
 
 def test_a_failing_compiler_falls_back_to_eager_after_one_warning(monkeypatch):
-    def broken(fn, **kwargs):
-        def fail(*args):
-            raise RuntimeError("no compiler here")
+    def broken(graph, inputs, **kwargs):
+        raise RuntimeError("no compiler here")
 
-        return fail
-
-    monkeypatch.setattr(_compiled.torch, "compile", broken)
+    monkeypatch.setattr(_compiled.torch._inductor, "compile", broken)
     monkeypatch.setenv(DEVICE_DECISIONS, "1")
     with warnings.catch_warnings(record=True) as told:
         warnings.simplefilter("always")
@@ -99,7 +95,8 @@ def test_a_failing_compiler_falls_back_to_eager_after_one_warning(monkeypatch):
 @pytest.mark.parametrize("device_path", [False, True], ids=["host", "device"])
 def test_a_compiled_model_keeps_its_graph(monkeypatch, device_path):
     """gradwatch runs between backward and the optimizer step, outside the model's compiled
-    region: no graph break in it and no recompilation of it."""
+    region: no graph break in it and no recompilation of it (gradwatch's own update is
+    compiled without Dynamo)."""
     if device_path:
         monkeypatch.setenv(DEVICE_DECISIONS, "1")
     torch._dynamo.reset()
@@ -108,20 +105,39 @@ def test_a_compiled_model_keeps_its_graph(monkeypatch, device_path):
     _, records = train(model, clip=1.0)
     counters = torch._dynamo.utils.counters
     assert not counters["graph_break"]
-    # the model's forward, and on the device path gradwatch's own update: one graph each
-    assert counters["stats"]["unique_graphs"] == 1 + device_path
+    assert counters["stats"]["unique_graphs"] == 1  # the model's forward, compiled once
     assert "grad_norm/0" in records[0].scalars  # the model's own names, no _orig_mod
 
 
 def test_many_watches_compile_each_their_own_update(monkeypatch):
-    """Dynamo keeps a few compiled versions per code object: each update has its own, so the
-    tenth watch in a process (a test suite, a sweep) is still compiled, never recompiled."""
+    """Each watch compiles its own update once: the tenth watch in a process (a test suite, a
+    sweep) is still compiled, never recompiled, and never falls back to eager."""
     monkeypatch.setenv(DEVICE_DECISIONS, "1")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     with warnings.catch_warnings(record=True) as told:
         warnings.simplefilter("always")
-        for _ in range(10):
-            train(net(), steps=3)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 10
+        watches = [train(net(), steps=3)[0] for _ in range(10)]
+    assert [w.engine.guard.compiled.compilations for w in watches] == [1] * 10
     assert not [w for w in told if "recompile" in str(w.message) or "eagerly" in str(w.message)]
+
+
+def test_inputs_that_keep_changing_shape_decide_eagerly_after_one_warning():
+    compiled = _compiled.Compiled(lambda x: (x * 2, x.sum()))
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        for size in range(1, _compiled.MAX_SIGNATURES + 3):
+            doubled, total = compiled(torch.ones(size))
+            assert doubled.tolist() == [2.0] * size and total.item() == size
+    assert compiled.compilations == _compiled.MAX_SIGNATURES
+    assert compiled.failed
+    assert len([w for w in told if "decides eagerly" in str(w.message)]) == 1
+
+
+def test_a_branch_on_a_value_is_not_compiled_into_a_constant():
+    """Tracing with fake tensors: an update that branches on a value cannot be compiled (it
+    would bake one branch in); it runs eagerly and stays right."""
+    compiled = _compiled.Compiled(lambda x: (x + 1 if bool(x > 0) else x - 1,))
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        results = [compiled(torch.tensor(v))[0].item() for v in (1.0, -1.0)]
+    assert results == [2.0, -2.0]
+    assert compiled.failed and len(told) == 1
