@@ -11,10 +11,13 @@ For each configuration, one row per path:
 * ``device eager``: the same path not compiled (``GRADWATCH_COMPILE=0``): what a GPU ran before.
 
 ``ops`` counts what one step launches: aten operations (the profiler's top-level ones, views
-and no-op conversions left out), plus the kernels the compiler generated for the update. On a
-GPU each is a kernel launch. ``ratio`` is the step's time over ``clip_grad_norm_(foreach=True)``'s,
-measured side by side in interleaved rounds (the minimum of each configuration's rounds).
-Last, the cost of a logging step and of a histogram step at the defaults. Not a test.
+and no-op conversions left out), plus the loops the compiler generated for the update (on the
+CPU they sit in one C++ function; on a GPU each is about one kernel). On a GPU each operation is
+a kernel launch. ``ratio`` is the step's time over ``clip_grad_norm_(foreach=True)``'s, measured
+side by side in interleaved rounds (the minimum of each configuration's rounds). Two more
+references: ``clip_grad_value_(foreach=True)`` (what ClipByValue does) and AGC one parameter at
+a time (timm's ``adaptive_clip_grad``). Last, the cost of a logging step and of a histogram step
+at the defaults. Not a test.
 """
 
 from __future__ import annotations
@@ -129,6 +132,27 @@ def clipping(params: list[torch.Tensor]) -> Callable[[], object]:
     return lambda: nn.utils.clip_grad_norm_(params, 1e9, foreach=True)
 
 
+def value_clipping(params: list[torch.Tensor]) -> Callable[[], object]:
+    return lambda: nn.utils.clip_grad_value_(params, 1e9, foreach=True)
+
+
+def agc_loop(params: list[torch.Tensor], clipping: float = 0.01, eps: float = 1e-3):
+    """AGC as timm's ``adaptive_clip_grad`` computes it: one parameter at a time."""
+
+    def units(t: torch.Tensor) -> torch.Tensor:
+        return t.norm(dim=tuple(range(1, t.ndim)), keepdim=True) if t.ndim > 1 else t.norm()
+
+    @torch.no_grad()
+    def step() -> None:
+        for p in params:
+            limit = units(p).clamp_(min=eps) * clipping
+            norm = units(p.grad)
+            scaled = p.grad * (limit / norm.clamp(min=1e-6))
+            p.grad.copy_(torch.where(norm < limit, p.grad, scaled))
+
+    return step
+
+
 def logging_steps(net: nn.Module, optimizer, repeats: int) -> dict[str, float]:
     """ms per logging step (measures, one host copy, the record) and per histogram step,
     at the defaults on the host path, writing nowhere."""
@@ -156,7 +180,12 @@ def main() -> None:
         net = model(tensors)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
         net(torch.randn(8, 64)).square().mean().backward()
-        calls = {("clip_grad_norm_(foreach=True)", ""): (clipping(list(net.parameters())), 0)}
+        params = list(net.parameters())
+        calls = {
+            ("clip_grad_norm_(foreach=True)", ""): (clipping(params), 0),
+            ("clip_grad_value_(foreach=True)", ""): (value_clipping(params), 0),
+            ("AGC one parameter at a time", ""): (agc_loop(params, clipping=1e9), 0),
+        }
         for name, make_guard in GUARDS.items():
             for path, (host, flag) in PATHS.items():
                 calls[(name, path)] = engine_step(net, optimizer, make_guard, host, flag)

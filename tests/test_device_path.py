@@ -141,3 +141,42 @@ def test_a_branch_on_a_value_is_not_compiled_into_a_constant():
         results = [compiled(torch.tensor(v))[0].item() for v in (1.0, -1.0)]
     assert results == [2.0, -2.0]
     assert compiled.failed and len(told) == 1
+
+
+def compiled_training(watch_options: dict | None) -> dict:
+    """A plain loop whose forward and optimizer step are both compiled (the PyTorch recipe for
+    a compiled optimizer), with or without gradwatch between backward and the step: Dynamo's
+    counters afterwards."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = torch.compile(net())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-2))
+    opt_step = torch.compile(optimizer.step)
+    watch = None if watch_options is None else TorchGradWatch(model, False, **watch_options)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    for _ in range(8):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if watch is not None:
+            watch.before_optimizer_step(optimizer)
+        opt_step()
+        if watch is not None:
+            watch.after_optimizer_step()
+    counters = torch._dynamo.utils.counters
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "breaks": sum(counters["graph_break"].values()),
+    }
+
+
+@pytest.mark.parametrize("device_path", [False, True], ids=["host", "device"])
+def test_a_compiled_training_step_compiles_as_without_gradwatch(monkeypatch, device_path):
+    """The model and the optimizer step compiled: gradwatch (clipping every step, logging
+    every other) adds no graph, no graph break and no recompilation to them."""
+    if device_path:
+        monkeypatch.setenv(DEVICE_DECISIONS, "1")
+    alone = compiled_training(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        watched = compiled_training({"clip": AutoClip(), "log_every_n_steps": 2})
+    assert watched == alone
