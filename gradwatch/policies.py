@@ -150,6 +150,7 @@ class ClipByValue:
 class AutoClipState(NamedTuple):
     history: Array  # [history] norms seen, oldest overwritten first; +inf marks an empty slot
     count: Array  # how many finite norms have been seen (scalar)
+    ordered: Array  # the same norms in ascending order, empty slots (+inf) last
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,8 @@ class AutoClip:
         xp = namespace_of(like)
         device = getattr(like, "device", None)
         history = xp.full((self.history,), math.inf, dtype=like.dtype, device=device)
-        return AutoClipState(history, xp.zeros((), dtype=like.dtype, device=device))
+        count = xp.zeros((), dtype=like.dtype, device=device)
+        return AutoClipState(history, count, xp.full_like(history, math.inf))
 
     def update(self, stats: ClipStats, state: AutoClipState) -> tuple[Clip, AutoClipState]:
         norm = stats.global_norm
@@ -194,18 +196,35 @@ class AutoClip:
         finite = xp.isfinite(norm)
         slots = xp.arange(self.history, device=getattr(norm, "device", None))
         position = xp.astype(state.count % self.history, slots.dtype)
-        history = xp.where((slots == position) & finite, norm, state.history)
+        replaced = (slots == position) & finite
+        history = xp.where(replaced, norm, state.history)
+        leaving = xp.sum(xp.where(replaced, state.history, 0.0))  # +inf while slots are empty
+        ordered = _reordered(xp, state.ordered, slots, leaving, xp.where(finite, norm, 0.0))
+        ordered = xp.where(finite, ordered, state.ordered)
         count = state.count + xp.astype(finite, state.count.dtype)
-        threshold = _percentile(xp, history, count, self.percentile)
+        threshold = _percentile(xp, ordered, count, self.percentile)
         threshold = xp.where(count > 0, threshold, math.inf)
-        return Clip(_scale_to(xp, norm, threshold), threshold), AutoClipState(history, count)
+        state = AutoClipState(history, count, ordered)
+        return Clip(_scale_to(xp, norm, threshold), threshold), state
 
 
-def _percentile(xp: Any, values: Array, count: Array, percentile: float) -> Array:
-    """numpy's linear-interpolation percentile of the finite entries of ``values``, of which
-    there are ``min(count, len(values))`` (at least one is assumed)."""
-    ordered = xp.sort(values)  # +inf (empty slots) sort last
-    last = xp.minimum(xp.maximum(count, 1.0), float(values.shape[0])) - 1.0
+def _reordered(xp: Any, ordered: Array, slots: Array, leaving: Array, arriving: Array) -> Array:
+    """``ordered`` (ascending) with one ``leaving`` value taken out and ``arriving`` put in
+    its place in the order: two counts and two gathers, no sort."""
+    last = ordered.shape[0] - 1
+    out = xp.sum(xp.astype(ordered < leaving, slots.dtype))  # where ``leaving`` first sits
+    shifted = xp.take(ordered, xp.where(slots < out, slots, xp.minimum(slots + 1, last)))
+    rest = xp.where(slots == last, math.inf, shifted)  # without ``leaving``, +inf last
+    into = xp.sum(xp.astype(rest < arriving, slots.dtype))
+    moved = xp.take(rest, xp.where(slots <= into, slots, slots - 1))
+    return xp.where(slots == into, arriving, moved)
+
+
+def _percentile(xp: Any, ordered: Array, count: Array, percentile: float) -> Array:
+    """numpy's linear-interpolation percentile of the finite entries of ``ordered``
+    (ascending, +inf last), of which there are ``min(count, len(ordered))`` (at least one is
+    assumed)."""
+    last = xp.minimum(xp.maximum(count, 1.0), float(ordered.shape[0])) - 1.0
     rank = last * (percentile / 100.0)
     below = xp.floor(rank)
     above = xp.minimum(below + 1.0, last)

@@ -109,10 +109,6 @@ def sum(a: Any) -> tf.Tensor:
     return tf.reduce_sum(a)
 
 
-def sort(a: Any) -> tf.Tensor:
-    return tf.sort(a)
-
-
 log, exp, sqrt, floor = tf.math.log, tf.math.exp, tf.math.sqrt, tf.math.floor
 
 

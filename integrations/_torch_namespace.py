@@ -63,10 +63,6 @@ def take(a: Any, indices: Any, axis: int | None = None) -> torch.Tensor:
     return torch.index_select(a, axis or 0, indices)
 
 
-def sort(a: Any) -> torch.Tensor:
-    return torch.sort(a).values
-
-
 def _is_torch(array: Any) -> bool:
     return isinstance(array, torch.Tensor)
 

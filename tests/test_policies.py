@@ -97,6 +97,19 @@ def test_autoclip_threshold_is_numpys_percentile_of_the_history():
             assert norm * float(clip.scale) == pytest.approx(min(norm, expected), rel=1e-5)
 
 
+def test_autoclip_keeps_its_history_in_order_without_sorting():
+    """The ordered copy of the history is updated in place of a sort: after every step, with
+    ties, non-finite norms and the history wrapping around many times, it is the sorted
+    history."""
+    policy = AutoClip(history=7)
+    state = policy.init(np.zeros((), dtype=np.float64))
+    values = np.random.default_rng(0).choice([0.5, 1.0, 2.0, 3.0], size=60)
+    values[[5, 17, 30]] = [np.nan, np.inf, -np.inf]
+    for value in values:
+        _, state = policy.update(ClipStats(np.float64(value)), state)
+        assert np.array_equal(state.ordered, np.sort(state.history))
+
+
 def test_zclip_percentile_clips_a_spike_to_mean_plus_z_std_and_not_during_warmup():
     policy = ZClip(alpha=0.9, z_threshold=2.0, warmup_steps=10, mode="percentile")
     norms = np.full(30, 1.0, dtype=np.float32) + np.tile([0.1, -0.1], 15).astype(np.float32)
