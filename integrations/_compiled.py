@@ -3,8 +3,8 @@
 On a GPU the guard's update is a few dozen tiny operations per step, each a kernel launch when
 run eagerly; TorchInductor fuses the same pure code into a few kernels. The update is traced to
 a graph of torch operations with fake tensors (``make_fx``: no value can steer the trace, and a
-branch on one fails it) and compiled by ``torch._inductor.compile``, once per structure, shapes
-and dtypes of its arguments. The compiled graph is then called directly: TorchDynamo's frame
+branch on one fails it) and compiled by ``torch._inductor.compile``, once per structure, shapes,
+strides and dtypes of its arguments. The compiled graph is then called directly: TorchDynamo's frame
 evaluation and guards, and torch's pytree, cost more per call than the decision itself. The
 update's arguments and results are (named) tuples of tensors, flattened to lists around the
 call. Where tracing or compilation fails, the update runs eagerly, after one warning.
@@ -37,7 +37,7 @@ def compiling() -> bool:
 
 
 class Compiled:
-    """``update(*args)``, compiled once per structure, shapes and dtypes of its arguments;
+    """``update(*args)``, compiled once per structure, shapes, strides and dtypes of its arguments;
     eager after a failure. ``compilations`` counts the graphs compiled."""
 
     def __init__(self, update: Callable[..., Any]) -> None:
@@ -106,7 +106,7 @@ class Compiled:
         leaves = _distinct(leaves)
         with torch.no_grad():
             graph = make_fx(flat, tracing_mode="fake")(*leaves)
-            compiled = torch._inductor.compile(graph, leaves)
+            compiled = torch._inductor.compile(graph, leaves, options={"size_asserts": False})
         self.compilations += 1
         return compiled, out
 
@@ -136,7 +136,8 @@ def _unflatten(spec: Any, leaves: Iterator[torch.Tensor]) -> Any:
 
 
 def _signature(tensor: torch.Tensor) -> tuple:
-    return tensor.shape, tensor.dtype, tensor.device
+    """What a compiled graph assumes of an input (so it need not check it on every call)."""
+    return tensor.shape, tensor.stride(), tensor.dtype, tensor.device
 
 
 def _distinct(leaves: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -180,3 +180,13 @@ def test_a_compiled_training_step_compiles_as_without_gradwatch(monkeypatch, dev
         warnings.simplefilter("ignore", GradWatchWarning)
         watched = compiled_training({"clip": AutoClip(), "log_every_n_steps": 2})
     assert watched == alone
+
+
+def test_an_input_with_other_strides_gets_its_own_graph():
+    """A state made by broadcasting (stride 0) and the same state as the graph returns it
+    (contiguous) are two signatures: each compiled for what it is, both right."""
+    compiled = _compiled.Compiled(lambda x: (x + torch.arange(3.0),))
+    (first,) = compiled(torch.zeros(()).expand(3))
+    (second,) = compiled(first)
+    assert first.tolist() == [0.0, 1.0, 2.0] and second.tolist() == [0.0, 2.0, 4.0]
+    assert compiled.compilations == 2 and not compiled.failed
