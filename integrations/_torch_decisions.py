@@ -47,6 +47,7 @@ class GuardRun:
     group_index: dict[tuple[int, ...], Array] = field(default_factory=dict)
     unit_layouts: dict[tuple[int, ...], UnitLayout] = field(default_factory=dict)
     last: Decision | None = None
+    following: tuple[int, Array | None] = (-1, None)  # the next step's number, and as an array
 
 
 _torch_namespace.install()  # the core's array code on torch tensors: plain torch calls
@@ -93,13 +94,7 @@ class TorchDecisions:
         drop the step; the caller drops it.
         """
         guard, on_host = self.guard, run.on_host
-        step_value = None  # no detector to latch the step: no tensor made for it
-        if guard.active:
-            step_value = (
-                np.asarray(step, dtype=np.int64)
-                if on_host
-                else torch.full((), step, dtype=torch.int64, device=norms.device)
-            )
+        step_value = self._step(run, step, norms) if guard.active else None  # else unused
         layout = units = None
         if needs_unit_norms(guard.policy):
             layout = self._layout(run, indices, grads)
@@ -109,7 +104,7 @@ class TorchDecisions:
                     view(layout.norms([local(p) for p in params]), on_host),
                 )
         decide = self._decide if on_host else self.compiled
-        decision, run.state, summary, total = decide(
+        decision, run.state, summary, total, following = decide(
             view(norms, on_host),
             self._group_index(run, indices, norms),
             step_value,
@@ -118,7 +113,7 @@ class TorchDecisions:
             run.state,
             summary,
         )
-        run.last = decision
+        run.last, run.following = decision, (step + 1, following)
         dropped = guard.reads_every_step and bool(decision.skip)
         if not dropped and decision.clip is not None:
             _apply(decision.clip, grads, layout)
@@ -133,9 +128,10 @@ class TorchDecisions:
         units: tuple[Array, Array] | None,
         state: GuardState,
         summary: StepSummary,
-    ) -> tuple[Decision, GuardState, StepSummary, Array]:
+    ) -> tuple[Decision, GuardState, StepSummary, Array, Array | None]:
         """The whole per-step decision as pure array code (compiled on the device path):
-        the global and per-group norms, the guard's update and the summary."""
+        the global and per-group norms, the guard's update and the summary; last, the next
+        step's number (made here, it costs no operation of its own on a device)."""
         guard = self.guard
         total = global_norm(norms)
         if guard.active:
@@ -145,7 +141,8 @@ class TorchDecisions:
         clip_stats = ClipStats(total) if units is None else ClipStats(total, *units)
         decision, state = guard.update(stats, clip_stats, state, step, scaler_skipped)
         skips = decision.skip if guard.reads_every_step else None
-        return decision, state, update_summary(summary, total, skips, scaler_skipped), total
+        summary = update_summary(summary, total, skips, scaler_skipped)
+        return decision, state, summary, total, None if step is None else step + 1
 
     def state_dict(self, run: GuardRun) -> dict[str, Any]:
         """The policy's and detectors' state as plain lists (loads with weights_only=True)."""
@@ -171,6 +168,16 @@ class TorchDecisions:
         clip = run.last.clip
         threshold, scale = torch.as_tensor(clip.threshold), torch.as_tensor(clip.scale)
         return torch.stack([threshold.float(), scale.min().float(), clipped_norm])
+
+    def _step(self, run: GuardRun, step: int, norms: torch.Tensor) -> Array:
+        """The step's number as the decision takes it: the one the last decision made when
+        steps follow each other, else a new tensor."""
+        if run.on_host:
+            return np.asarray(step, dtype=np.int64)
+        number, following = run.following
+        if number == step and following is not None:
+            return following
+        return torch.full((), step, dtype=torch.int64, device=norms.device)
 
     def _layout(self, run: GuardRun, indices: list[int], grads: list[torch.Tensor]) -> UnitLayout:
         """Where each tensor's output units sit, once per set of tensors."""
