@@ -222,9 +222,10 @@ def count_host_reads(counter: list[str]):
 
 @pytest.mark.parametrize("host_on_cpu", [False, True], ids=["torch-decides", "numpy-decides"])
 def test_no_host_reads_between_logging_steps(host_on_cpu):
-    """The device path (a GPU's, checked here on the CPU) never reads once its update is
-    compiled (at its second step; compiling reads scalars once); on the CPU the default path
-    only takes numpy views of CPU tensors (the same memory: nothing to wait for)."""
+    """The device path (a GPU's, checked here on the CPU) never reads after the first step,
+    where it compiles its update (TorchInductor's constant folding reads a few constants it
+    made itself, once); on the CPU the default path only takes numpy views of CPU tensors
+    (the same memory: nothing to wait for)."""
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     watch = TorchGradWatch(
@@ -241,7 +242,7 @@ def test_no_host_reads_between_logging_steps(host_on_cpu):
     for step in range(12):
         optimizer.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
-        with count_host_reads(reads_before if step >= 2 else []):
+        with count_host_reads(reads_before if step > 0 else []):
             watch.before_optimizer_step(optimizer)
         optimizer.step()
         with count_host_reads(reads_at_logs if step in (0, 4, 9) else reads_between):
