@@ -34,6 +34,10 @@ class Adapter:
             folder; False: no event files.
         track_update_ratio: also measure ``update_to_param/<group>``, the norm of the update
             the optimizer made at a logging step over the parameters' norm.
+        track_signal: also measure the forward and backward signal at each group's module on
+            the logging steps' batches: ``act_rms``, ``act_grad_rms``, ``act_gain``,
+            ``act_dead``, ``act_saturated`` (see :mod:`gradwatch.signal`). Nothing is
+            installed or run between logging steps.
         histogram_bins: buckets per histogram (at most 10,000).
         statistics: the per-group statistics written: ``"default"`` (``grad_norm`` and
             ``grad_to_param``, two charts a group), ``"all"``, or a list of names from
@@ -69,6 +73,7 @@ class Adapter:
         group_by: Callable[[str], str] | str | None = None,
         log_dir: str | os.PathLike | Literal[False] | None = None,
         track_update_ratio: bool = False,
+        track_signal: bool = False,
         histogram_bins: int = 30,
         statistics: str | Sequence[str] = "default",
         clip: Any = None,

@@ -94,6 +94,8 @@ class Options:
         log_dir: the event files' directory as a string; None: the adapter's default folder;
             False: no event files.
         track_update_ratio: also measure ``|update| / |param|`` at logging steps.
+        track_signal: also measure the forward and backward signal at each group's module on
+            the logging steps' batches (see :mod:`gradwatch.signal`).
         histogram_bins: buckets per histogram, at most :data:`MAX_HISTOGRAM_BINS`.
         guard: the ``clip``, ``on_*``, ``explosion`` and ``vanishing`` options.
         sinks: extra sinks for the records.
@@ -109,6 +111,7 @@ class Options:
     guard: Guard
     sinks: tuple[Any, ...] = ()
     statistics: tuple[str, ...] = tags.DEFAULT_STATISTICS
+    track_signal: bool = False
 
     @property
     def writes_files(self) -> bool:
@@ -157,6 +160,7 @@ OPTIONS = (
     "group_by",
     "log_dir",
     "track_update_ratio",
+    "track_signal",
     "histogram_bins",
     "statistics",
     "clip",
@@ -229,4 +233,5 @@ def check_options(arguments: Mapping[str, Any], rules: Rules = Rules()) -> Optio
         ),
         sinks=check_sinks("sinks", given.get("sinks", ())),
         statistics=check_statistics(statistics, update_ratio),
+        track_signal=check_flag("track_signal", given.get("track_signal", False)),
     )

@@ -21,6 +21,7 @@ from gradwatch.detectors import Latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import GLOBAL, Guard
 from gradwatch.record import HISTOGRAM_HEAD, Histogram, Record
+from gradwatch.signal import signal_scalars
 from gradwatch.stats import StepSummary, TensorStats, aggregate, global_norm, nonzero_sums
 
 __all__ = [
@@ -51,6 +52,8 @@ class Reading:
         clip: the :data:`CLIP_ROW` values, with a clipping policy.
         histograms: by group index, a row of :data:`~gradwatch.record.HISTOGRAM_HEAD` and
             counts; a row holding no finite value is left out of the record.
+        signal: by group index, a row of :data:`gradwatch.signal.SIGNAL_ROW`, with
+            ``track_signal=True``.
     """
 
     step: int
@@ -59,6 +62,7 @@ class Reading:
     summary: StepSummary | None = None
     clip: np.ndarray | None = None
     histograms: Mapping[int, np.ndarray] = field(default_factory=dict)
+    signal: Mapping[int, np.ndarray] = field(default_factory=dict)
 
 
 class Recorder:
@@ -115,6 +119,7 @@ class Recorder:
                 scaler=self.scaler,
                 statistics=self.statistics,
             )
+        record.scalars.update(signal_scalars(self.grouping, reading.signal))
         if reading.clip is not None:
             for name, value in zip(CLIP_ROW, reading.clip, strict=True):
                 tag = tags.total_tag if name == tags.CLIPPED else tags.clip_tag

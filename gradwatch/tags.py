@@ -53,6 +53,13 @@ PARAM_NORM = "param_norm"
 GRAD_TO_PARAM = "grad_to_param"
 UPDATE_TO_PARAM = "update_to_param"
 GRAD_HISTOGRAM = "grad_hist"
+# The forward and backward signal at each group's module, with `track_signal=True`.
+ACT_RMS = "act_rms"
+ACT_MEAN = "act_mean"
+ACT_GRAD_RMS = "act_grad_rms"
+ACT_GAIN = "act_gain"
+ACT_DEAD = "act_dead"
+ACT_SATURATED = "act_saturated"
 # Which per-group statistics are written: the first two at the defaults (two charts a group),
 # the others on request (`statistics=`). Non-finite values are reported through the events
 # whatever is chosen.
@@ -83,6 +90,7 @@ DEPTH_PROFILE = f"{FLOW}/depth_profile"
 LAYOUT = "custom_scalars__config__"  # the tag TensorBoard's custom_scalars plugin reads
 
 LOGGING = "every `log_every_n_steps`"
+SIGNAL = f"{LOGGING}, with `track_signal=True`"
 
 TAGS: tuple[TagSpec, ...] = (
     TagSpec(f"{GRAD_NORM}/<group>", "scalar", LOGGING, "L2 norm of the group's gradient"),
@@ -110,6 +118,37 @@ TAGS: tuple[TagSpec, ...] = (
         "scalar",
         f"{LOGGING}, with `track_update_ratio=True` or `statistics=`",
         "norm of the optimizer's update / parameter norm",
+    ),
+    TagSpec(
+        f"{ACT_RMS}/<group>",
+        "scalar",
+        SIGNAL,
+        "RMS of the group module's outputs on the logging step's batch (the forward signal)",
+    ),
+    TagSpec(f"{ACT_MEAN}/<group>", "scalar", SIGNAL, "mean of the group module's outputs"),
+    TagSpec(
+        f"{ACT_GRAD_RMS}/<group>",
+        "scalar",
+        SIGNAL,
+        "RMS of dL/d(output) of the group's module (the backward signal)",
+    ),
+    TagSpec(
+        f"{ACT_GAIN}/<group>",
+        "scalar",
+        SIGNAL,
+        "backward signal RMS here / at the next group toward the output (about 1: healthy)",
+    ),
+    TagSpec(
+        f"{ACT_DEAD}/<group>",
+        "scalar",
+        SIGNAL,
+        "fraction of outputs exactly zero (of the activation ending or following the module)",
+    ),
+    TagSpec(
+        f"{ACT_SATURATED}/<group>",
+        "scalar",
+        f"{SIGNAL}, after a bounded activation",
+        "fraction of tanh outputs beyond 0.99 in size, of sigmoid outputs outside [0.01, 0.99]",
     ),
     TagSpec(
         f"{TOTAL}/{GLOBAL}<optimizer>",

@@ -66,6 +66,11 @@ class GradWatch(Adapter, keras.callbacks.Callback):
         self, log_dir: str | os.PathLike | Literal[False] | None = None, **options: Any
     ) -> None:
         super().__init__(log_dir=log_dir, **options)
+        if self.options.track_signal:
+            raise ValueError(
+                "`track_signal=True` is not available in the Keras callback yet (the Lightning"
+                " callback and TorchGradWatch have it). Received: track_signal=True"
+            )
         self.grouping: Grouping | None = None
         self._capture: Any = None
         self._target: Any = None

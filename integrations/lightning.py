@@ -143,6 +143,7 @@ class GradWatch(Adapter, Callback):
             statistics=options.statistics,
             guard=options.guard,
             scaler=scaler,
+            signal_of=pl_module if options.track_signal else None,
         )
         clip = trainer.gradient_clip_val
         options.warn_if_clipped_twice(
@@ -167,6 +168,10 @@ class GradWatch(Adapter, Callback):
             options.dashboard(self.engine.grouping, list(range(count)) if count > 1 else [None]),
             pictures=options.histogram_every_n_steps > 0,
         )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.engine is not None:
+            self.engine.before_forward()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

@@ -71,6 +71,7 @@ class TorchGradWatch(Adapter):
             guard=options.guard,
             scaler=check_instance("scaler", scaler, torch.amp.GradScaler, lambda: None),
             statistics=options.statistics,
+            signal_of=model if options.track_signal else None,
         )
         log_dir = options.log_dir or DEFAULT_LOG_DIR
         files = [TensorBoardSink(log_dir)] if options.writes_files else []
@@ -79,6 +80,12 @@ class TorchGradWatch(Adapter):
             options.dashboard(self.engine.grouping, optimizers=None),  # met as they step
             pictures=options.histogram_every_n_steps > 0,
         )
+
+    def before_forward(self) -> None:
+        """With ``track_signal=True``, call before each forward (each micro-batch's): before a
+        logging step's, it hooks the groups' modules; the hooks go at that optimizer step.
+        Elsewhere it installs nothing."""
+        self.engine.before_forward()
 
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, step: int | None = None

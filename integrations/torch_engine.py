@@ -24,9 +24,11 @@ from gradwatch.grouping import GroupBy, Grouping
 from gradwatch.guard import Guard
 from gradwatch.integrations._shards import ShardReducer, has_dtensors, local
 from gradwatch.integrations._torch_decisions import GuardRun, TorchDecisions, view
+from gradwatch.integrations._torch_signal import SignalProbe
 from gradwatch.options import check_histogram_bins
 from gradwatch.record import Record
 from gradwatch.recording import Reading, Recorder
+from gradwatch.signal import SIGNAL_ROW
 from gradwatch.stats import (
     GRAD_NORM,
     StepSummary,
@@ -161,10 +163,15 @@ class TorchEngine:
         guard: Guard | None = None,
         scaler: torch.amp.GradScaler | None = None,
         statistics: Sequence[str] = tags.DEFAULT_STATISTICS,
+        signal_of: torch.nn.Module | None = None,
     ) -> None:
-        named = [(_original_name(n), p) for n, p in named_parameters if p.requires_grad]
+        given = [(n, p) for n, p in named_parameters if p.requires_grad]
+        named = [(_original_name(n), p) for n, p in given]
         self.params = [p for _, p in named]
         self.grouping = Grouping.build([n for n, _ in named], group_by)
+        self.signal = None
+        if signal_of is not None:
+            self.signal = SignalProbe(signal_of, self.grouping, [n for n, _ in given])
         self.cadence = cadence or Cadence()
         self.track_update_ratio = track_update_ratio
         self.label_optimizers = label_optimizers
@@ -186,7 +193,13 @@ class TorchEngine:
         """The most recent steps dropped by a ``"skip"`` or ``"stop"`` action, oldest first."""
         return list(self._skipped)
 
-    # -- the two calls ---------------------------------------------------------------------
+    # -- the calls ---------------------------------------------------------------------------
+
+    def before_forward(self) -> None:
+        """With ``signal_of``: before a forward whose optimizer step is a logging step, hook
+        the groups' modules (the hooks go at that step). Elsewhere nothing is installed."""
+        if self.signal is not None and self.cadence.logs(self._next_count()):
+            self.signal.install()
 
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, step: int | None = None
@@ -234,11 +247,18 @@ class TorchEngine:
             self._drop(optimizer, number, stop)
         logs = self.cadence.logs(count) or stop
         histograms = self.cadence.histograms(count)
+        signal = None  # the signal hooks go at every step they were installed for
+        if self.signal is not None and logs:
+            signal = self.signal.collect()
+        elif self.signal is not None:
+            self.signal.remove()
         state.last = _Last(number, indices, norms, logs)
         if logs or histograms:
             pending = _Pending(number, state, indices, grads, reducer)
             if logs:
                 self._measure(pending, params, norms)
+                if signal is not None:
+                    pending.parts["signal"] = signal
             if histograms:
                 pending.histogram_groups, pending.parts["histograms"] = self._histograms(
                     indices, grads, reducer
@@ -286,6 +306,14 @@ class TorchEngine:
         self._restored = dict(state) if isinstance(state, dict) else {}
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _next_count(self) -> int:
+        """The count of the first optimizer's next step (what the cadence is asked)."""
+        first = next((s for s in self._optimizers.values() if s.index == 0), None)
+        if first is not None:
+            return first.calls
+        restored = self._restored.get("optimizer_steps", [0])
+        return restored[0] if restored and isinstance(restored[0], int) else 0
 
     def _update_ratio(self) -> tuple[str, ...]:
         return (tags.UPDATE_TO_PARAM,) if self.track_update_ratio else ()
@@ -421,6 +449,8 @@ class TorchEngine:
             return pending.optimizer.recorder.record(reading)
         reading.summary = StepSummary(*host["summary"])
         reading.clip = host.get("clip")
+        if "signal" in host:
+            reading.signal = dict(enumerate(host["signal"].reshape(-1, len(SIGNAL_ROW))))
         for measure in self.measures:
             if measure.reduce == "nonfinite":
                 counts = _count_nonfinite(pending.grads, host[GRAD_NORM.name], pending.reducer)

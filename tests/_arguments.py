@@ -57,6 +57,11 @@ COMMON = [
         "`track_update_ratio` must be True or False. Received: track_update_ratio='5'",
     ),
     (
+        {"track_signal": "5"},
+        TypeError,
+        "`track_signal` must be True or False. Received: track_signal='5'",
+    ),
+    (
         {"histogram_bins": 10**12},
         ValueError,
         "`histogram_bins` must be an int from 1 to 10000. Received: histogram_bins=10000" + "0" * 8,

@@ -1,0 +1,82 @@
+"""The forward and backward signal through depth, per group: what it is summed from, and the
+tags it becomes.
+
+On a logging step's batch (every micro-batch of that optimizer step), an adapter sums over the
+outputs ``y`` of each group's module, and over the gradient ``dL/dy`` that reaches them in
+backward, one row of :data:`SIGNAL_ROW` per group. The dead and saturated fractions are taken
+on the activation that ends the module, or follows it (a ``ReLU`` after a ``Linear`` in a
+``Sequential``), else on the module's own outputs; saturation only for bounded activations.
+:func:`signal_scalars` turns the rows into tags:
+
+* ``act_rms``, ``act_mean``: the forward signal's scale and mean;
+* ``act_grad_rms``: the backward signal's scale, the RMS of ``dL/dy``;
+* ``act_gain``: the backward signal's RMS at a group over that at the next group toward the
+  output (in depth order): the average gain of the Jacobians in between. About 1 is healthy;
+  well below 1 the signal vanishes on its way back, well above it explodes;
+* ``act_dead``: the fraction of outputs exactly zero (dead ReLU units);
+* ``act_saturated``: the fraction of a bounded activation's outputs at its bounds
+  (``|tanh| > 0.99``, ``sigmoid`` outside ``[0.01, 0.99]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import pairwise
+
+import numpy as np
+
+from gradwatch import tags
+from gradwatch.grouping import Grouping
+
+__all__ = ["SIGNAL_ROW", "signal_scalars"]
+
+SIGNAL_ROW = (
+    "sum_squares",  # of the module's outputs
+    "sum",
+    "count",
+    "grad_sum_squares",  # of dL/d(output)
+    "grad_count",
+    "outputs",  # values the dead fraction is taken over (the activation's outputs)
+    "zeros",
+    "bounded",  # values of a bounded activation
+    "saturated",
+)
+"""The sums an adapter takes per group on a logging step, in this order."""
+
+_COLUMN = {name: i for i, name in enumerate(SIGNAL_ROW)}
+
+
+def signal_scalars(grouping: Grouping, rows: Mapping[int, np.ndarray]) -> dict[str, float]:
+    """The signal tags of one logging step, from the rows of :data:`SIGNAL_ROW` by group
+    index (groups whose module did not run on the batch are left out).
+
+    Example:
+        >>> g = Grouping.build(["a.weight", "b.weight"], "module")
+        >>> rows = {0: np.array([4.0, 0, 1, 16, 1, 1, 0, 0, 0]),
+        ...         1: np.array([1.0, 1, 1, 4, 1, 1, 1, 0, 0])}
+        >>> scalars = signal_scalars(g, rows)
+        >>> scalars["act_rms/a"], scalars["act_gain/a"], scalars["act_dead/b"]
+        (2.0, 2.0, 1.0)
+    """
+    scalars: dict[str, float] = {}
+    backward: list[tuple[int, float]] = []  # (group, dL/dy RMS) in depth order
+    for g in sorted(rows):
+        row, name = rows[g], grouping.tags[g]
+        value = {column: float(row[i]) for column, i in _COLUMN.items()}
+        if value["count"] <= 0:
+            continue
+        scalars[tags.group_tag(tags.ACT_RMS, name)] = np.sqrt(value["sum_squares"] / value["count"])
+        scalars[tags.group_tag(tags.ACT_MEAN, name)] = value["sum"] / value["count"]
+        if value["grad_count"] > 0:
+            rms = float(np.sqrt(value["grad_sum_squares"] / value["grad_count"]))
+            scalars[tags.group_tag(tags.ACT_GRAD_RMS, name)] = rms
+            backward.append((g, rms))
+        if value["outputs"] > 0:
+            scalars[tags.group_tag(tags.ACT_DEAD, name)] = value["zeros"] / value["outputs"]
+        if value["bounded"] > 0:
+            saturated = value["saturated"] / value["bounded"]
+            scalars[tags.group_tag(tags.ACT_SATURATED, name)] = saturated
+    for (g, rms), (_, after) in pairwise(backward):
+        gain = rms / after if after > 0 else (1.0 if rms == 0 else np.inf)
+        scalars[tags.group_tag(tags.ACT_GAIN, grouping.tags[g])] = float(gain)
+    return {tag: float(v) for tag, v in scalars.items()}

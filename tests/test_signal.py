@@ -1,0 +1,170 @@
+"""track_signal: the forward and backward signal at each group's module, against the same
+quantities computed by hand with autograd, in a plain loop and in a real Lightning fit; no hook
+outside a logging step's forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+
+import warnings
+
+import torch
+from torch import nn
+
+from gradwatch.integrations.torch import TorchGradWatch
+from gradwatch.sinks import MemorySink
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
+    )
+
+
+def by_hand(model: nn.Sequential, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The signal tags computed directly: every layer's output kept with ``retain_grad``,
+    over every micro-batch of one optimizer step (each loss divided by their number)."""
+    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(model))}
+    for x, y in batches:
+        h = x
+        for i, layer in enumerate(model):
+            h = layer(h)
+            h.retain_grad()
+            outputs[i].append(h)
+        (nn.functional.mse_loss(h, y) / len(batches)).backward()
+    model.zero_grad()
+
+    def cat(i: int, grad: bool = False) -> torch.Tensor:
+        return torch.cat([(o.grad if grad else o).detach().flatten() for o in outputs[i]])
+
+    expected = {}
+    activation = {"0": 1, "2": 3, "4": 4}  # Tanh after the first Linear, ReLU after the second
+    for group, i in {"0": 0, "2": 2, "4": 4}.items():
+        y, grad, after = cat(i), cat(i, grad=True), cat(activation[group])
+        expected[f"act_rms/{group}"] = y.square().mean().sqrt().item()
+        expected[f"act_mean/{group}"] = y.mean().item()
+        expected[f"act_grad_rms/{group}"] = grad.square().mean().sqrt().item()
+        expected[f"act_dead/{group}"] = (after == 0).float().mean().item()
+    expected["act_saturated/0"] = (cat(1).abs() > 0.99).float().mean().item()
+    for group, toward_output in (("0", "2"), ("2", "4")):
+        ratio = expected[f"act_grad_rms/{group}"] / expected[f"act_grad_rms/{toward_output}"]
+        expected[f"act_gain/{group}"] = ratio
+    return expected
+
+
+def signal_of(record) -> dict[str, float]:
+    return {tag: v for tag, v in record.scalars.items() if tag.startswith("act_")}
+
+
+def test_the_signal_is_what_autograd_gives_in_a_plain_loop():
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(32, 6) * 3, torch.randn(32, 1)  # some tanh outputs saturate
+    sink = MemorySink()
+    watch = TorchGradWatch(model, False, track_signal=True, log_every_n_steps=2, sinks=[sink])
+    for _ in range(4):
+        watch.before_forward()
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        watch.before_optimizer_step(optimizer)
+        optimizer.step()
+        watch.after_optimizer_step()
+    watch.close()
+    expected = by_hand(model, [(x, y)])
+    assert 0 < expected["act_saturated/0"] < 1 and 0 < expected["act_dead/2"] < 1
+    logged = [r for r in sink.records if r.scalars]
+    assert [r.step for r in logged] == [0, 1, 3]
+    for record in logged:
+        assert signal_of(record) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_gradient_accumulation_sums_every_micro_batch():
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = [(torch.randn(8, 6), torch.randn(8, 1)) for _ in range(3)]
+    sink = MemorySink()
+    watch = TorchGradWatch(model, False, track_signal=True, sinks=[sink])
+    optimizer.zero_grad()
+    for x, y in batches:
+        watch.before_forward()
+        (nn.functional.mse_loss(model(x), y) / len(batches)).backward()
+    watch.before_optimizer_step(optimizer)
+    optimizer.step()
+    watch.after_optimizer_step()
+    watch.close()
+    assert signal_of(sink.records[0]) == pytest.approx(by_hand(model, batches), rel=1e-5)
+
+
+def hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_no_hook_outside_a_logging_steps_forward_and_backward():
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = TorchGradWatch(model, False, track_signal=True, log_every_n_steps=5)
+    installed = []
+    for _ in range(10):
+        watch.before_forward()
+        installed.append(hooks(model))
+        optimizer.zero_grad()
+        model(torch.randn(4, 6)).square().mean().backward()
+        watch.before_optimizer_step(optimizer)
+        assert hooks(model) == 0  # removed at every step, logged or not
+        optimizer.step()
+        watch.after_optimizer_step()
+    watch.close()
+    logging = {0, 4, 9}
+    assert [n > 0 for n in installed] == [step in logging for step in range(10)]
+
+
+def test_a_lightning_fit_logs_the_signal_autograd_gives(tmp_path):
+    pl = pytest.importorskip("lightning")
+    from gradwatch.integrations.lightning import GradWatch
+
+    x, y = torch.randn(16, 6) * 3, torch.randn(16, 1)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net()
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    sink = MemorySink()
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=6,
+        log_every_n_steps=3,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[GradWatch(log_dir=False, track_signal=True, sinks=[sink])],
+    )
+    module = Module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader([(x, y)] * 6, batch_size=None))
+    expected = {tag.replace("/", "/net.", 1): v for tag, v in by_hand(module.net, [(x, y)]).items()}
+    logged = [r for r in sink.records if r.scalars]
+    assert [r.step for r in logged] == [0, 2, 5]
+    for record in logged:
+        assert signal_of(record) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert hooks(module) == 0
+
+
+def test_the_keras_callback_says_it_has_no_signal_yet():
+    pytest.importorskip("keras")
+    from gradwatch.integrations.keras import GradWatch
+
+    with pytest.raises(ValueError, match=r"`track_signal=True` is not available in the Keras"):
+        GradWatch(False, track_signal=True)
