@@ -45,6 +45,7 @@ _UNBOUNDED = (
     nn.Hardswish,
 )
 _ROW = len(SIGNAL_ROW)
+_GRAD_SQUARES = SIGNAL_ROW.index("grad_sum_squares")
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -85,6 +86,18 @@ class SignalProbe:
             self._targets.append((group, module, activation))
         self._handles: list[RemovableHandle] = []
         self._sums: dict[int, list[torch.Tensor]] = {}
+        # The same hook objects at every logging step, run eagerly where the model is
+        # compiled: Dynamo then keeps one graph with them and one without, and recompiles
+        # neither (see tests/test_signal.py).
+        self._hooks = [
+            (
+                module,
+                _eager(self._signal_hook(group)),
+                activation,
+                _eager(self._activation_hook(group, _BOUNDED.get(type(activation)))),
+            )
+            for group, module, activation in self._targets
+        ]
 
     @property
     def installed(self) -> bool:
@@ -94,11 +107,9 @@ class SignalProbe:
         """Hook every group's module (again for each micro-batch: the sums add up)."""
         if self.installed:
             return
-        for group, module, activation in self._targets:
-            self._handles.append(module.register_forward_hook(self._signal_hook(group)))
-            saturation = _BOUNDED.get(type(activation))
-            hook = self._activation_hook(group, saturation)
-            self._handles.append(activation.register_forward_hook(hook))
+        for module, signal, activation, dead in self._hooks:
+            self._handles.append(module.register_forward_hook(signal))
+            self._handles.append(activation.register_forward_hook(dead))
 
     def remove(self) -> None:
         """Remove every hook and forget the sums."""
@@ -107,9 +118,12 @@ class SignalProbe:
         self._handles.clear()
         self._sums.clear()
 
-    def collect(self) -> torch.Tensor | None:
+    def collect(self, loss_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """The sums since :meth:`install`, ``[groups, len(SIGNAL_ROW)]`` (zeros for a group
-        not seen), on the device; None when nothing was seen. Removes the hooks."""
+        not seen), on the device; None when nothing was seen. Removes the hooks.
+
+        ``loss_scale``: the loss scaler's factor, which the backward signal is divided by.
+        """
         sums = self._sums
         self._sums = {}
         self.remove()
@@ -119,6 +133,8 @@ class SignalProbe:
         rows = torch.zeros(self.groups, _ROW, dtype=torch.float32, device=device)
         for group, parts in sums.items():
             rows[group] = torch.stack(parts).sum(0)
+        if loss_scale is not None:
+            rows[:, _GRAD_SQUARES] /= loss_scale.to(device).float().square()
         return rows
 
     def _add(self, group: int, columns: dict[str, torch.Tensor]) -> None:
@@ -131,13 +147,12 @@ class SignalProbe:
             y = _first_tensor(output)
             if y is None:
                 return
-            with torch.no_grad():
-                values = y.detach().float()
-                count = torch.tensor(float(values.numel()), device=values.device)
-                self._add(
-                    group,
-                    {"sum_squares": values.square().sum(), "sum": values.sum(), "count": count},
-                )
+            if not _recomputing():  # activation checkpointing runs a forward twice
+                with torch.no_grad():
+                    values = y.detach().float()
+                    count = torch.tensor(float(values.numel()), device=values.device)
+                    sums = {"sum_squares": values.square().sum(), "sum": values.sum()}
+                    self._add(group, {**sums, "count": count})
             if y.requires_grad:
                 y.register_hook(self._gradient_hook(group))
 
@@ -155,7 +170,7 @@ class SignalProbe:
     def _activation_hook(self, group: int, saturation: Saturation) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             y = _first_tensor(output)
-            if y is None:
+            if y is None or _recomputing():
                 return
             with torch.no_grad():
                 values = y.detach()
@@ -167,6 +182,16 @@ class SignalProbe:
                 self._add(group, columns)
 
         return hook
+
+
+def _recomputing() -> bool:
+    """Whether a forward runs inside backward: activation checkpointing recomputing it."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _eager(hook: Callable[..., None]) -> Callable[..., None]:
+    """``hook``, never traced by Dynamo (it keeps Python state)."""
+    return torch._dynamo.disable(hook, recursive=True)
 
 
 def _common_prefix(paths: list[list[str]]) -> list[str]:

@@ -249,7 +249,7 @@ class TorchEngine:
         histograms = self.cadence.histograms(count)
         signal = None  # the signal hooks go at every step they were installed for
         if self.signal is not None and logs:
-            signal = self.signal.collect()
+            signal = self.signal.collect(_loss_scale(self.scaler))
         elif self.signal is not None:
             self.signal.remove()
         state.last = _Last(number, indices, norms, logs)
@@ -491,6 +491,13 @@ def _count_nonfinite(
         return np.zeros(len(grads))
     counts = torch.stack([(~torch.isfinite(g)).sum(dtype=torch.float32) for g in grads])
     return reducer.combine("sum", counts).cpu().numpy().astype(np.float64)
+
+
+def _loss_scale(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+    """The factor an enabled loss scaler multiplied this step's loss by, on the device."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return scaler._scale
 
 
 def _scaler_skipped(

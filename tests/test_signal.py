@@ -168,3 +168,88 @@ def test_the_keras_callback_says_it_has_no_signal_yet():
 
     with pytest.raises(ValueError, match=r"`track_signal=True` is not available in the Keras"):
         GradWatch(False, track_signal=True)
+
+
+def one_logged_step(model: nn.Module, params: nn.Module, x, y, **options) -> dict[str, float]:
+    """The signal of one logged step of ``model`` (whose parameters are ``params``')."""
+    optimizer = torch.optim.SGD(params.parameters(), lr=0.0)
+    scaler = options.pop("scaler", None)
+    sink = MemorySink()
+    watch = TorchGradWatch(model, False, track_signal=True, sinks=[sink], scaler=scaler, **options)
+    watch.before_forward()
+    loss = nn.functional.mse_loss(model(x), y)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    watch.before_optimizer_step(optimizer)
+    optimizer.step()
+    watch.after_optimizer_step()
+    watch.close()
+    return signal_of(sink.records[0])
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_counts_each_forward_once(reentrant):
+    """The checkpointed part runs its forward again inside backward: its hooks add nothing
+    then, and the backward signal still reaches them (registered on the recomputed outputs
+    where the first forward kept no graph)."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = net()
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net[3:](checkpoint(self.net[:3], x, use_reentrant=reentrant))
+
+    x, y = torch.randn(32, 6) * 3, torch.randn(32, 1)
+    logged = one_logged_step(Checkpointed(), inner, x.requires_grad_(reentrant), y)
+    expected = by_hand(inner, [(x.detach(), y)])
+    assert logged == pytest.approx({t.replace("/", "/net.", 1): v for t, v in expected.items()})
+
+
+def test_the_backward_signal_is_unscaled_with_a_loss_scaler():
+    model = net()
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    logged = one_logged_step(model, model, x, y, scaler=scaler)
+    assert logged == pytest.approx(by_hand(model, [(x, y)]), rel=1e-5)
+
+
+def compiled_run(steps: int, track_signal: bool) -> tuple[int, dict[str, float], dict]:
+    """A compiled model trained ``steps`` steps, logging every third: Dynamo's graph count,
+    the signal of the last logging step, and what autograd gives on the same batch."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = net()
+    compiled = torch.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    sink = MemorySink()
+    watch = TorchGradWatch(
+        compiled, False, track_signal=track_signal, log_every_n_steps=3, sinks=[sink]
+    )
+    x, y = torch.randn(32, 6) * 3, torch.randn(32, 1)
+    for _ in range(steps):
+        watch.before_forward()
+        optimizer.zero_grad()
+        nn.functional.mse_loss(compiled(x), y).backward()
+        watch.before_optimizer_step(optimizer)
+        optimizer.step()
+        watch.after_optimizer_step()
+    watch.close()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    logged = [signal_of(r) for r in sink.records if "act_rms/0" in r.scalars]
+    return graphs, logged[-1] if logged else {}, by_hand(model, [(x, y)])
+
+
+def test_a_compiled_model_is_never_recompiled_for_the_signal():
+    """On a logging step the hooks run eagerly between graphs; the graphs with them are
+    compiled at the first logging step and reused at every later one, and the steps between
+    run the model's one graph."""
+
+    plain, _, _ = compiled_run(12, track_signal=False)
+    first, values, expected = compiled_run(4, track_signal=True)  # logging steps 0 and 2
+    many, _, _ = compiled_run(31, track_signal=True)  # eleven logging steps
+    assert plain == 1 and many == first
+    assert values == pytest.approx(expected, rel=1e-5, abs=1e-7)
