@@ -4,8 +4,8 @@ tags it becomes.
 On a logging step's batch (every micro-batch of that optimizer step), an adapter sums over the
 outputs ``y`` of each group's module, and over the gradient ``dL/dy`` that reaches them in
 backward, one row of :data:`SIGNAL_ROW` per group. The dead and saturated fractions are taken
-on the activation that ends the module, or follows it (a ``ReLU`` after a ``Linear`` in a
-``Sequential``), else on the module's own outputs; saturation only for bounded activations.
+on the activation that ends the module, or follows it (a ``ReLU`` registered after a
+``Linear``), else on the module's own outputs; saturation only for bounded activations.
 :func:`signal_scalars` turns the rows into tags:
 
 * ``act_rms``, ``act_mean``: the forward signal's scale and mean;

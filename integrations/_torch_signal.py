@@ -6,8 +6,8 @@ optimizer step, removes them all and returns the sums of :data:`gradwatch.signal
 per group, on the device (read with the step's other values, in one copy). Between logging
 steps no hook is installed. A group's module is the smallest module holding all of its
 parameters. Its dead and saturated fractions are taken on the activation module that ends it
-(its last child, for a ``Sequential``) or follows it in a ``Sequential``, else on its own
-outputs.
+(its last child, for a ``Sequential``) or is registered right after it in the module holding
+both (a ``ReLU`` after a ``Linear``), else on its own outputs.
 """
 
 from __future__ import annotations
@@ -205,11 +205,11 @@ def _common_prefix(paths: list[list[str]]) -> list[str]:
 
 
 def _following(modules: dict[str, nn.Module], module: nn.Module) -> nn.Module | None:
-    """The activation right after ``module`` in the Sequential that holds it, if any."""
+    """The activation registered right after ``module`` in the module that holds it, if any
+    (children are usually registered in the order forward runs them)."""
     for parent in modules.values():
-        if isinstance(parent, nn.Sequential):
-            children = list(parent)
-            for position, child in enumerate(children[:-1]):
-                if child is module and _is_activation(children[position + 1]):
-                    return children[position + 1]
+        children = list(parent.children())
+        for position, child in enumerate(children[:-1]):
+            if child is module and _is_activation(children[position + 1]):
+                return children[position + 1]
     return None

@@ -253,3 +253,25 @@ def test_a_compiled_model_is_never_recompiled_for_the_signal():
     many, _, _ = compiled_run(31, track_signal=True)  # eleven logging steps
     assert plain == 1 and many == first
     assert values == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_dead_units_are_counted_on_the_activation_registered_after_the_module():
+    """A block that is not a Sequential: its ReLU, registered after its Linear, is where the
+    Linear's dead fraction is taken (the Linear's own outputs are never exactly zero)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(6, 32)
+            self.activation = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.sum(1, keepdim=True) + self.activation(self.linear(x)).mean(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = Block()
+    x, y = torch.randn(64, 6), torch.randn(64, 1)
+    logged = one_logged_step(model, model, x, y)
+    dead = (model.activation(model.linear(x)) == 0).float().mean().item()
+    assert 0.2 < dead < 0.8
+    assert logged["act_dead/linear"] == pytest.approx(dead)
