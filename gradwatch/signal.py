@@ -1,9 +1,10 @@
 """The forward and backward signal through depth, per group: what it is summed from, and the
 tags it becomes.
 
-On a logging step's batch (every micro-batch of that optimizer step), an adapter sums over the
-outputs ``y`` of each group's module, and over the gradient ``dL/dy`` that reaches them in
-backward, one row of :data:`SIGNAL_ROW` per group. The dead and saturated fractions are taken
+On a logging step's batch (every micro-batch of that optimizer step), an adapter reduces the
+outputs ``y`` of each group's module, and the gradient ``dL/dy`` that reaches them in
+backward, each to a number or two (:data:`Entry`); :func:`fold` sums those into one row of
+:data:`SIGNAL_ROW` per group. The dead and saturated fractions are taken
 on the activation that ends the module, or follows it (a ``ReLU`` registered after a
 ``Linear``), else on the module's own outputs; saturation only for bounded activations.
 :func:`signal_scalars` turns the rows into tags:
@@ -20,7 +21,7 @@ on the activation that ends the module, or follows it (a ``ReLU`` registered aft
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 
 import numpy as np
@@ -28,7 +29,7 @@ import numpy as np
 from gradwatch import tags
 from gradwatch.grouping import Grouping
 
-__all__ = ["SIGNAL_ROW", "signal_scalars"]
+__all__ = ["SIGNAL_ROW", "Entry", "fold", "signal_scalars"]
 
 SIGNAL_ROW = (
     "sum_squares",  # of the module's outputs
@@ -44,6 +45,51 @@ SIGNAL_ROW = (
 """The sums an adapter takes per group on a logging step, in this order."""
 
 _COLUMN = {name: i for i, name in enumerate(SIGNAL_ROW)}
+
+# What an adapter takes at each hook call: one number, with its group, what it is, and over
+# how many values it was taken (an :data:`Entry`). :func:`fold` sums them into rows.
+NORM = "norm"  # L2 norm of a module's outputs
+SUM = "sum"  # their sum
+GRAD_NORM = "grad_norm"  # L2 norm of dL/d(output)
+NONZERO = "nonzero"  # outputs of the activation not exactly zero
+SATURATED = "saturated"  # outputs of a bounded activation at its bounds
+LOSS_SCALE = "loss_scale"  # a loss scaler's factor (group -1): divides the backward signal
+Entry = tuple[int, str, float]
+
+
+def fold(entries: Sequence[Entry], values: np.ndarray) -> dict[int, np.ndarray]:
+    """Rows of :data:`SIGNAL_ROW` by group, from what the hooks took (``values[i]`` is what
+    ``entries[i]`` names).
+
+    Example:
+        >>> fold([(0, NORM, 4.0), (0, SUM, 4.0), (0, NONZERO, 4.0)], np.array([3.0, 4, 3]))
+        {0: array([9., 4., 4., 0., 0., 4., 1., 0., 0.])}
+    """
+    rows: dict[int, np.ndarray] = {}
+    scale = 1.0
+    for (group, kind, count), value in zip(entries, values, strict=True):
+        if kind == LOSS_SCALE:
+            scale = float(value)
+            continue
+        row = rows.setdefault(group, np.zeros(len(SIGNAL_ROW)))
+        if kind == NORM:
+            row[_COLUMN["sum_squares"]] += value * value
+        elif kind == SUM:
+            row[_COLUMN["sum"]] += value
+            row[_COLUMN["count"]] += count
+        elif kind == GRAD_NORM:
+            row[_COLUMN["grad_sum_squares"]] += value * value
+            row[_COLUMN["grad_count"]] += count
+        elif kind == NONZERO:
+            row[_COLUMN["outputs"]] += count
+            row[_COLUMN["zeros"]] += count - value
+        elif kind == SATURATED:
+            row[_COLUMN["bounded"]] += count
+            row[_COLUMN["saturated"]] += value
+    if scale != 1.0:
+        for row in rows.values():
+            row[_COLUMN["grad_sum_squares"]] /= scale * scale
+    return rows
 
 
 def signal_scalars(grouping: Grouping, rows: Mapping[int, np.ndarray]) -> dict[str, float]:

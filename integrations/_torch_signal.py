@@ -2,8 +2,9 @@
 
 :class:`SignalProbe` installs forward hooks on the group's modules before a logging step's
 forward, and a gradient hook on each output they see; :meth:`SignalProbe.collect`, at that
-optimizer step, removes them all and returns the sums of :data:`gradwatch.signal.SIGNAL_ROW`
-per group, on the device (read with the step's other values, in one copy). Between logging
+optimizer step, removes them all and returns what they took: one number per hook call, on the
+device, read with the step's other values in one copy and folded into sums per group on the
+host (:func:`gradwatch.signal.fold`). Between logging
 steps no hook is installed. A group's module is the smallest module holding all of its
 parameters. Its dead and saturated fractions are taken on the activation module that ends it
 (its last child, for a ``Sequential``) or is registered right after it in the module holding
@@ -13,22 +14,23 @@ both (a ``ReLU`` after a ``Linear``), else on its own outputs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch.grouping import Grouping
-from gradwatch.signal import SIGNAL_ROW
+from gradwatch.signal import GRAD_NORM, LOSS_SCALE, NONZERO, NORM, SATURATED, SUM, Entry
 
-__all__ = ["SignalProbe"]
+__all__ = ["SignalProbe", "Taken"]
 
 Saturation = Callable[[torch.Tensor], torch.Tensor] | None
 
 _BOUNDED: dict[type[nn.Module], Saturation] = {
     nn.Tanh: lambda y: y.abs() > 0.99,
-    nn.Sigmoid: lambda y: (y < 0.01) | (y > 0.99),
+    nn.Sigmoid: lambda y: (y - 0.5).abs() > 0.49,
 }
 _UNBOUNDED = (
     nn.ReLU,
@@ -44,8 +46,6 @@ _UNBOUNDED = (
     nn.Softplus,
     nn.Hardswish,
 )
-_ROW = len(SIGNAL_ROW)
-_GRAD_SQUARES = SIGNAL_ROW.index("grad_sum_squares")
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -68,36 +68,47 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+class Taken(NamedTuple):
+    """What a probe took on one logging step: its values on the device, and what each is."""
+
+    values: torch.Tensor  # [len(entries)], float32
+    entries: list[Entry]
+
+
 class SignalProbe:
-    """Sums of the forward and backward signal per group, taken while installed."""
+    """The forward and backward signal per group, taken while installed: one reduction per
+    hook call, each to one number on the device (see :func:`gradwatch.signal.fold`)."""
 
     def __init__(self, model: nn.Module, grouping: Grouping, names: list[str]) -> None:
         """``names``: each of ``grouping``'s tensors' names in ``model`` (as
         ``named_parameters`` gives them)."""
         modules = dict(model.named_modules())
-        members: dict[int, list[str]] = {}
+        members: dict[int, list[list[str]]] = {}
         for name, group in zip(names, grouping.index, strict=True):
             members.setdefault(int(group), []).append(name.split(".")[:-1])
-        self.groups = len(grouping.groups)
-        self._targets: list[tuple[int, nn.Module, nn.Module]] = []  # group, module, activation
+        self._floats: list[tuple[torch.Tensor, Entry]] = []
+        self._counts: list[tuple[torch.Tensor, Entry]] = []  # int64, count_nonzero's
+        self._handles: list[RemovableHandle] = []
+        self._gradient_hooks: dict[int, Callable[[torch.Tensor], None]] = {}
+        # The same hook objects at every logging step, kept out of Dynamo's graphs where the
+        # model holds a compiled module: Dynamo then keeps one set of graphs with them and one
+        # without, and recompiles neither (see tests/test_signal.py).
+        compiled = any(isinstance(m, OptimizedModule) for m in modules.values())
+        wrap = _eager if compiled else _as_is
+        self._hooks = []
         for group, paths in sorted(members.items()):
             module = modules[".".join(_common_prefix(paths))]
             activation = _ending_activation(module) or _following(modules, module) or module
-            self._targets.append((group, module, activation))
-        self._handles: list[RemovableHandle] = []
-        self._sums: dict[int, list[torch.Tensor]] = {}
-        # The same hook objects at every logging step, run eagerly where the model is
-        # compiled: Dynamo then keeps one graph with them and one without, and recompiles
-        # neither (see tests/test_signal.py).
-        self._hooks = [
-            (
-                module,
-                _eager(self._signal_hook(group)),
-                activation,
-                _eager(self._activation_hook(group, _BOUNDED.get(type(activation)))),
+            saturation = _BOUNDED.get(type(activation))
+            self._gradient_hooks[group] = self._gradient_hook(group)
+            self._hooks.append(
+                (
+                    module,
+                    wrap(self._signal_hook(group)),
+                    activation,
+                    wrap(self._activation_hook(group, saturation)),
+                )
             )
-            for group, module, activation in self._targets
-        ]
 
     @property
     def installed(self) -> bool:
@@ -112,35 +123,32 @@ class SignalProbe:
             self._handles.append(activation.register_forward_hook(dead))
 
     def remove(self) -> None:
-        """Remove every hook and forget the sums."""
+        """Remove every hook and forget what was taken."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._sums.clear()
+        self._floats, self._counts = [], []
 
-    def collect(self, loss_scale: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The sums since :meth:`install`, ``[groups, len(SIGNAL_ROW)]`` (zeros for a group
-        not seen), on the device; None when nothing was seen. Removes the hooks.
+    def collect(self, loss_scale: torch.Tensor | None = None) -> Taken | None:
+        """What was taken since :meth:`install`, or None; removes the hooks.
 
-        ``loss_scale``: the loss scaler's factor, which the backward signal is divided by.
+        ``loss_scale``: the loss scaler's factor (the backward signal is divided by it).
         """
-        sums = self._sums
-        self._sums = {}
+        floats, counts = self._floats, self._counts
         self.remove()
-        if not sums:
+        if not floats and not counts:
             return None
-        device = next(iter(sums.values()))[0].device
-        rows = torch.zeros(self.groups, _ROW, dtype=torch.float32, device=device)
-        for group, parts in sums.items():
-            rows[group] = torch.stack(parts).sum(0)
-        if loss_scale is not None:
-            rows[:, _GRAD_SQUARES] /= loss_scale.to(device).float().square()
-        return rows
+        if loss_scale is not None and floats:
+            scale = loss_scale.to(floats[0][0].device).float().reshape(())
+            floats.append((scale, (-1, LOSS_SCALE, 0.0)))
+        parts = [torch.stack([v for v, _ in floats]).float()] if floats else []
+        if counts:
+            parts.append(torch.stack([v for v, _ in counts]).float())
+        values = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return Taken(values, [e for _, e in floats] + [e for _, e in counts])
 
-    def _add(self, group: int, columns: dict[str, torch.Tensor]) -> None:
-        zero = torch.zeros((), dtype=torch.float32, device=next(iter(columns.values())).device)
-        row = torch.stack([columns.get(name, zero) for name in SIGNAL_ROW])
-        self._sums.setdefault(group, []).append(row)
+    def _take(self, value: torch.Tensor, entry: Entry) -> None:
+        (self._counts if value.dtype == torch.int64 else self._floats).append((value, entry))
 
     def _signal_hook(self, group: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -149,21 +157,20 @@ class SignalProbe:
                 return
             if not _recomputing():  # activation checkpointing runs a forward twice
                 with torch.no_grad():
-                    values = y.detach().float()
-                    count = torch.tensor(float(values.numel()), device=values.device)
-                    sums = {"sum_squares": values.square().sum(), "sum": values.sum()}
-                    self._add(group, {**sums, "count": count})
+                    values, count = y.detach(), float(y.numel())
+                    norm = torch.linalg.vector_norm(values, dtype=torch.float32)
+                    self._take(norm, (group, NORM, count))
+                    self._take(values.sum(dtype=torch.float32), (group, SUM, count))
             if y.requires_grad:
-                y.register_hook(self._gradient_hook(group))
+                y.register_hook(self._gradient_hooks[group])
 
         return hook
 
     def _gradient_hook(self, group: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                values = grad.detach().float()
-                count = torch.tensor(float(values.numel()), device=values.device)
-                self._add(group, {"grad_sum_squares": values.square().sum(), "grad_count": count})
+                norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+                self._take(norm, (group, GRAD_NORM, float(grad.numel())))
 
         return hook
 
@@ -174,12 +181,11 @@ class SignalProbe:
                 return
             with torch.no_grad():
                 values = y.detach()
-                count = torch.tensor(float(values.numel()), device=values.device)
-                columns = {"outputs": count, "zeros": (values == 0).sum().float()}
+                count = float(values.numel())
+                self._take(torch.count_nonzero(values), (group, NONZERO, count))
                 if saturation is not None:
-                    columns["bounded"] = count
-                    columns["saturated"] = saturation(values.float()).sum().float()
-                self._add(group, columns)
+                    saturated = torch.count_nonzero(saturation(values))
+                    self._take(saturated, (group, SATURATED, count))
 
         return hook
 
@@ -192,6 +198,10 @@ def _recomputing() -> bool:
 def _eager(hook: Callable[..., None]) -> Callable[..., None]:
     """``hook``, never traced by Dynamo (it keeps Python state)."""
     return torch._dynamo.disable(hook, recursive=True)
+
+
+def _as_is(hook: Callable[..., None]) -> Callable[..., None]:
+    return hook
 
 
 def _common_prefix(paths: list[list[str]]) -> list[str]:

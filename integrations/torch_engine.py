@@ -28,7 +28,7 @@ from gradwatch.integrations._torch_signal import SignalProbe
 from gradwatch.options import check_histogram_bins
 from gradwatch.record import Record
 from gradwatch.recording import Reading, Recorder
-from gradwatch.signal import SIGNAL_ROW
+from gradwatch.signal import Entry, fold
 from gradwatch.stats import (
     GRAD_NORM,
     StepSummary,
@@ -99,6 +99,7 @@ class _Pending:
     histogram_groups: list[int] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
     snapshot: list[torch.Tensor] | None = None  # the parameters before the step
+    signal: list[Entry] = field(default_factory=list)  # what parts["signal"] holds
 
 
 def _original_name(name: str) -> str:
@@ -258,7 +259,7 @@ class TorchEngine:
             if logs:
                 self._measure(pending, params, norms)
                 if signal is not None:
-                    pending.parts["signal"] = signal
+                    pending.parts["signal"], pending.signal = signal
             if histograms:
                 pending.histogram_groups, pending.parts["histograms"] = self._histograms(
                     indices, grads, reducer
@@ -450,7 +451,7 @@ class TorchEngine:
         reading.summary = StepSummary(*host["summary"])
         reading.clip = host.get("clip")
         if "signal" in host:
-            reading.signal = dict(enumerate(host["signal"].reshape(-1, len(SIGNAL_ROW))))
+            reading.signal = fold(pending.signal, host["signal"])
         for measure in self.measures:
             if measure.reduce == "nonfinite":
                 counts = _count_nonfinite(pending.grads, host[GRAD_NORM.name], pending.reducer)
