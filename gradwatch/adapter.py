@@ -55,6 +55,12 @@ class Adapter:
         explosion, vanishing: the detectors (:class:`gradwatch.detectors.Explosion`,
             :class:`gradwatch.detectors.Vanishing`, or any object meeting
             :class:`gradwatch.detectors.Detector`); None: the default settings.
+        on_dead_units, on_saturation: with ``track_signal``, ``"warn"`` (default), ``"stop"``
+            (end training after the step) or ``"ignore"`` when a group's outputs stay dead or
+            saturated for several logging steps.
+        dead_units, saturation: those findings' settings
+            (:class:`gradwatch.signal.DeadUnits`, :class:`gradwatch.signal.Saturation`);
+            None: the defaults.
         sinks: extra sinks for the records (for example a
             :class:`gradwatch.sinks.MemorySink`).
 
@@ -82,6 +88,10 @@ class Adapter:
         on_vanishing: str = "warn",
         explosion: Any = None,
         vanishing: Any = None,
+        on_dead_units: str = "warn",
+        on_saturation: str = "warn",
+        dead_units: Any = None,
+        saturation: Any = None,
         sinks: Sequence[Sink] = (),
     ) -> None:
         self.options: Options = check_options(locals(), self.RULES)

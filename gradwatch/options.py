@@ -24,10 +24,19 @@ from typing import Any, Literal
 
 from gradwatch import tags
 from gradwatch.cadence import Cadence
-from gradwatch.checks import OFF, check_count, check_flag, check_log_dir, check_sinks
+from gradwatch.checks import (
+    OFF,
+    check_choice,
+    check_count,
+    check_flag,
+    check_instance,
+    check_log_dir,
+    check_sinks,
+)
 from gradwatch.dashboard import Layout, build_dashboard
 from gradwatch.grouping import Grouping, check_group_by
 from gradwatch.guard import Guard
+from gradwatch.signal import ALARM_ACTIONS, DeadUnits, Saturation
 
 __all__ = [
     "MAX_HISTOGRAM_BINS",
@@ -96,6 +105,8 @@ class Options:
         track_update_ratio: also measure ``|update| / |param|`` at logging steps.
         track_signal: also measure the forward and backward signal at each group's module on
             the logging steps' batches (see :mod:`gradwatch.signal`).
+        alarms: the signal's ``dead_units``, ``saturation``, ``on_dead_units`` and
+            ``on_saturation`` options, as :class:`gradwatch.signal.SignalAlarms` takes them.
         histogram_bins: buckets per histogram, at most :data:`MAX_HISTOGRAM_BINS`.
         guard: the ``clip``, ``on_*``, ``explosion`` and ``vanishing`` options.
         sinks: extra sinks for the records.
@@ -112,6 +123,7 @@ class Options:
     sinks: tuple[Any, ...] = ()
     statistics: tuple[str, ...] = tags.DEFAULT_STATISTICS
     track_signal: bool = False
+    alarms: tuple[DeadUnits, Saturation, str, str] = (DeadUnits(), Saturation(), "warn", "warn")
 
     @property
     def writes_files(self) -> bool:
@@ -169,6 +181,10 @@ OPTIONS = (
     "on_vanishing",
     "explosion",
     "vanishing",
+    "on_dead_units",
+    "on_saturation",
+    "dead_units",
+    "saturation",
     "sinks",
 )
 """The options every adapter takes, by the name of its argument."""
@@ -234,4 +250,10 @@ def check_options(arguments: Mapping[str, Any], rules: Rules = Rules()) -> Optio
         sinks=check_sinks("sinks", given.get("sinks", ())),
         statistics=check_statistics(statistics, update_ratio),
         track_signal=check_flag("track_signal", given.get("track_signal", False)),
+        alarms=(
+            check_instance("dead_units", given.get("dead_units"), DeadUnits, DeadUnits),
+            check_instance("saturation", given.get("saturation"), Saturation, Saturation),
+            check_choice("on_dead_units", given.get("on_dead_units", "warn"), ALARM_ACTIONS),
+            check_choice("on_saturation", given.get("on_saturation", "warn"), ALARM_ACTIONS),
+        ),
     )

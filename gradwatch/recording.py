@@ -21,7 +21,7 @@ from gradwatch.detectors import Latch
 from gradwatch.grouping import Grouping
 from gradwatch.guard import GLOBAL, Guard
 from gradwatch.record import HISTOGRAM_HEAD, Histogram, Record
-from gradwatch.signal import signal_scalars
+from gradwatch.signal import SignalAlarms, signal_scalars
 from gradwatch.stats import StepSummary, TensorStats, aggregate, global_norm, nonzero_sums
 
 __all__ = [
@@ -74,6 +74,7 @@ class Recorder:
         statistics: the per-group statistics written (of those measured).
         optimizer: the optimizer's index in whole-model tags, or None for a lone optimizer.
         scaler: a loss scaler drops steps (their count is written).
+        alarms: with the signal measured, its dead-units and saturation findings.
     """
 
     def __init__(
@@ -84,12 +85,14 @@ class Recorder:
         statistics: Sequence[str] = tags.STATISTICS,
         optimizer: int | None = None,
         scaler: bool = False,
+        alarms: SignalAlarms | None = None,
     ) -> None:
         self.grouping = grouping
         self.guard = guard
         self.statistics = tuple(statistics)
         self.optimizer = optimizer
         self.scaler = scaler
+        self.alarms = alarms
 
     def record(
         self,
@@ -131,6 +134,9 @@ class Recorder:
                     self.grouping, reading.tensors, reading.measures[_NONFINITE]
                 )
             record.events = self.events(latch, known)
+        if reading.signal and self.alarms is not None:
+            found = self.alarms.events(reading.step, self.grouping, reading.signal)
+            record.events = [*record.events, *found]
         return record
 
     def events(self, latch: Latch, counts: Mapping[int, Mapping[str, float]]) -> list[dict]:

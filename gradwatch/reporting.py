@@ -21,6 +21,7 @@ from gradwatch.dashboard import Layout
 from gradwatch.guard import GLOBAL, sort_events
 from gradwatch.pictures import FlowPictures
 from gradwatch.record import Record, Sink
+from gradwatch.signal import DEAD_UNITS, SATURATION
 from gradwatch.sinks.fanout import Fanout
 
 __all__ = [
@@ -80,6 +81,8 @@ class Reporter:
         dropped (``stopped_at``, or one given to :meth:`stop_at`) as the stop."""
         self.stop_at(stopped_at)
         for record in records:
+            if any(e["action"] == "stop" for e in record.events):  # a signal alarm's, say
+                self.stop_at(record.step)
             if record.step == self.stopped_at and not self._stop_written:
                 self.stop(record)
             else:
@@ -147,6 +150,14 @@ def describe(event: dict) -> str:
             f"new level at step {step}: the {subject} stayed above its explosion bound;"
             f" {value:.3g} is now taken as normal"
         )
+    if event["kind"] in (DEAD_UNITS, SATURATION):
+        what = "exactly zero" if event["kind"] == DEAD_UNITS else "at the activation's bounds"
+        text = (
+            f"{event['kind'].replace('_', ' ')} in {event['group']} until step {step}:"
+            f" {value:.0%} of its outputs {what} (more than {bound:.0%}) for several"
+            " logging steps"
+        )
+        return text + (" (training stopped)" if event["action"] == "stop" else "")
     if event["kind"] == "nonfinite":
         where = "the gradient" if whole else event["group"]
         many = f"{event['count']} " if "count" in event else ""

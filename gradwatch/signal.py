@@ -22,14 +22,24 @@ on the activation that ends the module, or follows it (a ``ReLU`` registered aft
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
 
 from gradwatch import tags
+from gradwatch.checks import check_choice, check_count, check_real
 from gradwatch.grouping import Grouping
 
-__all__ = ["SIGNAL_ROW", "Entry", "fold", "signal_scalars"]
+__all__ = [
+    "SIGNAL_ROW",
+    "DeadUnits",
+    "Entry",
+    "Saturation",
+    "SignalAlarms",
+    "fold",
+    "signal_scalars",
+]
 
 SIGNAL_ROW = (
     "sum_squares",  # of the module's outputs
@@ -126,3 +136,91 @@ def signal_scalars(grouping: Grouping, rows: Mapping[int, np.ndarray]) -> dict[s
         gain = rms / after if after > 0 else (1.0 if rms == 0 else np.inf)
         scalars[tags.group_tag(tags.ACT_GAIN, grouping.tags[g])] = float(gain)
     return {tag: float(v) for tag, v in scalars.items()}
+
+
+ALARM_ACTIONS = ("warn", "stop", "ignore")
+"""What a signal alarm may do: it fires after its step was taken, so it cannot skip it."""
+DEAD_UNITS = "dead_units"
+SATURATION = "saturation"
+
+
+@dataclass(frozen=True)
+class DeadUnits:
+    """A group whose activation outputs are exactly zero in more than ``threshold`` of them
+    for ``patience`` logging steps in a row: units that no longer pass a signal or learn
+    (dying ReLUs). A healthy ReLU layer zeroes about half."""
+
+    threshold: float = 0.9
+    patience: int = 5
+
+    def __post_init__(self) -> None:
+        check_real("threshold", self.threshold, "in (0, 1)", lambda t: 0 < t < 1)
+        check_count("patience", self.patience)
+
+
+@dataclass(frozen=True)
+class Saturation:
+    """A group whose bounded activation (tanh, sigmoid) has more than ``threshold`` of its
+    outputs at its bounds for ``patience`` logging steps in a row: its slope there is near
+    zero, so the backward signal through it vanishes."""
+
+    threshold: float = 0.5
+    patience: int = 5
+
+    def __post_init__(self) -> None:
+        check_real("threshold", self.threshold, "in (0, 1)", lambda t: 0 < t < 1)
+        check_count("patience", self.patience)
+
+
+class SignalAlarms:
+    """The dead-units and saturation findings of a run, over its logging steps.
+
+    Each fires once when a group's fraction has stayed above its threshold for ``patience``
+    logging steps, and again only after it fell back below. Events are dicts like the other
+    detections' (``kind`` ``"dead_units"`` or ``"saturation"``).
+    """
+
+    def __init__(
+        self,
+        dead_units: DeadUnits | None = None,
+        saturation: Saturation | None = None,
+        on_dead_units: str = "warn",
+        on_saturation: str = "warn",
+    ) -> None:
+        self.rules: dict[str, tuple[DeadUnits | Saturation, str, tuple[str, str]]] = {
+            DEAD_UNITS: (
+                dead_units or DeadUnits(),
+                check_choice("on_dead_units", on_dead_units, ALARM_ACTIONS),
+                ("zeros", "outputs"),
+            ),
+            SATURATION: (
+                saturation or Saturation(),
+                check_choice("on_saturation", on_saturation, ALARM_ACTIONS),
+                ("saturated", "bounded"),
+            ),
+        }
+        self._streaks: dict[str, dict[int, int]] = {kind: {} for kind in self.rules}
+
+    def events(self, step: int, grouping: Grouping, rows: Mapping[int, np.ndarray]) -> list[dict]:
+        """The findings of one logging step, from its rows of :data:`SIGNAL_ROW`."""
+        events = []
+        for kind, (rule, action, (part, whole)) in self.rules.items():
+            if action == "ignore":
+                continue
+            streaks = self._streaks[kind]
+            for g, row in rows.items():
+                total = row[_COLUMN[whole]]
+                fraction = row[_COLUMN[part]] / total if total > 0 else 0.0
+                streaks[g] = streaks.get(g, 0) + 1 if fraction > rule.threshold else 0
+                if streaks[g] == rule.patience:
+                    events.append(
+                        {
+                            "step": step,
+                            "kind": kind,
+                            "group": grouping.groups[g],
+                            "value": float(fraction),
+                            "threshold": float(rule.threshold),
+                            "action": action,
+                        }
+                    )
+        return events

@@ -31,6 +31,7 @@ from gradwatch.integrations.torch_engine import TorchEngine
 from gradwatch.options import Rules
 from gradwatch.record import Record, Sink
 from gradwatch.reporting import GradWatchWarning, Reporter
+from gradwatch.signal import SignalAlarms
 from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatch", "GradWatchWarning"]
@@ -144,6 +145,7 @@ class GradWatch(Adapter, Callback):
             guard=options.guard,
             scaler=scaler,
             signal_of=pl_module if options.track_signal else None,
+            alarms=SignalAlarms(*options.alarms) if options.track_signal else None,
         )
         clip = trainer.gradient_clip_val
         options.warn_if_clipped_twice(
@@ -187,6 +189,8 @@ class GradWatch(Adapter, Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.engine is not None and self.reporter is not None:
             self.reporter.publish(self.engine.after_optimizer_step())
+            if self.should_stop:  # a signal alarm's "stop" (after its step)
+                trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()

@@ -24,6 +24,7 @@ from gradwatch.adapter import Adapter
 from gradwatch.checks import check_instance
 from gradwatch.integrations.torch_engine import TorchEngine
 from gradwatch.reporting import GradWatchWarning, Reporter
+from gradwatch.signal import SignalAlarms
 from gradwatch.sinks import TensorBoardSink
 
 __all__ = ["GradWatchWarning", "TorchEngine", "TorchGradWatch"]
@@ -72,6 +73,7 @@ class TorchGradWatch(Adapter):
             scaler=check_instance("scaler", scaler, torch.amp.GradScaler, lambda: None),
             statistics=options.statistics,
             signal_of=model if options.track_signal else None,
+            alarms=SignalAlarms(*options.alarms) if options.track_signal else None,
         )
         log_dir = options.log_dir or DEFAULT_LOG_DIR
         files = [TensorBoardSink(log_dir)] if options.writes_files else []

@@ -28,7 +28,7 @@ from gradwatch.integrations._torch_signal import SignalProbe
 from gradwatch.options import check_histogram_bins
 from gradwatch.record import Record
 from gradwatch.recording import Reading, Recorder
-from gradwatch.signal import Entry, fold
+from gradwatch.signal import Entry, SignalAlarms, fold
 from gradwatch.stats import (
     GRAD_NORM,
     StepSummary,
@@ -165,12 +165,13 @@ class TorchEngine:
         scaler: torch.amp.GradScaler | None = None,
         statistics: Sequence[str] = tags.DEFAULT_STATISTICS,
         signal_of: torch.nn.Module | None = None,
+        alarms: SignalAlarms | None = None,
     ) -> None:
         given = [(n, p) for n, p in named_parameters if p.requires_grad]
         named = [(_original_name(n), p) for n, p in given]
         self.params = [p for _, p in named]
         self.grouping = Grouping.build([n for n, _ in named], group_by)
-        self.signal = None
+        self.signal, self.alarms = None, alarms
         if signal_of is not None:
             self.signal = SignalProbe(signal_of, self.grouping, [n for n, _ in given])
         self.cadence = cadence or Cadence()
@@ -333,6 +334,7 @@ class TorchEngine:
                 statistics=self.statistics,
                 optimizer=index if (index > 0 or self.label_optimizers) else None,
                 scaler=self.scaler is not None and self.scaler.is_enabled(),
+                alarms=self.alarms,
             )
             state = _Optimizer(index, recorder, calls=calls)
             self._optimizers[id(optimizer)] = state

@@ -231,6 +231,7 @@ def train(
     losses = []
     with TorchGradWatch(model, log_dir=log_dir, **watch_options) as watch:  # type: ignore[arg-type]
         for step in range(steps):
+            watch.before_forward()  # with track_signal=True
             loss = setup.loss()
             optimizer.zero_grad()
             loss.backward()

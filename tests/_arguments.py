@@ -62,6 +62,16 @@ COMMON = [
         "`track_signal` must be True or False. Received: track_signal='5'",
     ),
     (
+        {"on_dead_units": "skip"},
+        ValueError,
+        "`on_dead_units` must be one of 'warn', 'stop', 'ignore'. Received: on_dead_units='skip'",
+    ),
+    (
+        {"saturation": 0.5},
+        TypeError,
+        "`saturation` must be a Saturation or None. Received: saturation=0.5",
+    ),
+    (
         {"histogram_bins": 10**12},
         ValueError,
         "`histogram_bins` must be an int from 1 to 10000. Received: histogram_bins=10000" + "0" * 8,

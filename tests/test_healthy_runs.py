@@ -2,7 +2,8 @@
 
 A GPT-2 (LayerNorm, learning induction after a plateau at chance), a narrow ResNet-18
 (BatchNorm) and an LSTM language model train for 300 steps under ``TorchGradWatch`` with its
-defaults (see ``_architectures.py``): no detection, and no group named at risk by the report.
+defaults and the signal measured (see ``_architectures.py``): no detection, and no group named
+at risk by the report.
 Then the same runs, shorter, with a 1000x gradient spike in one module and a NaN in another,
 must report each at the step it was injected; and a GPT-2 with one module's gradient zeroed and
 another's 10^4 times too large has both named at risk.
@@ -66,8 +67,9 @@ def named_at_risk(sink: MemorySink) -> tuple[list[str], list[str]]:
 def test_a_healthy_run_raises_no_detection_and_names_no_group_at_risk(architecture, tmp_path):
     needs(architecture)
     sink = MemorySink()
-    run = train(architecture, tmp_path, steps=300, sinks=[sink])
-    assert describe(run.events) == []
+    run = train(architecture, tmp_path, steps=300, sinks=[sink], track_signal=True)
+    assert describe(run.events) == []  # the signal's dead units and saturation included
+    assert any(tag.startswith("act_gain/") for tag in sink.records[-1].scalars)
     # Its BatchNorms or LayerNorms have ratios a decade or two below its weights': only within
     # their kind are they alike (by raw norm, the report named them all "vanishing").
     assert named_at_risk(sink) == ([], [])

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from gradwatch.integrations.torch import TorchGradWatch
+from gradwatch.reporting import GradWatchWarning
+from gradwatch.signal import DeadUnits, Saturation
 from gradwatch.sinks import MemorySink
 
 
@@ -275,3 +277,63 @@ def test_dead_units_are_counted_on_the_activation_registered_after_the_module():
     dead = (model.activation(model.linear(x)) == 0).float().mean().item()
     assert 0.2 < dead < 0.8
     assert logged["act_dead/linear"] == pytest.approx(dead)
+
+
+def broken(kind: str) -> nn.Sequential:
+    """A first layer whose ReLU outputs are all zero (dead), or whose tanh is pinned at its
+    bounds (saturated)."""
+    torch.manual_seed(0)
+    activation = nn.ReLU() if kind == "dead" else nn.Tanh()
+    model = nn.Sequential(nn.Linear(6, 16), activation, nn.Linear(16, 1))
+    with torch.no_grad():
+        if kind == "dead":
+            model[0].bias.fill_(-100.0)
+        else:
+            model[0].weight.mul_(100.0)
+    return model
+
+
+def alarmed_loop(model: nn.Module, steps: int = 6, **options) -> TorchGradWatch:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    watch = TorchGradWatch(model, False, track_signal=True, log_every_n_steps=1, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        for _ in range(steps):
+            watch.before_forward()
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            watch.before_optimizer_step(optimizer)
+            optimizer.step()
+            watch.after_optimizer_step()
+            if watch.should_stop:
+                break
+        watch.close()
+    return watch
+
+
+@pytest.mark.parametrize(
+    ("kind", "option", "rule"),
+    [
+        ("dead", "dead_units", DeadUnits(patience=3)),
+        ("saturated", "saturation", Saturation(patience=3)),
+    ],
+)
+def test_dead_and_saturated_outputs_are_found_after_patience_logging_steps(kind, option, rule):
+    watch = alarmed_loop(broken(kind), **{option: rule})
+    assert [(e["step"], e["kind"], e["group"], e["action"]) for e in watch.events] == [
+        (2, option, "0", "warn")  # once, at the third logging step in a row
+    ]
+    assert watch.events[0]["value"] > 0.9 and not watch.should_stop
+
+
+def test_a_dead_layer_stops_training_after_its_step():
+    watch = alarmed_loop(broken("dead"), on_dead_units="stop", dead_units=DeadUnits(patience=2))
+    assert watch.stopped_at == 1 and watch.should_stop
+    assert watch.events[-1]["action"] == "stop"
+    assert watch.engine.skipped == []  # the step was taken: the finding comes after it
+
+
+def test_alarms_are_quiet_where_the_signal_is_healthy_and_can_be_ignored():
+    assert alarmed_loop(net()).events == []  # half the ReLU outputs zero, tanh in range
+    assert alarmed_loop(broken("dead"), on_dead_units="ignore").events == []
