@@ -38,14 +38,19 @@ def train(
     """Train ``steps`` optimizer steps under TorchGradWatch; return its records and the losses.
 
     Event files go to ``log_dir`` with histograms on, so TensorBoard and the report draw the
-    gradient-flow pictures.
+    gradient-flow pictures; the forward and backward signal is measured (``track_signal``).
     """
     sink, losses = MemorySink(), []
     # histograms, and with them the pictures (a moment to draw), at the start and mid-run
-    options = {"log_every_n_steps": 5, "histogram_every_n_steps": steps // 2 + 1}
+    options = {
+        "log_every_n_steps": 5,
+        "histogram_every_n_steps": steps // 2 + 1,
+        "track_signal": True,
+    }
     options.update(watch_options)
     with TorchGradWatch(model, log_dir, sinks=[sink], **options) as watch:  # type: ignore[arg-type]
         for _ in range(steps):
+            watch.before_forward()
             value = loss()
             optimizer.zero_grad()
             value.backward()
@@ -71,6 +76,14 @@ def norms(sink: MemorySink, step: int = 0) -> dict[str, float]:
 
 def _has_norms(scalars: dict) -> bool:
     return any(t.startswith("grad_norm/") for t in scalars)
+
+
+def signal(sink: MemorySink, statistic: str, step: int = 0) -> dict[str, float]:
+    """``<statistic>/<group>`` of every group at ``step`` (``act_grad_rms``, ``act_rms``...),
+    in depth order."""
+    prefix = f"{statistic}/"
+    record = next(r for r in sink.records if r.step == step and _has_norms(r.scalars))
+    return {t[len(prefix) :]: float(v) for t, v in record.scalars.items() if t.startswith(prefix)}
 
 
 def sci(x: float) -> str:
