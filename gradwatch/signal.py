@@ -6,7 +6,7 @@ outputs ``y`` of each group's module, and the gradient ``dL/dy`` that reaches th
 backward, each to a number or two (:data:`Entry`); :func:`fold` sums those into one row of
 :data:`SIGNAL_ROW` per group. The dead and saturated fractions are taken
 on the activation that ends the module, or follows it (a ``ReLU`` registered after a
-``Linear``), else on the module's own outputs; saturation only for bounded activations.
+``Linear``), and only there; saturation only for bounded activations.
 :func:`signal_scalars` turns the rows into tags:
 
 * ``act_rms``, ``act_mean``: the forward signal's scale and mean;

@@ -8,7 +8,7 @@ host (:func:`gradwatch.signal.fold`). Between logging
 steps no hook is installed. A group's module is the smallest module holding all of its
 parameters. Its dead and saturated fractions are taken on the activation module that ends it
 (its last child, for a ``Sequential``) or is registered right after it in the module holding
-both (a ``ReLU`` after a ``Linear``), else on its own outputs.
+both (a ``ReLU`` after a ``Linear``); a module with neither (a norm, the head) has none.
 """
 
 from __future__ import annotations
@@ -95,20 +95,15 @@ class SignalProbe:
         # without, and recompiles neither (see tests/test_signal.py).
         compiled = any(isinstance(m, OptimizedModule) for m in modules.values())
         wrap = _eager if compiled else _as_is
-        self._hooks = []
+        self._hooks: list[tuple[nn.Module, Callable[..., None]]] = []
         for group, paths in sorted(members.items()):
             module = modules[".".join(_common_prefix(paths))]
-            activation = _ending_activation(module) or _following(modules, module) or module
-            saturation = _BOUNDED.get(type(activation))
             self._gradient_hooks[group] = self._gradient_hook(group)
-            self._hooks.append(
-                (
-                    module,
-                    wrap(self._signal_hook(group)),
-                    activation,
-                    wrap(self._activation_hook(group, saturation)),
-                )
-            )
+            self._hooks.append((module, wrap(self._signal_hook(group))))
+            activation = _ending_activation(module) or _following(modules, module)
+            if activation is not None:  # dead and saturated outputs are an activation's
+                saturation = _BOUNDED.get(type(activation))
+                self._hooks.append((activation, wrap(self._activation_hook(group, saturation))))
 
     @property
     def installed(self) -> bool:
@@ -118,9 +113,8 @@ class SignalProbe:
         """Hook every group's module (again for each micro-batch: the sums add up)."""
         if self.installed:
             return
-        for module, signal, activation, dead in self._hooks:
-            self._handles.append(module.register_forward_hook(signal))
-            self._handles.append(activation.register_forward_hook(dead))
+        for module, hook in self._hooks:
+            self._handles.append(module.register_forward_hook(hook))
 
     def remove(self) -> None:
         """Remove every hook and forget what was taken."""
