@@ -32,6 +32,13 @@ _PER_GROUP = (
     (tags.GRAD_NONFINITE, "non-finite gradient values", True),  # zero while all is well
     (tags.PARAM_NORM, "parameter norm", True),
     (tags.UPDATE_TO_PARAM, "update / parameter norm", True),
+    # with track_signal
+    (tags.ACT_GRAD_RMS, "backward signal RMS (dL/d output)", False),
+    (tags.ACT_GAIN, "backward signal gain to the next group", False),
+    (tags.ACT_RMS, "forward signal RMS (outputs)", True),
+    (tags.ACT_MEAN, "forward signal mean", True),
+    (tags.ACT_DEAD, "dead outputs (fraction exactly zero)", True),
+    (tags.ACT_SATURATED, "saturated outputs (fraction)", True),
 )
 
 

@@ -138,7 +138,7 @@ class Options:
             grouping,
             clipping=self.guard.policy is not None,
             optimizers=optimizers,
-            statistics=self.statistics,
+            statistics=self.statistics + (tags.SIGNAL_STATISTICS if self.track_signal else ()),
         )
 
     def warn_if_clipped_twice(self, other: object, order: str) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "GLOBAL",
     "HEATMAP",
     "LAYOUT",
+    "SIGNAL_STATISTICS",
     "STATISTICS",
     "TAGS",
     "TagSpec",
@@ -60,6 +61,7 @@ ACT_GRAD_RMS = "act_grad_rms"
 ACT_GAIN = "act_gain"
 ACT_DEAD = "act_dead"
 ACT_SATURATED = "act_saturated"
+SIGNAL_STATISTICS = (ACT_GRAD_RMS, ACT_GAIN, ACT_RMS, ACT_MEAN, ACT_DEAD, ACT_SATURATED)
 # Which per-group statistics are written: the first two at the defaults (two charts a group),
 # the others on request (`statistics=`). Non-finite values are reported through the events
 # whatever is chosen.

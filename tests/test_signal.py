@@ -338,3 +338,13 @@ def test_a_dead_layer_stops_training_after_its_step():
 def test_alarms_are_quiet_where_the_signal_is_healthy_and_can_be_ignored():
     assert alarmed_loop(net()).events == []  # half the ReLU outputs zero, tanh in range
     assert alarmed_loop(broken("dead"), on_dead_units="ignore").events == []
+
+
+def test_the_dashboard_charts_the_signal_when_it_is_measured():
+    def titles(**options) -> list[str]:
+        watch = TorchGradWatch(net(), False, **options)
+        layout = watch.options.dashboard(watch.engine.grouping)
+        return [category.title for category in layout.categories]
+
+    assert not any("signal" in t for t in titles())
+    assert "gradwatch: backward signal RMS (dL/d output) per group" in titles(track_signal=True)
