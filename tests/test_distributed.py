@@ -253,6 +253,51 @@ def test_ddp_two_processes(tmp_path):
     check_lightning_run(ranks, tmp_path, script.LEARNING_RATE["ddp"])
 
 
+def signal_by_hand(rank: int) -> dict[str, float]:
+    """The signal tags of one rank's batch, computed directly: its Linear outputs kept with
+    ``retain_grad``, and the Tanh after the first two."""
+    net = script.make_net()
+    x, y = script.rank_batch(rank)
+    outputs, h = [], x
+    for layer in net:
+        h = layer(h)
+        h.retain_grad()
+        outputs.append(h)
+    nn.functional.mse_loss(h, y).backward()
+    expected, backward = {}, []
+    for i in (0, 2, 4):
+        out, group = outputs[i], f"net.{i}"
+        expected[f"act_rms/{group}"] = out.square().mean().sqrt().item()
+        expected[f"act_mean/{group}"] = out.mean().item()
+        backward.append(out.grad.square().mean().sqrt().item())
+        expected[f"act_grad_rms/{group}"] = backward[-1]
+        if i < 4:  # a Tanh follows
+            tanh = outputs[i + 1]
+            expected[f"act_dead/{group}"] = (tanh == 0).float().mean().item()
+            expected[f"act_saturated/{group}"] = (tanh.abs() > 0.99).float().mean().item()
+    expected["act_gain/net.0"] = backward[0] / backward[1]
+    expected["act_gain/net.2"] = backward[1] / backward[2]
+    return expected
+
+
+@pytest.mark.slow
+def test_ddp_each_rank_measures_the_signal_of_its_own_batch_and_rank_zero_writes_it(tmp_path):
+    ranks = launch([str(SCRIPT), "ddp-signal"], tmp_path, timeout=120)
+    for rank in ranks:
+        for record in rank["records"]:
+            if record["step"] not in LOG_STEPS:
+                continue
+            signal = {t: v for t, v in record["scalars"].items() if t.startswith("act_")}
+            assert signal == pytest.approx(signal_by_hand(rank["rank"]), rel=1e-5, abs=1e-7)
+    files = glob.glob(str(tmp_path / "**" / "gradwatch" / "events.out.tfevents.*"), recursive=True)
+    (path,) = files
+    assert f".{ranks[0]['pid']}." in os.path.basename(path)
+    written = read_events(path)
+    for e in written.Scalars("act_grad_rms/net.0"):
+        assert e.value == pytest.approx(signal_by_hand(0)["act_grad_rms/net.0"], rel=1e-5)
+    assert signal_by_hand(0)["act_rms/net.0"] != pytest.approx(signal_by_hand(1)["act_rms/net.0"])
+
+
 @pytest.mark.slow
 def test_ddp_without_a_logger_writes_scalars_from_rank_zero(tmp_path):
     # Resolving the default directory is a collective in Lightning: every rank must take part.

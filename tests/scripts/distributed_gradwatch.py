@@ -153,6 +153,8 @@ def main(mode: str, out: str) -> None:
 
     from gradwatch.integrations.lightning import GradWatch
 
+    signal = mode.endswith("-signal")
+    mode = mode.removesuffix("-signal")
     kind = mode.removesuffix("-no-logger")
     fsdp = kind == "fsdp"
     if fsdp:
@@ -164,6 +166,7 @@ def main(mode: str, out: str) -> None:
         histogram_every_n_steps=HISTOGRAM_EVERY,
         histogram_bins=BINS,
         statistics="all",
+        track_signal=signal,
     )
     trainer = L.Trainer(
         default_root_dir=out,
