@@ -40,7 +40,7 @@ def by_hand(model: nn.Sequential, batches: list[tuple[torch.Tensor, torch.Tensor
     model.zero_grad()
 
     def cat(i: int, grad: bool = False) -> torch.Tensor:
-        return torch.cat([(o.grad if grad else o).detach().flatten() for o in outputs[i]])
+        return torch.cat([(o.grad if grad else o).detach().float().flatten() for o in outputs[i]])
 
     expected = {}
     activation = {"0": 1, "2": 3}  # Tanh after the first Linear, ReLU after the second
@@ -348,3 +348,14 @@ def test_the_dashboard_charts_the_signal_when_it_is_measured():
 
     assert not any("signal" in t for t in titles())
     assert "gradwatch: backward signal RMS (dL/d output) per group" in titles(track_signal=True)
+
+
+def test_the_signal_under_autocast_is_measured_in_float32():
+    """bf16 outputs under ``torch.autocast``: reduced in float32, as autograd's own bf16
+    outputs and gradients reduced by hand in float32."""
+    model = net()
+    x, y = torch.randn(32, 6) * 3, torch.randn(32, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = by_hand(model, [(x, y)])
+        logged = one_logged_step(model, model, x, y)
+    assert logged == pytest.approx(expected, rel=1e-5, abs=1e-7)
