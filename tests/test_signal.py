@@ -359,3 +359,46 @@ def test_the_signal_under_autocast_is_measured_in_float32():
         expected = by_hand(model, [(x, y)])
         logged = one_logged_step(model, model, x, y)
     assert logged == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_lightning_gradient_accumulation_measures_every_micro_batch_of_a_logged_step(tmp_path):
+    pl = pytest.importorskip("lightning")
+    from gradwatch.integrations.lightning import GradWatch
+
+    batches = [(torch.randn(8, 6), torch.randn(8, 1)) for _ in range(8)]
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net()
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    sink = MemorySink()
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=4,
+        accumulate_grad_batches=2,
+        log_every_n_steps=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[GradWatch(log_dir=False, track_signal=True, sinks=[sink])],
+    )
+    module = Module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    logged = {r.step: signal_of(r) for r in sink.records if "act_rms/net.0" in r.scalars}
+    assert sorted(logged) == [0, 1, 3]
+    for step, values in logged.items():  # optimizer step k took micro-batches 2k and 2k + 1
+        expected = by_hand(module.net, batches[2 * step : 2 * step + 2])
+        assert values == pytest.approx(
+            {tag.replace("/", "/net.", 1): v for tag, v in expected.items()}, rel=1e-5, abs=1e-7
+        )
