@@ -21,6 +21,7 @@ __all__ = [
     "GLOBAL",
     "HEATMAP",
     "LAYOUT",
+    "SIGNAL_HEATMAP",
     "SIGNAL_STATISTICS",
     "STATISTICS",
     "TAGS",
@@ -89,6 +90,7 @@ STOPPED = "gradwatch/stopped"
 FLOW = "grad_flow"
 HEATMAP = f"{FLOW}/heatmap"
 DEPTH_PROFILE = f"{FLOW}/depth_profile"
+SIGNAL_HEATMAP = f"{FLOW}/signal_heatmap"
 LAYOUT = "custom_scalars__config__"  # the tag TensorBoard's custom_scalars plugin reads
 
 LOGGING = "every `log_every_n_steps`"
@@ -220,6 +222,12 @@ TAGS: tuple[TagSpec, ...] = (
         "image",
         "`histogram_every_n_steps`, with matplotlib",
         "gradient norm / parameter norm per group, in depth order, at the last logged step",
+    ),
+    TagSpec(
+        SIGNAL_HEATMAP,
+        "image",
+        "`histogram_every_n_steps`, with matplotlib and `track_signal=True`",
+        "log10 RMS of dL/d(output) of every group (rows, in depth order) at every logged step",
     ),
     TagSpec(
         LAYOUT,

@@ -214,6 +214,22 @@ def test_pictures_are_pngs_at_twice_the_size_tensorboard_shows():
         assert image.width == 700 and 900 <= image.height <= 2048  # 50 rows
 
 
+def test_a_run_measuring_the_signal_also_gets_the_backward_signal_heatmap():
+    pictures = FlowPictures()
+    rng = np.random.default_rng(1)
+    for step in range(10):
+        scalars = synthetic_scalars(step, rng)
+        backward = np.logspace(-12, -2, len(GROUPS))  # vanishing toward the input
+        for group, value in zip(GROUPS, backward, strict=True):
+            scalars[tags.group_tag(tags.ACT_GRAD_RMS, group)] = float(value)
+        pictures(Record(step, scalars=scalars))
+    images = pictures.draw()
+    assert set(images) == {tags.HEATMAP, tags.DEPTH_PROFILE, tags.SIGNAL_HEATMAP}
+    flow = pictures.history.matrix()
+    assert flow.backward is not None and flow.backward[0, 0] == pytest.approx(1e-12)
+    assert history().matrix().backward is None  # no signal measured: no third picture
+
+
 # --- FlowPictures in a monitor -----------------------------------------------------------------
 
 

@@ -170,6 +170,25 @@ def test_png_format_writes_the_figures(log_dir, tmp_path):
     assert report(log_dir, tmp_path / "pngs", format="png", quiet=True) == written  # its own
 
 
+def test_a_run_with_the_signal_gets_a_signal_propagation_section(tmp_path):
+    """Written with track_signal (act_grad_rms per group): the report draws the backward
+    signal's heatmap under its own heading, and says how far it fell from output to input."""
+    with TensorBoardSink(tmp_path / "logs" / "run") as sink:
+        for step in range(0, 40, 5):
+            scalars = {tags.group_tag(tags.GRAD_NORM, g): 1.0 for g in ("a", "b", "c")}
+            backward = {"a": 1e-9, "b": 1e-4, "c": 1.0}  # vanishing toward the input
+            for group, value in backward.items():
+                scalars[tags.group_tag(tags.ACT_GRAD_RMS, group)] = value
+            scalars[tags.total_tag(tags.GLOBAL)] = 2.0
+            sink.write(Record(step, scalars=scalars))
+    (page,) = report(tmp_path / "logs", tmp_path / "report.html", quiet=True)
+    text = page.read_text()
+    assert "<h3>Signal propagation</h3>" in text and 'alt="signal_heatmap"' in text
+    assert "it is 1e-09 at the first group of its value at the last" in text
+    pngs = report(tmp_path / "logs", tmp_path / "pngs", format="png", quiet=True)
+    assert "run_signal_heatmap.png" in [p.name for p in pngs]
+
+
 def test_never_replaces_a_file_it_did_not_write(log_dir, tmp_path, capsys):
     mine = tmp_path / "report.html"
     mine.write_text("<html>my notes</html>")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gradwatch.pictures._figure import axes_box, new_figure, short_label, text_width
-from gradwatch.pictures.history import NORM, RATIO
+from gradwatch.pictures.history import BACKWARD, NORM, RATIO
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -56,7 +56,11 @@ LINE = 0.16  # height of a line of SMALL or LABEL text
 _TITLE_LINE = 0.17
 _ROW_PITCH = 0.13  # inches from one labelled row to the next: SMALL text is ~0.11 in tall
 _ROWS_MIN, _ROWS_MAX = 1.2, 4.0  # height of the rows, inches
-SYMBOLS = {RATIO: "‖grad‖ / ‖param‖", NORM: "‖grad‖, not size-free"}  # short names of measures
+SYMBOLS = {  # short names of measures
+    RATIO: "‖grad‖ / ‖param‖",
+    NORM: "‖grad‖, not size-free",
+    BACKWARD: "RMS dL/dy",
+}
 
 
 def log_limits(values: np.ndarray) -> tuple[float, float]:

@@ -25,7 +25,7 @@ from gradwatch.checks import check_flag
 from gradwatch.dashboard import Layout
 from gradwatch.pictures._figure import png_bytes
 from gradwatch.pictures.heatmap import heatmap
-from gradwatch.pictures.history import FlowHistory, FlowMatrix
+from gradwatch.pictures.history import BACKWARD, FlowHistory, FlowMatrix
 from gradwatch.pictures.profile import depth_profile
 from gradwatch.record import Image, Record
 
@@ -161,10 +161,14 @@ class FlowPictures:
 
 
 def _draw(flow: FlowMatrix, steps: list[int] | None = None) -> dict[str, Image]:
-    return {
+    images = {
         tags.HEATMAP: Image.from_png(png_bytes(heatmap(flow))),
         tags.DEPTH_PROFILE: Image.from_png(png_bytes(depth_profile(flow, steps))),
     }
+    if flow.backward is not None:  # with track_signal
+        signal = heatmap(flow, title="backward signal", measure=(flow.backward, BACKWARD))
+        images[tags.SIGNAL_HEATMAP] = Image.from_png(png_bytes(signal))
+    return images
 
 
 def _collect(step: int, future: concurrent.futures.Future) -> list[Record]:

@@ -53,20 +53,26 @@ def _nanmax(block: np.ndarray) -> np.ndarray:
     return out
 
 
-def heatmap(flow: FlowMatrix, *, title: str = "gradient flow") -> Figure:
-    """Draw :meth:`FlowMatrix.measure` (the gradient/parameter norm ratio): one row per group
-    (the first group on top), one column per logged step.
+def heatmap(
+    flow: FlowMatrix,
+    *,
+    title: str = "gradient flow",
+    measure: tuple[np.ndarray, str] | None = None,
+) -> Figure:
+    """Draw :meth:`FlowMatrix.measure` (the gradient/parameter norm ratio), or ``measure``
+    (values of ``flow``'s shape and their name, ``(flow.backward, BACKWARD)`` say): one row
+    per group (the first group on top), one column per logged step.
 
     Zero gradients are black, non-finite ones red, steps where a group was not logged grey.
     Columns are merged (by their larger value) down to about one per pixel of the heatmap's
     width in TensorBoard.
     """
-    values, measure = flow.measure()
+    values, name = measure or flow.measure()
     span = f"steps {flow.steps[0]} to {flow.steps[-1]}" if len(flow.steps) else "no steps"
     special = bool(_below(values).any() or np.isinf(values).any() or np.isnan(values).any())
     figure, axes = _scale.rows_figure(
         flow.groups,
-        [f"{measure} per group", f"{title}, {span}"],
+        [f"{name} per group", f"{title}, {span}"],
         bottom=_LEGEND_TOP + (_scale.LINE + 0.1 if special else 0.05),
     )
     pixels = int(axes.get_position().width * _scale.WIDTH * 100)  # as TensorBoard shows it
@@ -103,7 +109,7 @@ def heatmap(flow: FlowMatrix, *, title: str = "gradient flow") -> Figure:
         image, cax=bar_axes, orientation="horizontal", extend="min" if under else "neither"
     )
     bar.ax.tick_params(labelsize=_scale.SMALL, length=2, pad=1)
-    bar.set_label(f"log10 {_scale.SYMBOLS[measure]}", fontsize=_scale.LABEL, labelpad=1)
+    bar.set_label(f"log10 {_scale.SYMBOLS[name]}", fontsize=_scale.LABEL, labelpad=1)
     _legend(
         axes,
         _scale.below(axes, _LEGEND_TOP),

@@ -15,12 +15,14 @@ from gradwatch import tags
 from gradwatch.checks import check_count
 from gradwatch.record import Record
 
-__all__ = ["NORM", "RATIO", "FlowHistory", "FlowMatrix"]
+__all__ = ["BACKWARD", "NORM", "RATIO", "FlowHistory", "FlowMatrix"]
 
 _NORM_PREFIX = f"{tags.GRAD_NORM}/"
 _RATIO_PREFIX = f"{tags.GRAD_TO_PARAM}/"
+_BACKWARD_PREFIX = f"{tags.ACT_GRAD_RMS}/"
 RATIO = "gradient norm / parameter norm"
 NORM = "gradient norm (not size-free)"
+BACKWARD = "backward signal RMS"
 
 
 @dataclass(frozen=True)
@@ -29,13 +31,15 @@ class FlowMatrix:
 
     ``norm`` and ``ratio`` are ``[groups, steps]``: NaN where a group was not logged at a step
     (or, in ``ratio``, where its parameters are all zero), ``inf`` where its gradient was not
-    finite, 0 where it was exactly zero.
+    finite, 0 where it was exactly zero. ``backward``, with ``track_signal``, is the same for
+    the RMS of ``dL/d(output)`` of each group's module (``act_grad_rms``); None without it.
     """
 
     groups: tuple[str, ...]
     steps: np.ndarray
     norm: np.ndarray
     ratio: np.ndarray
+    backward: np.ndarray | None = None
 
     def measure(self) -> tuple[np.ndarray, str]:
         """What the pictures and the report compare groups by, and its name.
@@ -83,6 +87,7 @@ class FlowHistory:
         self._steps: list[int] = []
         self._norm: list[dict[int, float]] = []
         self._ratio: list[dict[int, float]] = []
+        self._backward: list[dict[int, float]] = []
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -96,13 +101,16 @@ class FlowHistory:
         return self.add(record.step, record.scalars)
 
     def add(self, step: int, scalars: Mapping[str, float]) -> bool:
-        """Add one step's ``grad_norm/<group>`` and ``grad_to_param/<group>`` scalars.
+        """Add one step's ``grad_norm/<group>``, ``grad_to_param/<group>`` and
+        ``act_grad_rms/<group>`` scalars.
 
         A step equal to the last one logged (a second optimizer's record) joins its column.
         """
-        norm, ratio = {}, {}
+        norm, ratio, backward = {}, {}, {}
         for tag, value in scalars.items():
-            if tag.startswith(_NORM_PREFIX):
+            if tag.startswith(_BACKWARD_PREFIX):
+                backward[self._index(tag[len(_BACKWARD_PREFIX) :])] = _finite_or_inf(value)
+            elif tag.startswith(_NORM_PREFIX):
                 norm[self._index(tag[len(_NORM_PREFIX) :])] = _finite_or_inf(value)
             elif tag.startswith(_RATIO_PREFIX):
                 group = tag[len(_RATIO_PREFIX) :]
@@ -115,10 +123,12 @@ class FlowHistory:
         if self._steps and self._steps[-1] == step:
             self._norm[-1].update(norm)
             self._ratio[-1].update(ratio)
+            self._backward[-1].update(backward)
         else:
             self._steps.append(int(step))
             self._norm.append(norm)
             self._ratio.append(ratio)
+            self._backward.append(backward)
             if len(self._steps) > self.max_columns:
                 self._halve()
         return True
@@ -130,6 +140,7 @@ class FlowHistory:
             steps=np.asarray(self._steps, dtype=np.int64),
             norm=self._dense(self._norm),
             ratio=self._dense(self._ratio),
+            backward=self._dense(self._backward) if any(self._backward) else None,
         )
 
     def _index(self, group: str) -> int:
@@ -147,10 +158,10 @@ class FlowHistory:
         pairs = range(0, len(self._steps) - 1, 2)
         rest = slice(2 * len(pairs), None)
         self._steps = [self._steps[i + 1] for i in pairs] + self._steps[rest]
-        self._norm = [_merge(self._norm[i], self._norm[i + 1]) for i in pairs] + self._norm[rest]
-        self._ratio = [_merge(self._ratio[i], self._ratio[i + 1]) for i in pairs] + self._ratio[
-            rest
-        ]
+        self._norm, self._ratio, self._backward = (
+            [_merge(columns[i], columns[i + 1]) for i in pairs] + columns[rest]
+            for columns in (self._norm, self._ratio, self._backward)
+        )
 
 
 def _merge(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from gradwatch import pictures, tags
-from gradwatch.pictures.history import RATIO
+from gradwatch.pictures.history import BACKWARD, RATIO
 from gradwatch.pictures.timeline import EVENT_COLOURS
 from gradwatch.report.reader import Run
 
 __all__ = ["FIGURES", "captions", "run_figures"]
 
-FIGURES = ("timeline", "heatmap", "depth_profile")
+FIGURES = ("timeline", "heatmap", "depth_profile", "signal_heatmap")
 _SERIES = {
     "global": tags.total_tag(tags.GLOBAL),
     "max since last log": tags.total_tag(tags.MAX_SINCE_LAST_LOG),
@@ -27,13 +29,20 @@ _SIZE_FREE = {RATIO: " (unlike the gradient norm, it does not grow with a group'
 
 
 def run_figures(run: Run, steps: Sequence[int] | None = None) -> dict[str, bytes]:
-    """The global norm over time, the heatmap, and the depth profile at ``steps``."""
+    """The global norm over time, the heatmap, the depth profile at ``steps``, and where the
+    signal was measured (``track_signal``) the backward signal's heatmap."""
     flow = run.history.matrix()
-    return {
+    figures = {
         "timeline": pictures.png_bytes(pictures.timeline(_series(run), run.events)),
         "heatmap": pictures.png_bytes(pictures.heatmap(flow, title=f"gradient flow ({run.name})")),
         "depth_profile": pictures.png_bytes(pictures.depth_profile(flow, steps)),
     }
+    if flow.backward is not None:
+        title, measure = f"backward signal ({run.name})", (flow.backward, BACKWARD)
+        figures["signal_heatmap"] = pictures.png_bytes(
+            pictures.heatmap(flow, title=title, measure=measure)
+        )
+    return figures
 
 
 def captions(run: Run) -> dict[str, str]:
@@ -64,7 +73,30 @@ def captions(run: Run) -> dict[str, str]:
         ", rows from input to output, at every logged step. Black: zero or far below the scale; "
         "red: NaN/Inf; grey: not logged.",
         "depth_profile": f"Depth profile: {measure} of every group, rows from input to output.",
+        "signal_heatmap": "Signal propagation: log10 RMS of dL/d(output) at every group's"
+        " module, rows from input to output, at every logged step: the backward signal itself,"
+        " which vanishes where the rows darken toward the input. "
+        + _backward_summary(run.history.matrix().backward),
     }
+
+
+def _backward_summary(backward: np.ndarray | None) -> str:
+    """The backward signal at the first group over the last, at the last logged step.
+
+    Example:
+        >>> _backward_summary(np.array([[1e-9, 1e-8], [1.0, 1.0]]))
+        'At the last logged step it is 1e-08 at the first group of its value at the last.'
+    """
+    if backward is None or backward.shape[1] == 0:
+        return ""
+    column = backward[:, -1]
+    finite = column[np.isfinite(column)]
+    if len(finite) < 2 or finite[-1] <= 0:
+        return ""
+    return (
+        f"At the last logged step it is {finite[0] / finite[-1]:.0e} at the first group of its"
+        " value at the last."
+    )
 
 
 def _series(run: Run) -> dict:

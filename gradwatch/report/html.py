@@ -65,6 +65,8 @@ def page(
         parts += [f'<p class="damaged">{_e(file.damage())}</p>' for file in run.damaged]
         texts = captions(run)
         for name, png in figures[run.name].items():
+            if name == "signal_heatmap":
+                parts.append("<h3>Signal propagation</h3>")
             encoded = base64.b64encode(png).decode("ascii")
             half = ' class="half"' if name in _SIDE_BY_SIDE else ""
             parts.append(
@@ -86,7 +88,8 @@ def page(
     return HEAD + "\n".join(parts)
 
 
-_SIDE_BY_SIDE = ("heatmap", "depth_profile")  # narrow pictures, drawn for TensorBoard's cards
+# narrow pictures, drawn for TensorBoard's cards
+_SIDE_BY_SIDE = ("heatmap", "depth_profile", "signal_heatmap")
 _RISK_RULE = (
     "<p>Groups are compared by their median gradient norm / parameter norm over the run, which"
     " does not grow with a group's size, and each with the groups of its kind: those whose names"
