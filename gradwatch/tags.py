@@ -22,6 +22,7 @@ __all__ = [
     "HEATMAP",
     "LAYOUT",
     "SIGNAL_HEATMAP",
+    "SIGNAL_PROFILE",
     "SIGNAL_STATISTICS",
     "STATISTICS",
     "TAGS",
@@ -91,6 +92,7 @@ FLOW = "grad_flow"
 HEATMAP = f"{FLOW}/heatmap"
 DEPTH_PROFILE = f"{FLOW}/depth_profile"
 SIGNAL_HEATMAP = f"{FLOW}/signal_heatmap"
+SIGNAL_PROFILE = f"{FLOW}/signal_profile"
 LAYOUT = "custom_scalars__config__"  # the tag TensorBoard's custom_scalars plugin reads
 
 LOGGING = "every `log_every_n_steps`"
@@ -228,6 +230,13 @@ TAGS: tuple[TagSpec, ...] = (
         "image",
         "`histogram_every_n_steps`, with matplotlib and `track_signal=True`",
         "log10 RMS of dL/d(output) of every group (rows, in depth order) at every logged step",
+    ),
+    TagSpec(
+        SIGNAL_PROFILE,
+        "image",
+        "`histogram_every_n_steps`, with matplotlib and `track_signal=True`",
+        "forward RMS, backward RMS and gain to the next group of every group, in depth order,"
+        " at the last logged step",
     ),
     TagSpec(
         LAYOUT,

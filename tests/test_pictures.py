@@ -224,7 +224,12 @@ def test_a_run_measuring_the_signal_also_gets_the_backward_signal_heatmap():
             scalars[tags.group_tag(tags.ACT_GRAD_RMS, group)] = float(value)
         pictures(Record(step, scalars=scalars))
     images = pictures.draw()
-    assert set(images) == {tags.HEATMAP, tags.DEPTH_PROFILE, tags.SIGNAL_HEATMAP}
+    assert set(images) == {
+        tags.HEATMAP,
+        tags.DEPTH_PROFILE,
+        tags.SIGNAL_HEATMAP,
+        tags.SIGNAL_PROFILE,
+    }
     flow = pictures.history.matrix()
     assert flow.backward is not None and flow.backward[0, 0] == pytest.approx(1e-12)
     assert history().matrix().backward is None  # no signal measured: no third picture

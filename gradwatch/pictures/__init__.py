@@ -6,7 +6,7 @@ from gradwatch.pictures._figure import MissingMatplotlib, png_bytes, require_mat
 from gradwatch.pictures.drawing import FlowPictures
 from gradwatch.pictures.heatmap import heatmap
 from gradwatch.pictures.history import FlowHistory, FlowMatrix
-from gradwatch.pictures.profile import depth_profile
+from gradwatch.pictures.profile import depth_profile, signal_profile
 from gradwatch.pictures.timeline import timeline
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "heatmap",
     "png_bytes",
     "require_matplotlib",
+    "signal_profile",
     "timeline",
 ]

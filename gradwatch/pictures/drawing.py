@@ -26,7 +26,7 @@ from gradwatch.dashboard import Layout
 from gradwatch.pictures._figure import png_bytes
 from gradwatch.pictures.heatmap import heatmap
 from gradwatch.pictures.history import BACKWARD, FlowHistory, FlowMatrix
-from gradwatch.pictures.profile import depth_profile
+from gradwatch.pictures.profile import depth_profile, signal_profile
 from gradwatch.record import Image, Record
 
 __all__ = ["FlowPictures"]
@@ -168,6 +168,7 @@ def _draw(flow: FlowMatrix, steps: list[int] | None = None) -> dict[str, Image]:
     if flow.backward is not None:  # with track_signal
         signal = heatmap(flow, title="backward signal", measure=(flow.backward, BACKWARD))
         images[tags.SIGNAL_HEATMAP] = Image.from_png(png_bytes(signal))
+        images[tags.SIGNAL_PROFILE] = Image.from_png(png_bytes(signal_profile(flow, steps)))
     return images
 
 

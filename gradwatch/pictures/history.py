@@ -19,7 +19,7 @@ __all__ = ["BACKWARD", "NORM", "RATIO", "FlowHistory", "FlowMatrix"]
 
 _NORM_PREFIX = f"{tags.GRAD_NORM}/"
 _RATIO_PREFIX = f"{tags.GRAD_TO_PARAM}/"
-_BACKWARD_PREFIX = f"{tags.ACT_GRAD_RMS}/"
+_SIGNAL = (tags.ACT_GRAD_RMS, tags.ACT_RMS, tags.ACT_GAIN)  # kept with track_signal
 RATIO = "gradient norm / parameter norm"
 NORM = "gradient norm (not size-free)"
 BACKWARD = "backward signal RMS"
@@ -31,8 +31,9 @@ class FlowMatrix:
 
     ``norm`` and ``ratio`` are ``[groups, steps]``: NaN where a group was not logged at a step
     (or, in ``ratio``, where its parameters are all zero), ``inf`` where its gradient was not
-    finite, 0 where it was exactly zero. ``backward``, with ``track_signal``, is the same for
-    the RMS of ``dL/d(output)`` of each group's module (``act_grad_rms``); None without it.
+    finite, 0 where it was exactly zero. With ``track_signal``, ``backward``, ``forward`` and
+    ``gain`` are the same for each group module's ``act_grad_rms`` (the RMS of
+    ``dL/d(output)``), ``act_rms`` and ``act_gain``; None without it.
     """
 
     groups: tuple[str, ...]
@@ -40,6 +41,8 @@ class FlowMatrix:
     norm: np.ndarray
     ratio: np.ndarray
     backward: np.ndarray | None = None
+    forward: np.ndarray | None = None
+    gain: np.ndarray | None = None
 
     def measure(self) -> tuple[np.ndarray, str]:
         """What the pictures and the report compare groups by, and its name.
@@ -87,7 +90,7 @@ class FlowHistory:
         self._steps: list[int] = []
         self._norm: list[dict[int, float]] = []
         self._ratio: list[dict[int, float]] = []
-        self._backward: list[dict[int, float]] = []
+        self._signal: dict[str, list[dict[int, float]]] = {name: [] for name in _SIGNAL}
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -101,15 +104,17 @@ class FlowHistory:
         return self.add(record.step, record.scalars)
 
     def add(self, step: int, scalars: Mapping[str, float]) -> bool:
-        """Add one step's ``grad_norm/<group>``, ``grad_to_param/<group>`` and
-        ``act_grad_rms/<group>`` scalars.
+        """Add one step's ``grad_norm/<group>`` and ``grad_to_param/<group>`` scalars, and
+        those of the signal (``act_grad_rms``, ``act_rms``, ``act_gain``).
 
         A step equal to the last one logged (a second optimizer's record) joins its column.
         """
-        norm, ratio, backward = {}, {}, {}
+        norm, ratio = {}, {}
+        signal: dict[str, dict[int, float]] = {name: {} for name in _SIGNAL}
         for tag, value in scalars.items():
-            if tag.startswith(_BACKWARD_PREFIX):
-                backward[self._index(tag[len(_BACKWARD_PREFIX) :])] = _finite_or_inf(value)
+            statistic, _, group = tag.partition("/")
+            if statistic in signal:
+                signal[statistic][self._index(group)] = _finite_or_inf(value)
             elif tag.startswith(_NORM_PREFIX):
                 norm[self._index(tag[len(_NORM_PREFIX) :])] = _finite_or_inf(value)
             elif tag.startswith(_RATIO_PREFIX):
@@ -123,12 +128,14 @@ class FlowHistory:
         if self._steps and self._steps[-1] == step:
             self._norm[-1].update(norm)
             self._ratio[-1].update(ratio)
-            self._backward[-1].update(backward)
+            for name, values in signal.items():
+                self._signal[name][-1].update(values)
         else:
             self._steps.append(int(step))
             self._norm.append(norm)
             self._ratio.append(ratio)
-            self._backward.append(backward)
+            for name, values in signal.items():
+                self._signal[name].append(values)
             if len(self._steps) > self.max_columns:
                 self._halve()
         return True
@@ -140,7 +147,12 @@ class FlowHistory:
             steps=np.asarray(self._steps, dtype=np.int64),
             norm=self._dense(self._norm),
             ratio=self._dense(self._ratio),
-            backward=self._dense(self._backward) if any(self._backward) else None,
+            **{
+                field: self._dense(columns) if any(columns) else None
+                for field, columns in zip(
+                    ("backward", "forward", "gain"), self._signal.values(), strict=True
+                )
+            },
         )
 
     def _index(self, group: str) -> int:
@@ -158,10 +170,12 @@ class FlowHistory:
         pairs = range(0, len(self._steps) - 1, 2)
         rest = slice(2 * len(pairs), None)
         self._steps = [self._steps[i + 1] for i in pairs] + self._steps[rest]
-        self._norm, self._ratio, self._backward = (
-            [_merge(columns[i], columns[i + 1]) for i in pairs] + columns[rest]
-            for columns in (self._norm, self._ratio, self._backward)
-        )
+
+        def halved(columns: list[dict[int, float]]) -> list[dict[int, float]]:
+            return [_merge(columns[i], columns[i + 1]) for i in pairs] + columns[rest]
+
+        self._norm, self._ratio = halved(self._norm), halved(self._ratio)
+        self._signal = {name: halved(columns) for name, columns in self._signal.items()}
 
 
 def _merge(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:

@@ -1,4 +1,5 @@
-"""The depth profile: the gradient/parameter norm ratio of every group at chosen steps."""
+"""The depth profile: the gradient/parameter norm ratio of every group at chosen steps; with
+``track_signal``, the signal profile beside it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["depth_profile", "nearest_columns"]
+__all__ = ["depth_profile", "nearest_columns", "signal_profile"]
 
 _ROW_LINES: dict[str, Any] = {"colors": "#b0b0b0", "linewidths": 0.6, "alpha": 0.3, "zorder": 0.5}
 _LEGEND_TOP = 0.45  # inches below the axes: tick labels and the axis label above it
@@ -120,3 +121,60 @@ def _panel(
     axes.grid(True, axis="x", which="major", alpha=0.3)
     # Row lines as one collection: a grid of 50 y ticks costs a tick object each.
     axes.hlines(labelled, 0, 1, transform=axes.get_yaxis_transform(), **_ROW_LINES)
+
+
+SIGNAL_SERIES = (
+    ("forward", "forward RMS (outputs)"),
+    ("backward", "backward RMS (dL/dy)"),
+    ("gain", "gain to the next group"),
+)
+
+
+def signal_profile(flow: FlowMatrix, steps: Sequence[int] | None = None) -> Figure:
+    """With ``track_signal``: the forward RMS, the backward signal's RMS and its gain to the
+    next group, of every group (the first on top), at the last of ``steps`` (default: the last
+    logged step), on a log axis; a gain of 1 is marked."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    columns = nearest_columns(flow.steps, steps)[-1:]
+    shown = str(int(flow.steps[columns[0]])) if columns else "none logged"
+    series = [
+        (label, getattr(flow, field)[:, columns[0]])
+        for field, label in SIGNAL_SERIES
+        if columns and getattr(flow, field) is not None
+    ]
+    figure, axes = _scale.rows_figure(
+        flow.groups,
+        ["signal through depth", f"signal profile at step {shown}"],
+        bottom=_LEGEND_TOP + 2 * _scale.LINE + 0.1,
+    )
+    rows = np.arange(len(flow.groups))
+    values = np.concatenate([v for _, v in series]) if series else np.array([1.0])
+    lo, hi = _scale.log_limits(np.append(values, 1.0))
+    for label, value in series:
+        shown_values = np.where(np.isfinite(value) & (value > 0), value, np.nan)
+        axes.plot(shown_values, rows, marker="o", markersize=2.5, linewidth=1.0, label=label)
+    axes.axvline(1.0, color="#808080", linewidth=0.8, linestyle="--", label="gain 1", zorder=0)
+    axes.set_xscale("log")
+    axes.xaxis.set_major_locator(LogLocator(numticks=5))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlim(10 ** (lo - 0.5), 10 ** (hi + 0.5))
+    axes.grid(True, axis="x", which="major", alpha=0.3)
+    labelled = list(_scale.row_labels(flow.groups))
+    axes.hlines(labelled, 0, 1, transform=axes.get_yaxis_transform(), **_ROW_LINES)
+    _scale.place_xlabel(axes, "value (log scale)")
+    handles, labels = axes.get_legend_handles_labels()
+    figure.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, _scale.below(axes, _LEGEND_TOP)),
+        ncols=2,
+        fontsize=_scale.SMALL,
+        frameon=False,
+        handlelength=1.5,
+        columnspacing=1.0,
+        borderaxespad=0,
+        borderpad=0,
+    )
+    return figure

@@ -13,7 +13,7 @@ from gradwatch.report.reader import Run
 
 __all__ = ["FIGURES", "captions", "run_figures"]
 
-FIGURES = ("timeline", "heatmap", "depth_profile", "signal_heatmap")
+FIGURES = ("timeline", "heatmap", "depth_profile", "signal_heatmap", "signal_profile")
 _SERIES = {
     "global": tags.total_tag(tags.GLOBAL),
     "max since last log": tags.total_tag(tags.MAX_SINCE_LAST_LOG),
@@ -30,7 +30,8 @@ _SIZE_FREE = {RATIO: " (unlike the gradient norm, it does not grow with a group'
 
 def run_figures(run: Run, steps: Sequence[int] | None = None) -> dict[str, bytes]:
     """The global norm over time, the heatmap, the depth profile at ``steps``, and where the
-    signal was measured (``track_signal``) the backward signal's heatmap."""
+    signal was measured (``track_signal``) the backward signal's heatmap and the signal
+    profile."""
     flow = run.history.matrix()
     figures = {
         "timeline": pictures.png_bytes(pictures.timeline(_series(run), run.events)),
@@ -42,6 +43,7 @@ def run_figures(run: Run, steps: Sequence[int] | None = None) -> dict[str, bytes
         figures["signal_heatmap"] = pictures.png_bytes(
             pictures.heatmap(flow, title=title, measure=measure)
         )
+        figures["signal_profile"] = pictures.png_bytes(pictures.signal_profile(flow, steps))
     return figures
 
 
@@ -77,6 +79,9 @@ def captions(run: Run) -> dict[str, str]:
         " module, rows from input to output, at every logged step: the backward signal itself,"
         " which vanishes where the rows darken toward the input. "
         + _backward_summary(run.history.matrix().backward),
+        "signal_profile": "Signal profile: the forward RMS, the backward RMS and the gain to the"
+        " next group of every group, rows from input to output; a gain left of the dashed line"
+        " at 1 shrinks the backward signal on its way to the input.",
     }
 
 

@@ -89,7 +89,7 @@ def page(
 
 
 # narrow pictures, drawn for TensorBoard's cards
-_SIDE_BY_SIDE = ("heatmap", "depth_profile", "signal_heatmap")
+_SIDE_BY_SIDE = ("heatmap", "depth_profile", "signal_heatmap", "signal_profile")
 _RISK_RULE = (
     "<p>Groups are compared by their median gradient norm / parameter norm over the run, which"
     " does not grow with a group's size, and each with the groups of its kind: those whose names"
