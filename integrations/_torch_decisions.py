@@ -39,13 +39,21 @@ Array = Any  # a torch tensor, or a numpy view of a CPU tensor
 
 
 @dataclass
+class _TensorSet:
+    """What one set of stepped tensors needs, worked out at its first step: each tensor's
+    group (on the run's device), and for AGC where each tensor's output units sit."""
+
+    group_index: Array
+    layout: UnitLayout | None = None
+
+
+@dataclass
 class GuardRun:
     """One optimizer's guard: its decision state and what the host learnt from it."""
 
     state: GuardState
     on_host: bool  # the core runs on numpy views of CPU tensors
-    group_index: dict[tuple[int, ...], Array] = field(default_factory=dict)
-    unit_layouts: dict[tuple[int, ...], UnitLayout] = field(default_factory=dict)
+    tensor_sets: dict[tuple[int, ...], _TensorSet] = field(default_factory=dict)
     last: Decision | None = None
     following: tuple[int, Array | None] = (-1, None)  # the next step's number, and as an array
 
@@ -95,9 +103,12 @@ class TorchDecisions:
         """
         guard, on_host = self.guard, run.on_host
         step_value = self._step(run, step, norms) if guard.active else None  # else unused
+        tensors = self._tensor_set(run, indices, norms)
         layout = units = None
         if needs_unit_norms(guard.policy):
-            layout = self._layout(run, indices, grads)
+            if tensors.layout is None:
+                tensors.layout = UnitLayout([g.shape for g in grads])
+            layout = tensors.layout
             with torch.no_grad():
                 units = (
                     view(layout.norms(grads, norms), on_host),
@@ -106,7 +117,7 @@ class TorchDecisions:
         decide = self._decide if on_host else self.compiled
         decision, run.state, summary, total, following = decide(
             view(norms, on_host),
-            self._group_index(run, indices, norms),
+            tensors.group_index,
             step_value,
             None if scaler_skipped is None else view(scaler_skipped, on_host),
             units,
@@ -179,25 +190,16 @@ class TorchDecisions:
             return following
         return torch.full((), step, dtype=torch.int64, device=norms.device)
 
-    def _layout(self, run: GuardRun, indices: list[int], grads: list[torch.Tensor]) -> UnitLayout:
-        """Where each tensor's output units sit, once per set of tensors."""
+    def _tensor_set(self, run: GuardRun, indices: list[int], norms: torch.Tensor) -> _TensorSet:
+        """What the decision needs of this set of tensors, made once per set (the group index
+        is a host-to-device copy outside the per-step path)."""
         key = tuple(indices)
-        layout = run.unit_layouts.get(key)
-        if layout is None:
-            layout = run.unit_layouts[key] = UnitLayout([g.shape for g in grads])
-        return layout
-
-    def _group_index(self, run: GuardRun, indices: list[int], norms: torch.Tensor) -> Array:
-        """Each tensor's group, once per set of tensors (a host-to-device copy outside the
-        per-step path)."""
-        key = tuple(indices)
-        index = run.group_index.get(key)
-        if index is None:
+        tensors = run.tensor_sets.get(key)
+        if tensors is None:
             groups = self.grouping.index[np.asarray(indices)]
-            index = run.group_index[key] = (
-                groups if run.on_host else torch.from_numpy(groups).to(norms.device)
-            )
-        return index
+            index = groups if run.on_host else torch.from_numpy(groups).to(norms.device)
+            tensors = run.tensor_sets[key] = _TensorSet(index)
+        return tensors
 
 
 def _group_norms(norms: Array, group_index: Array, groups: int) -> Array:

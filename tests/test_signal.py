@@ -124,11 +124,11 @@ def test_no_hook_outside_a_logging_steps_forward_and_backward():
     assert [n > 0 for n in installed] == [step in logging for step in range(10)]
 
 
-def test_a_lightning_fit_logs_the_signal_autograd_gives(tmp_path):
+def lightning_fit(tmp_path, batches: list, **trainer_options) -> tuple[nn.Module, list]:
+    """A real Lightning fit of :func:`net` (SGD at learning rate 0) over ``batches`` with
+    ``GradWatch(track_signal=True)``; the trained net and the records."""
     pl = pytest.importorskip("lightning")
     from gradwatch.integrations.lightning import GradWatch
-
-    x, y = torch.randn(16, 6) * 3, torch.randn(16, 1)
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -145,24 +145,35 @@ def test_a_lightning_fit_logs_the_signal_autograd_gives(tmp_path):
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
-        max_steps=6,
-        log_every_n_steps=3,
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
         enable_checkpointing=False,
         callbacks=[GradWatch(log_dir=False, track_signal=True, sinks=[sink])],
+        **trainer_options,
     )
     module = Module()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, torch.utils.data.DataLoader([(x, y)] * 6, batch_size=None))
-    expected = {tag.replace("/", "/net.", 1): v for tag, v in by_hand(module.net, [(x, y)]).items()}
-    logged = [r for r in sink.records if r.scalars]
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert hooks(module) == 0
+    return module.net, sink.records
+
+
+def in_lightning(expected: dict[str, float]) -> dict[str, float]:
+    """``expected``'s tags as a module holding the net as ``net`` names them (a
+    LightningModule, a wrapper)."""
+    return {tag.replace("/", "/net.", 1): v for tag, v in expected.items()}
+
+
+def test_a_lightning_fit_logs_the_signal_autograd_gives(tmp_path):
+    x, y = torch.randn(16, 6) * 3, torch.randn(16, 1)
+    trained, records = lightning_fit(tmp_path, [(x, y)] * 6, max_steps=6, log_every_n_steps=3)
+    expected = in_lightning(by_hand(trained, [(x, y)]))
+    logged = [r for r in records if r.scalars]
     assert [r.step for r in logged] == [0, 2, 5]
     for record in logged:
         assert signal_of(record) == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    assert hooks(module) == 0
 
 
 def test_the_keras_callback_says_it_has_no_signal_yet():
@@ -209,7 +220,7 @@ def test_activation_checkpointing_counts_each_forward_once(reentrant):
     x, y = torch.randn(32, 6) * 3, torch.randn(32, 1)
     logged = one_logged_step(Checkpointed(), inner, x.requires_grad_(reentrant), y)
     expected = by_hand(inner, [(x.detach(), y)])
-    assert logged == pytest.approx({t.replace("/", "/net.", 1): v for t, v in expected.items()})
+    assert logged == pytest.approx(in_lightning(expected))
 
 
 def test_the_backward_signal_is_unscaled_with_a_loss_scaler():
@@ -362,43 +373,12 @@ def test_the_signal_under_autocast_is_measured_in_float32():
 
 
 def test_lightning_gradient_accumulation_measures_every_micro_batch_of_a_logged_step(tmp_path):
-    pl = pytest.importorskip("lightning")
-    from gradwatch.integrations.lightning import GradWatch
-
     batches = [(torch.randn(8, 6), torch.randn(8, 1)) for _ in range(8)]
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net()
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.0)
-
-    sink = MemorySink()
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        max_steps=4,
-        accumulate_grad_batches=2,
-        log_every_n_steps=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        callbacks=[GradWatch(log_dir=False, track_signal=True, sinks=[sink])],
+    trained, records = lightning_fit(
+        tmp_path, batches, max_steps=4, accumulate_grad_batches=2, log_every_n_steps=2
     )
-    module = Module()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
-    logged = {r.step: signal_of(r) for r in sink.records if "act_rms/net.0" in r.scalars}
+    logged = {r.step: signal_of(r) for r in records if "act_rms/net.0" in r.scalars}
     assert sorted(logged) == [0, 1, 3]
     for step, values in logged.items():  # optimizer step k took micro-batches 2k and 2k + 1
-        expected = by_hand(module.net, batches[2 * step : 2 * step + 2])
-        assert values == pytest.approx(
-            {tag.replace("/", "/net.", 1): v for tag, v in expected.items()}, rel=1e-5, abs=1e-7
-        )
+        expected = in_lightning(by_hand(trained, batches[2 * step : 2 * step + 2]))
+        assert values == pytest.approx(expected, rel=1e-5, abs=1e-7)

@@ -52,6 +52,12 @@ def depth_profile(flow: FlowMatrix, steps: Sequence[int] | None = None) -> Figur
     )
     _panel(axes, values, columns, flow.steps, list(_scale.row_labels(flow.groups)))
     _scale.place_xlabel(axes, f"{_scale.SYMBOLS[measure]} (log scale)")
+    _legend_below(figure, axes, columns=3)
+    return figure
+
+
+def _legend_below(figure: Figure, axes: Axes, columns: int) -> None:
+    """The lines' legend, centred :data:`_LEGEND_TOP` inches below ``axes``."""
     handles, labels = axes.get_legend_handles_labels()
     if handles:
         figure.legend(
@@ -59,7 +65,7 @@ def depth_profile(flow: FlowMatrix, steps: Sequence[int] | None = None) -> Figur
             labels,
             loc="upper center",
             bbox_to_anchor=(0.5, _scale.below(axes, _LEGEND_TOP)),
-            ncols=3,
+            ncols=columns,
             fontsize=_scale.SMALL,
             frameon=False,
             handlelength=1.5,
@@ -67,7 +73,6 @@ def depth_profile(flow: FlowMatrix, steps: Sequence[int] | None = None) -> Figur
             borderaxespad=0,
             borderpad=0,
         )
-    return figure
 
 
 def _panel(
@@ -163,18 +168,5 @@ def signal_profile(flow: FlowMatrix, steps: Sequence[int] | None = None) -> Figu
     labelled = list(_scale.row_labels(flow.groups))
     axes.hlines(labelled, 0, 1, transform=axes.get_yaxis_transform(), **_ROW_LINES)
     _scale.place_xlabel(axes, "value (log scale)")
-    handles, labels = axes.get_legend_handles_labels()
-    figure.legend(
-        handles,
-        labels,
-        loc="upper center",
-        bbox_to_anchor=(0.5, _scale.below(axes, _LEGEND_TOP)),
-        ncols=2,
-        fontsize=_scale.SMALL,
-        frameon=False,
-        handlelength=1.5,
-        columnspacing=1.0,
-        borderaxespad=0,
-        borderpad=0,
-    )
+    _legend_below(figure, axes, columns=2)
     return figure
