@@ -152,9 +152,10 @@ class SignalProbe:
             if not _recomputing():  # activation checkpointing runs a forward twice
                 with torch.no_grad():
                     values, count = y.detach(), float(y.numel())
-                    norm = torch.linalg.vector_norm(values, dtype=torch.float32)
+                    wide = _reduced_in(values)
+                    norm = torch.linalg.vector_norm(values, dtype=wide)
                     self._take(norm, (group, NORM, count))
-                    self._take(values.sum(dtype=torch.float32), (group, SUM, count))
+                    self._take(values.sum(dtype=wide), (group, SUM, count))
             if y.requires_grad:
                 y.register_hook(self._gradient_hooks[group])
 
@@ -163,7 +164,7 @@ class SignalProbe:
     def _gradient_hook(self, group: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+                norm = torch.linalg.vector_norm(grad.detach(), dtype=_reduced_in(grad))
                 self._take(norm, (group, GRAD_NORM, float(grad.numel())))
 
         return hook
@@ -182,6 +183,12 @@ class SignalProbe:
                     self._take(saturated, (group, SATURATED, count))
 
         return hook
+
+
+def _reduced_in(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a reduction of ``tensor`` runs in: float32, or float64 for a float64 tensor
+    (which torch will not narrow)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _recomputing() -> bool:

@@ -56,7 +56,7 @@ class _Stepped:
     indices: list[int]  # positions among the engine's parameters
     params: list[torch.Tensor]
     sharded: bool  # some are DTensors
-    nonempty: bool  # none is sharded or empty, so neither is any gradient
+    plain: bool  # none is sharded, empty or float64, so neither is any gradient
 
 
 @dataclass
@@ -114,18 +114,27 @@ def _original_name(name: str) -> str:
 
 
 def _float_norms(
-    tensors: Sequence[torch.Tensor], order: float, nonempty: bool = False
+    tensors: Sequence[torch.Tensor], order: float, plain: bool = False
 ) -> torch.Tensor:
-    """Per-tensor norms in float32, stacked; empty tensors (empty shards) count as 0.
+    """Per-tensor norms in float32, stacked; empty tensors (empty shards) count as 0, and
+    float64 tensors are reduced in float64 (torch will not narrow them in a reduction).
 
-    ``nonempty``: the caller knows that no tensor is empty (one kernel, no bookkeeping).
+    ``plain``: the caller knows that no tensor is empty or float64 (one kernel, no
+    bookkeeping).
     """
-    if nonempty or all(t.numel() > 0 for t in tensors):
+    if plain or all(t.numel() > 0 and t.dtype != torch.float64 for t in tensors):
         return torch.stack(torch._foreach_norm(tensors, order, dtype=torch.float32))
-    full = [t for t in tensors if t.numel() > 0]
-    norms = iter(torch._foreach_norm(full, order, dtype=torch.float32) if full else ())
+    norms: dict[int, torch.Tensor] = {}
+    for wide in (False, True):  # one call for the float64 tensors, one for the others
+        chosen = [
+            i for i, t in enumerate(tensors) if t.numel() > 0 and (t.dtype == torch.float64) is wide
+        ]
+        if chosen:
+            dtype = torch.float64 if wide else torch.float32
+            measured = torch._foreach_norm([tensors[i] for i in chosen], order, dtype=dtype)
+            norms.update(zip(chosen, measured, strict=True))
     zero = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
-    return torch.stack([next(norms) if t.numel() > 0 else zero for t in tensors])
+    return torch.stack([norms.get(i, zero) for i in range(len(tensors))]).float()
 
 
 class TorchEngine:
@@ -225,7 +234,7 @@ class TorchEngine:
             reducer, grads = ShardReducer.for_tensors(grads), [local(g) for g in grads]
         else:
             reducer = _NOT_SHARDED
-        norms = reducer.combine("norm", _float_norms(grads, 2.0, stepped.nonempty))
+        norms = reducer.combine("norm", _float_norms(grads, 2.0, stepped.plain))
         if state.guard is None:
             state.guard = self.guard.start(norms)
             self._restore(state)
@@ -366,7 +375,7 @@ class TorchEngine:
                 [i for i, _ in watched],
                 params,
                 sharded,
-                not sharded and all(p.numel() > 0 for p in params),
+                not sharded and all(p.numel() > 0 and p.dtype != torch.float64 for p in params),
             )
         return stepped
 

@@ -382,3 +382,10 @@ def test_lightning_gradient_accumulation_measures_every_micro_batch_of_a_logged_
     for step, values in logged.items():  # optimizer step k took micro-batches 2k and 2k + 1
         expected = in_lightning(by_hand(trained, batches[2 * step : 2 * step + 2]))
         assert values == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_a_float64_model_has_its_signal_measured():
+    model = net().double()
+    x, y = torch.randn(32, 6, dtype=torch.float64) * 3, torch.randn(32, 1, dtype=torch.float64)
+    logged = one_logged_step(model, model, x, y)
+    assert logged == pytest.approx(by_hand(model, [(x, y)]), rel=1e-5, abs=1e-7)

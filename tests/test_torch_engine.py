@@ -347,3 +347,22 @@ def test_numpy_and_torch_decisions_agree_on_the_cpu(clip):
         np.concatenate([np.ravel(v) for g in state_n["guards"] for k in STATE for v in g[k]]),
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("host_on_cpu", [True, False], ids=["numpy-decides", "torch-decides"])
+def test_a_float64_model_is_measured_and_clipped(host_on_cpu):
+    """float64 gradients are reduced in float64 (torch refuses to narrow them in a norm)."""
+    model = make_model().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    sink = MemorySink()
+    watch = TorchGradWatch(model, log_dir=False, clip=ClipByNorm(1e-3), sinks=[sink])
+    watch.engine.guard.host_on_cpu = host_on_cpu
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    nn.functional.mse_loss(model(x), y).backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    watch.before_optimizer_step(optimizer)
+    clipped = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    watch.after_optimizer_step()
+    watch.close()
+    assert sink.records[0].scalars["global/grad_norm"] == pytest.approx(expected, rel=1e-6)
+    assert clipped == pytest.approx(1e-3, rel=1e-5)
